@@ -1,0 +1,21 @@
+"""Errors the core raises; adapters translate their own failures into these."""
+
+
+class CdcError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class TransientError(CdcError):
+    """The operation may succeed if retried (connection lost, timeout, server restarting)."""
+
+
+class PermanentError(CdcError):
+    """Retrying the same input will fail again (bad data, schema mismatch): dead-letter it."""
+
+
+class SourceUnavailableError(TransientError):
+    pass
+
+
+class SinkUnavailableError(TransientError):
+    pass

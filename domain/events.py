@@ -1,0 +1,121 @@
+"""The change event every stage agrees on."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Operation(enum.Enum):
+    """Debezium's operation letters, which every sink and tool already knows."""
+
+    CREATE = "c"
+    UPDATE = "u"
+    DELETE = "d"
+    READ = "r"  # snapshot row
+    TRUNCATE = "t"
+
+
+class _Unchanged:
+    """Marks a column whose value the source did not send (an unchanged TOASTed value).
+
+    It is not NULL: a sink must keep the value it already stores.
+    """
+
+    _instance: _Unchanged | None = None
+
+    def __new__(cls) -> _Unchanged:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+    def __reduce__(self) -> str:
+        return "UNCHANGED"
+
+
+UNCHANGED: Any = _Unchanged()
+
+# A row in PostgreSQL's text representation: one entry per column, None for NULL,
+# UNCHANGED for an unchanged TOASTed value. This is the shape that crosses the wire.
+TextRow = tuple[str | None, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    name: str
+    type_oid: int
+    type_name: str
+    is_key: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TableSchema:
+    """The shape of one source table as the source last described it."""
+
+    schema: str
+    table: str
+    columns: tuple[Column, ...]
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+    @property
+    def key_columns(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns if c.is_key)
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Position:
+    """A totally ordered, replay-stable place in one transport partition.
+
+    `major` is the transport's own position (the commit LSN of the transaction for the
+    WAL reader, the offset for Kafka); `minor` orders events sharing it (the index of the
+    change inside its transaction). Replaying the transport yields the same positions,
+    which is what lets sinks skip what they already applied.
+    """
+
+    major: int
+    minor: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.major}:{self.minor}"
+
+
+@dataclass(slots=True)
+class SourceEvent:
+    """One row change.
+
+    `before` and `after` hold the row in PostgreSQL text form (see TextRow); `values()`
+    converts them to Python values by type. Keeping the text form lets the hot path avoid
+    per-value conversion when the destination accepts text (COPY into PostgreSQL).
+    """
+
+    operation: Operation
+    table: TableSchema
+    position: Position
+    partition: str = "0"
+    before: TextRow | None = None
+    after: TextRow | None = None
+    commit_time_us: int = 0
+    transaction_id: int = 0
+    source_database: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> dict[str, str | None]:
+        """The key columns of the row (from `after`, or `before` for deletes)."""
+        row = self.after if self.after is not None else self.before
+        if row is None:
+            return {}
+        return {
+            c.name: row[i] for i, c in enumerate(self.table.columns) if c.is_key and i < len(row)
+        }

@@ -1,0 +1,72 @@
+"""The row encoding shared by every stage: PostgreSQL text values in pgoutput's TupleData layout.
+
+Layout: Int16 column count, then per column b"n" (NULL), b"u" (unchanged TOASTed value,
+see events.UNCHANGED) or b"t" + Int32 length + UTF-8 text. It is what the WAL reader
+receives, what crosses the wire, and what a sink decodes, so no stage invents another.
+"""
+
+from __future__ import annotations
+
+from struct import Struct
+
+from domain.events import UNCHANGED, TextRow
+
+_I16 = Struct("!h")
+_I32 = Struct("!i")
+_NULL = b"n"
+_UNCHANGED = b"u"
+
+
+class RowFormatError(ValueError):
+    pass
+
+
+def encode_row(row: TextRow) -> bytes:
+    parts = [_I16.pack(len(row))]
+    append = parts.append
+    pack = _I32.pack
+    for value in row:
+        if value is None:
+            append(_NULL)
+        elif value is UNCHANGED:
+            append(_UNCHANGED)
+        else:
+            data = value.encode()
+            append(b"t" + pack(len(data)) + data)
+    return b"".join(parts)
+
+
+def decode_row(buf: bytes | memoryview, offset: int = 0) -> tuple[TextRow, int]:
+    """Decode one row starting at `offset`; returns the row and the offset after it."""
+    try:
+        (count,) = _I16.unpack_from(buf, offset)
+        pos = offset + 2
+        values: list[str | None] = []
+        append = values.append
+        unpack = _I32.unpack_from
+        for _ in range(count):
+            kind = buf[pos]
+            pos += 1
+            if kind == 116:  # 't'
+                (length,) = unpack(buf, pos)
+                pos += 4
+                end = pos + length
+                if end > len(buf):
+                    raise RowFormatError("value runs past the end of the row")
+                append(bytes(buf[pos:end]).decode())
+                pos = end
+            elif kind == 110:  # 'n'
+                append(None)
+            elif kind == 117:  # 'u'
+                append(UNCHANGED)
+            elif kind == 98:  # 'b' binary values are never requested
+                raise RowFormatError("binary tuple values are not supported")
+            else:
+                raise RowFormatError(f"unknown column kind {kind!r} at byte {pos - 1}")
+        return tuple(values), pos
+    except (IndexError, UnicodeDecodeError) as exc:
+        raise RowFormatError(f"malformed row: {exc}") from exc
+    except Exception as exc:
+        if isinstance(exc, RowFormatError):
+            raise
+        raise RowFormatError(f"malformed row: {exc}") from exc
