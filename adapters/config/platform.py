@@ -1,0 +1,293 @@
+"""platform.yaml: transport, shared infrastructure endpoints and tuning, shared by pipelines."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Self
+
+from pydantic import Field, field_validator, model_validator
+
+from .base import (
+    ConfigModel,
+    HostPortList,
+    HttpUrl,
+    NonEmptyStr,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PgIdentifier,
+    Port,
+    PositiveFloat,
+    PositiveInt,
+    SlotName,
+    TopicPart,
+)
+from .errors import Loc, raise_if
+
+TransportMode = Literal["direct", "kafka", "pubsub", "kinesis"]
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+AuthMechanism = Literal[
+    "none", "sasl_plain", "sasl_scram_256", "sasl_scram_512", "sasl_iam", "sasl_oauthbearer"
+]
+AutoOffsetReset = Literal["earliest", "latest"]
+Acks = Literal["all", "-1", "0", "1"]
+
+# Other spellings accepted for auth_mechanism (the Helm chart writes the SHA spellings).
+AUTH_MECHANISM_ALIASES = {
+    "sasl_scram_sha_256": "sasl_scram_256",
+    "sasl_scram_sha_512": "sasl_scram_512",
+}
+SASL_PASSWORD_MECHANISMS = ("sasl_plain", "sasl_scram_256", "sasl_scram_512")
+
+# Which transport reads which section; a section given for another transport is an error
+# (it would be silently ignored otherwise).
+TRANSPORT_SECTIONS: dict[str, tuple[TransportMode, ...]] = {
+    "kafka": ("kafka",),
+    "connector": ("kafka",),
+    "pubsub": ("pubsub",),
+    "kinesis": ("kinesis",),
+    "wal_reader": ("direct", "pubsub", "kinesis"),
+}
+
+
+class KafkaConfig(ConfigModel):
+    """Kafka transport: brokers, Schema Registry, consumer/producer tuning, managed-Kafka auth."""
+
+    bootstrap_servers: HostPortList = "localhost:9092"
+    schema_registry_url: HttpUrl = "http://localhost:8081"
+    group_id: NonEmptyStr = "cdc-platform"
+    auto_offset_reset: AutoOffsetReset = "earliest"
+    enable_idempotence: bool = True
+    acks: Acks = "all"
+    topic_num_partitions: PositiveInt = 1
+    topic_replication_factor: PositiveInt = 1
+    poll_batch_size: PositiveInt = 1
+    deser_pool_size: PositiveInt = 1
+    commit_interval_seconds: NonNegativeFloat = 0.0
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    auth_mechanism: AuthMechanism = "none"
+    sasl_username: str | None = None
+    sasl_password: str | None = Field(default=None, repr=False)
+    aws_region: str | None = None
+    gcp_project_id: str | None = None
+
+    @field_validator("auth_mechanism", mode="before")
+    @classmethod
+    def _alias_mechanism(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return AUTH_MECHANISM_ALIASES.get(value, value)
+        return value
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> Self:
+        problems: list[tuple[Loc, str]] = []
+        mech = self.auth_mechanism
+        proto = self.security_protocol
+        if mech == "none":
+            if proto.startswith("SASL_"):
+                problems.append(
+                    (
+                        ("auth_mechanism",),
+                        f"security_protocol {proto} needs an auth_mechanism other than 'none'",
+                    )
+                )
+        elif not proto.startswith("SASL_"):
+            problems.append(
+                (
+                    ("security_protocol",),
+                    f"auth_mechanism {mech} needs security_protocol SASL_SSL "
+                    f"(or SASL_PLAINTEXT), not {proto}",
+                )
+            )
+        elif mech in ("sasl_iam", "sasl_oauthbearer") and proto != "SASL_SSL":
+            problems.append(
+                (("security_protocol",), f"auth_mechanism {mech} needs security_protocol SASL_SSL")
+            )
+        if mech == "sasl_iam" and not self.aws_region:
+            problems.append((("aws_region",), "auth_mechanism sasl_iam requires aws_region"))
+        if mech == "sasl_oauthbearer" and not self.gcp_project_id:
+            problems.append(
+                (("gcp_project_id",), "auth_mechanism sasl_oauthbearer requires gcp_project_id")
+            )
+        if mech in SASL_PASSWORD_MECHANISMS:
+            for name in ("sasl_username", "sasl_password"):
+                if not getattr(self, name):
+                    problems.append(((name,), f"auth_mechanism {mech} requires {name}"))
+        else:
+            for name in self.explicitly_set("sasl_username", "sasl_password"):
+                if getattr(self, name) is not None:
+                    problems.append(
+                        (
+                            (name,),
+                            f"{name} is used only with auth_mechanism sasl_plain or sasl_scram_*",
+                        )
+                    )
+        if mech != "sasl_iam" and self.aws_region is not None:
+            problems.append(
+                (("aws_region",), "aws_region is used only with auth_mechanism sasl_iam")
+            )
+        if mech != "sasl_oauthbearer" and self.gcp_project_id is not None:
+            problems.append(
+                (
+                    ("gcp_project_id",),
+                    "gcp_project_id is used only with auth_mechanism sasl_oauthbearer",
+                )
+            )
+        raise_if(problems)
+        return self
+
+
+class ConnectorConfig(ConfigModel):
+    """Kafka Connect REST API (Debezium connectors); kafka transport only."""
+
+    connect_url: HttpUrl = "http://localhost:8083"
+    timeout_seconds: PositiveFloat = 30.0
+    retry_max_attempts: PositiveInt = 5
+    retry_wait_seconds: NonNegativeFloat = 2.0
+
+
+class DlqConfig(ConfigModel):
+    """Dead-letter routing of events a sink cannot take."""
+
+    enabled: bool = True
+    topic_suffix: TopicPart = "dlq"
+    max_retries: NonNegativeInt = 3
+    include_headers: bool = True
+    flush_interval_seconds: NonNegativeFloat = 0.0
+
+
+class RetryConfig(ConfigModel):
+    """Exponential backoff for retried operations."""
+
+    max_attempts: PositiveInt = 5
+    initial_wait_seconds: PositiveFloat = 1.0
+    max_wait_seconds: PositiveFloat = 60.0
+    multiplier: float = Field(default=2.0, ge=1.0)
+    jitter: bool = True
+
+    @model_validator(mode="after")
+    def _check_waits(self) -> Self:
+        if self.max_wait_seconds < self.initial_wait_seconds:
+            raise_if(
+                [
+                    (
+                        ("max_wait_seconds",),
+                        f"max_wait_seconds ({self.max_wait_seconds}) is below "
+                        f"initial_wait_seconds ({self.initial_wait_seconds})",
+                    )
+                ]
+            )
+        return self
+
+
+class PubSubConfig(ConfigModel):
+    """Google Pub/Sub transport."""
+
+    project_id: str | None = None
+    ordering_enabled: bool = True
+    ack_deadline_seconds: int = Field(default=60, ge=10, le=600)
+    max_outstanding_messages: PositiveInt = 1000
+
+
+class KinesisConfig(ConfigModel):
+    """Amazon Kinesis transport (checkpoints in DynamoDB)."""
+
+    region: str | None = None
+    shard_count: PositiveInt = 1
+    checkpoint_table_name: str = Field(
+        default="cdc-kinesis-checkpoints",
+        min_length=3,
+        max_length=255,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+    )
+    poll_interval_seconds: PositiveFloat = 1.0
+    max_records_per_shard: int = Field(default=100, ge=1, le=10000)
+    endpoint_url: HttpUrl | None = None
+
+
+class WalReaderConfig(ConfigModel):
+    """The PostgreSQL WAL reader (direct, pubsub and kinesis transports).
+
+    ``slot_name`` and ``publication_name`` here are *prefixes*: each pipeline's own name is
+    ``<prefix>_<pipeline_id>`` so pipelines sharing this file never share a slot.
+    """
+
+    publication_name: PgIdentifier | None = None
+    slot_name: SlotName | None = None
+    batch_size: PositiveInt = 100
+    batch_timeout_seconds: PositiveFloat = 1.0
+    status_interval_seconds: PositiveFloat = 10.0
+
+
+class IngestConfig(ConfigModel):
+    """The ingest stage: batching towards the sinks and its gRPC port."""
+
+    batch_max_events: PositiveInt = 500
+    batch_max_delay_ms: NonNegativeInt = 20
+    max_in_flight_batches: PositiveInt = 8
+    grpc_port: Port = 50050
+
+
+class TracingConfig(ConfigModel):
+    """OpenTelemetry tracing. ``otlp_endpoint`` None: the caller falls back to the
+    OTEL_EXPORTER_OTLP_ENDPOINT environment variable (or no export)."""
+
+    otlp_endpoint: str | None = None
+    service_name_prefix: NonEmptyStr = "cdc"
+
+
+class PlatformConfig(ConfigModel):
+    """platform.yaml. Every field has a default; ``PlatformConfig()`` is the single-machine
+    setup (direct transport)."""
+
+    transport_mode: TransportMode = "direct"
+    kafka: KafkaConfig = Field(default_factory=KafkaConfig)
+    connector: ConnectorConfig = Field(default_factory=ConnectorConfig)
+    dlq: DlqConfig = Field(default_factory=DlqConfig)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    pubsub: PubSubConfig = Field(default_factory=PubSubConfig)
+    kinesis: KinesisConfig = Field(default_factory=KinesisConfig)
+    wal_reader: WalReaderConfig = Field(default_factory=WalReaderConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
+    max_buffered_messages: PositiveInt = 1000
+    schema_monitor_interval_seconds: PositiveFloat = 30.0
+    lag_monitor_interval_seconds: PositiveFloat = 15.0
+    stop_on_incompatible_schema: bool = False
+    health_port: Port = 8080
+    health_enabled: bool = True
+
+    @model_validator(mode="after")
+    def _check_transport(self) -> Self:
+        problems: list[tuple[Loc, str]] = []
+        mode = self.transport_mode
+        for section, modes in TRANSPORT_SECTIONS.items():
+            if section in self.model_fields_set and mode not in modes:
+                used = " or ".join(modes)
+                problems.append(
+                    (
+                        (section,),
+                        f"section '{section}' is used only with transport_mode {used}, "
+                        f"but transport_mode is {mode}; remove it",
+                    )
+                )
+        if mode == "pubsub" and not self.pubsub.project_id:
+            problems.append(
+                (("pubsub", "project_id"), "transport_mode pubsub requires pubsub.project_id")
+            )
+        if mode == "kinesis" and not self.kinesis.region:
+            problems.append(
+                (("kinesis", "region"), "transport_mode kinesis requires kinesis.region")
+            )
+        if self.health_enabled and self.health_port == self.ingest.grpc_port:
+            problems.append(
+                (
+                    ("ingest", "grpc_port"),
+                    f"ingest.grpc_port {self.ingest.grpc_port} is also the health_port",
+                )
+            )
+        raise_if(problems)
+        return self
+
+    @property
+    def reads_wal(self) -> bool:
+        """True when the platform's own WAL reader captures changes (not Debezium)."""
+        return self.transport_mode != "kafka"
