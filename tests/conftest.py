@@ -1,0 +1,92 @@
+"""Suite-wide fixtures: real PostgreSQL servers (no Docker) from services.stack.postgres.
+
+* ``pg_server`` (session): one started server shared by the whole run.
+* ``pg`` (function): the shared server plus isolation: ``pg.new_database(prefix)`` creates a
+  uniquely named database that is dropped, with its replication slots, after the test.
+* ``fresh_pg_server`` (function): a dedicated server for tests that restart, kill or
+  reconfigure it; parametrize indirectly with a dict to pass extra ``settings``.
+* ``pg_server_factory`` (function): starts any number of dedicated servers.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:  # the project is not necessarily pip-installed
+    sys.path.insert(0, str(_ROOT))
+
+from services.stack.postgres import PostgresServer  # noqa: E402
+from tests.support.postgres import PgTestContext  # noqa: E402
+
+_DIR_MARKERS = {"integration": "integration", "e2e": "e2e"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "integration: talks to real servers started by the test")
+    config.addinivalue_line("markers", "e2e: drives real cdc processes")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests under tests/integration and tests/e2e get the marker of their directory."""
+    tests_dir = Path(__file__).resolve().parent
+    for item in items:
+        try:
+            parts = Path(str(item.path)).resolve().relative_to(tests_dir).parts
+        except ValueError:
+            continue
+        if parts and parts[0] in _DIR_MARKERS:
+            item.add_marker(_DIR_MARKERS[parts[0]])
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def pg(pg_server: PostgresServer) -> Iterator[PgTestContext]:
+    if not pg_server.is_running():  # an earlier test stopped or killed the shared server
+        pg_server.start()
+    context = PgTestContext(pg_server)
+    try:
+        yield context
+    finally:
+        context.close()
+
+
+@pytest.fixture
+def fresh_pg_server(request: pytest.FixtureRequest) -> Iterator[PostgresServer]:
+    settings: Mapping[str, str] | None = getattr(request, "param", None)
+    server = PostgresServer(settings=settings)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def pg_server_factory() -> Iterator[Callable[..., PostgresServer]]:
+    servers: list[PostgresServer] = []
+
+    def start(**kwargs: Any) -> PostgresServer:
+        server = PostgresServer(**kwargs)
+        servers.append(server)
+        return server.start()
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.cleanup()
