@@ -1,0 +1,115 @@
+"""Catalog queries and DDL the WAL reader needs on the source database."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from domain.events import Column, TableSchema
+
+
+def parse_lsn(text: str) -> int:
+    high, low = text.split("/")
+    return (int(high, 16) << 32) + int(low, 16)
+
+
+def format_lsn(lsn: int) -> str:
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def split_table(qualified: str) -> tuple[str, str]:
+    schema, _, table = qualified.partition(".")
+    return schema, table
+
+
+async def ensure_publication(
+    conn: psycopg.AsyncConnection[Any], name: str, tables: Sequence[str]
+) -> None:
+    """Create the publication, or make its table list exactly `tables`."""
+    if not tables:
+        raise ValueError("a publication needs at least one table")
+    table_list = sql.SQL(", ").join(sql.Identifier(*split_table(t)) for t in tables)
+    exists = await (
+        await conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (name,))
+    ).fetchone()
+    if exists is None:
+        await conn.execute(
+            sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(sql.Identifier(name), table_list)
+        )
+        return
+    current = {
+        f"{r[0]}.{r[1]}"
+        for r in await (
+            await conn.execute(
+                "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s",
+                (name,),
+            )
+        ).fetchall()
+    }
+    if current != set(tables):
+        await conn.execute(
+            sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(sql.Identifier(name), table_list)
+        )
+
+
+async def ensure_state_table(conn: psycopg.AsyncConnection[Any]) -> None:
+    await conn.execute(
+        "CREATE SCHEMA IF NOT EXISTS cdc_platform;"
+        " CREATE TABLE IF NOT EXISTS cdc_platform.snapshot_state ("
+        " slot_name text PRIMARY KEY, status text NOT NULL, consistent_lsn pg_lsn,"
+        " updated_at timestamptz NOT NULL DEFAULT now())"
+    )
+
+
+_PK_COLUMNS = """
+SELECT a.attname FROM pg_index i
+JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+WHERE i.indrelid = %s AND i.indisprimary
+"""
+
+
+async def describe_relation(
+    conn: psycopg.AsyncConnection[Any], oid: int, raw: Sequence[tuple[bool, str, int, int]]
+) -> list[tuple[str, bool]]:
+    """(type name, is primary key column) for each column of a Relation message.
+
+    Type names come from format_type() of the message's own OID and typmod, so they
+    describe the row as sent even if the table changed since. Without a primary key the
+    replica identity flags of the message mark the key.
+    """
+    names = await (
+        await conn.execute(
+            "SELECT format_type(t, m) FROM unnest(%s::oid[], %s::int[]) WITH ORDINALITY AS"
+            " u(t, m, n) ORDER BY n",
+            ([r[2] for r in raw], [r[3] for r in raw]),
+        )
+    ).fetchall()
+    pk = {r[0] for r in await (await conn.execute(_PK_COLUMNS, (oid,))).fetchall()}
+    return [
+        (n[0], (c[1] in pk) if pk else c[0]) for n, c in zip(names, raw, strict=True)
+    ]
+
+
+async def snapshot_schema(conn: psycopg.AsyncConnection[Any], qualified: str) -> TableSchema:
+    """The table's columns as pgoutput would send them (no dropped or generated columns)."""
+    schema, table = split_table(qualified)
+    rows = await (
+        await conn.execute(
+            "SELECT a.attname, a.atttypid, format_type(a.atttypid, a.atttypmod),"
+            " coalesce(a.attnum = ANY(i.indkey), false)"
+            " FROM pg_attribute a"
+            " LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary"
+            " WHERE a.attrelid = (quote_ident(%s) || '.' || quote_ident(%s))::regclass"
+            " AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''"
+            " ORDER BY a.attnum",
+            (schema, table),
+        )
+    ).fetchall()
+    if not rows:
+        raise ValueError(f"table {qualified} has no columns or does not exist")
+    return TableSchema(
+        schema, table, tuple(Column(r[0], int(r[1]), r[2], bool(r[3])) for r in rows)
+    )
