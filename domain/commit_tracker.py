@@ -72,6 +72,10 @@ class CommitTracker(Generic[T]):
                 newest = pending.checkpoint
         return newest
 
+    def partition_of(self, batch_id: int) -> str | None:
+        """The partition of a batch that is still tracked (None once released)."""
+        return self._batch_partition.get(batch_id)
+
     def partitions(self) -> tuple[str, ...]:
         return tuple(self._partitions)
 

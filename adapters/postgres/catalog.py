@@ -88,9 +88,7 @@ async def describe_relation(
         )
     ).fetchall()
     pk = {r[0] for r in await (await conn.execute(_PK_COLUMNS, (oid,))).fetchall()}
-    return [
-        (n[0], (c[1] in pk) if pk else c[0]) for n, c in zip(names, raw, strict=True)
-    ]
+    return [(n[0], (c[1] in pk) if pk else c[0]) for n, c in zip(names, raw, strict=True)]
 
 
 async def snapshot_schema(conn: psycopg.AsyncConnection[Any], qualified: str) -> TableSchema:

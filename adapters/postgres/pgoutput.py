@@ -79,9 +79,7 @@ class PgOutputDecoder:
         self._seq = 0
         self.schema_changes: list[tuple[TableSchema | None, TableSchema]] = []
 
-    def decode(
-        self, data: bytes, out: list[SourceEvent]
-    ) -> CommitMarker | LogicalMessage | None:
+    def decode(self, data: bytes, out: list[SourceEvent]) -> CommitMarker | LogicalMessage | None:
         """Append any change in `data` to `out`; return a marker for commits and messages."""
         kind = data[0]
         if kind == 73:  # 'I'
@@ -184,9 +182,7 @@ class PgOutputDecoder:
 
     def _on_relation(self, data: bytes) -> None:
         oid, namespace, name, replica_identity, raw = self.parse_relation(data)
-        described = (
-            self._describe(oid, raw) if self._describe else [("", k) for k, *_ in raw]
-        )
+        described = self._describe(oid, raw) if self._describe else [("", k) for k, *_ in raw]
         schema = TableSchema(
             schema=namespace or "pg_catalog",
             table=name,

@@ -55,6 +55,8 @@ class WalReaderSettings:
     snapshot_mode: str = "initial"
     status_interval_seconds: float = 10.0
     max_chunk_events: int = 2000
+    # How long a partly filled chunk waits for more changes before it is handed on.
+    max_chunk_delay_seconds: float = 0.02
     reconnect_initial_seconds: float = 0.5
     reconnect_max_seconds: float = 30.0
 
@@ -87,6 +89,7 @@ class PostgresWalSource:
         # snapshot is still in flight. Nothing may be confirmed past unhandled events.
         self._highest_yielded_checkpoint = 0
         self._snapshot_in_flight = False
+        self._snapshot_lsn = 0
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -119,14 +122,15 @@ class PostgresWalSource:
         return ComponentHealth("source", Status.OK, detail)
 
     async def commit(self, partition: str, checkpoint: Any) -> None:
-        if isinstance(checkpoint, SnapshotComplete):
-            await self._mark_snapshot(
-                "done", checkpoint.consistent_lsn, conn=await self._admin_conn()
-            )
-            lsn = checkpoint.consistent_lsn
+        lsn = (
+            checkpoint.consistent_lsn
+            if isinstance(checkpoint, SnapshotComplete)
+            else int(checkpoint)
+        )
+        if self._snapshot_in_flight and lsn >= self._snapshot_lsn:
+            # Any checkpoint at or past the snapshot implies every snapshot row is written.
+            await self._mark_snapshot("done", self._snapshot_lsn, conn=await self._admin_conn())
             self._snapshot_in_flight = False
-        else:
-            lsn = int(checkpoint)
         if lsn > self._confirmed_lsn:
             self._confirmed_lsn = lsn
             if self._repl is not None and self._streaming:
@@ -160,20 +164,30 @@ class PostgresWalSource:
         decoder = self._decoder
         max_events = self.settings.max_chunk_events
         interval = self.settings.status_interval_seconds
+        max_delay = self.settings.max_chunk_delay_seconds
         while not self._stopping.is_set():
             events: list[SourceEvent] = []
             checkpoint: int | None = None
+            first_at = 0.0
             while len(events) < max_events:
                 nbytes, frame = pgconn.get_copy_data(1)
                 if nbytes == 0:
-                    break
+                    if not events:
+                        break
+                    if not first_at:
+                        first_at = time.monotonic()
+                    remaining = max_delay - (time.monotonic() - first_at)
+                    if remaining <= 0:
+                        break
+                    await self._wait_readable(pgconn, timeout=remaining)
+                    continue
                 if nbytes < 0:
                     raise psycopg.OperationalError(
                         pgconn.error_message.decode(errors="replace") or "replication stream ended"
                     )
                 data = bytes(frame)
                 if data[0] == 119:  # 'w' XLogData
-                    wal_start, wal_end, _ = _XLOG_HEADER.unpack_from(data, 1)
+                    _wal_start, wal_end, _ = _XLOG_HEADER.unpack_from(data, 1)
                     payload = data[25:]
                     if payload[0] == 82:  # 'R': look the columns up before decoding
                         await self._prefetch_relation(payload)
@@ -218,7 +232,12 @@ class PostgresWalSource:
         loop = asyncio.get_running_loop()
         ready = loop.create_future()
         fd = pgconn.socket
-        loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(fd, wake)
         try:
             await asyncio.wait_for(ready, timeout)
         except TimeoutError:
@@ -295,6 +314,7 @@ class PostgresWalSource:
             await self._mark_snapshot("running", consistent_lsn, conn=admin)
             self._snapshot = (row[2], consistent_lsn)
             self._snapshot_in_flight = True
+            self._snapshot_lsn = consistent_lsn
         else:
             await self._mark_snapshot("skipped", consistent_lsn, conn=admin)
         self._last_error = None

@@ -1,0 +1,155 @@
+"""The `cdc` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+EXIT_CONFIG = 2
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    from adapters.config import load_pipeline, load_platform
+
+    platform = load_platform(args.platform_config)
+    pipeline = load_pipeline(args.pipeline, platform=platform)
+    return pipeline, platform
+
+
+def _parse_endpoints(values: Sequence[str]) -> dict[str, str]:
+    items = list(values)
+    env = os.environ.get("CDC_SINK_ENDPOINTS", "")
+    items += [v for v in env.split(",") if v.strip()]
+    endpoints: dict[str, str] = {}
+    for item in items:
+        sink_id, sep, target = item.strip().partition("=")
+        if not sep or not sink_id or ":" not in target:
+            raise SystemExit(f"error: bad sink endpoint {item!r}, expected SINK_ID=HOST:PORT")
+        endpoints.setdefault(sink_id, target)
+    return endpoints
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    pipeline, platform = _load(args)
+    print(
+        f"ok: pipeline '{pipeline.pipeline_id}' ({len(pipeline.enabled_sinks)} enabled sink(s)),"
+        f" transport_mode {platform.transport_mode}"
+    )
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from services.ingest.main import run_ingest
+    from services.logging import setup_logging
+
+    pipeline, platform = _load(args)
+    setup_logging(f"ingest:{pipeline.pipeline_id}")
+    endpoints = _parse_endpoints(args.sink_endpoint or [])
+    return asyncio.run(run_ingest(pipeline, platform, endpoints, args.grpc_port))
+
+
+def cmd_sink(args: argparse.Namespace) -> int:
+    from services.logging import setup_logging
+    from services.sink.server import run_sink
+
+    pipeline, platform = _load(args)
+    try:
+        pipeline.sink(args.sink_id)
+    except (KeyError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(f"sink:{args.sink_id}")
+    return asyncio.run(run_sink(pipeline, platform, args.sink_id, args.port))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from services.logging import setup_logging
+    from services.supervisor import Supervisor
+
+    pipeline, _platform = _load(args)
+    setup_logging(f"run:{pipeline.pipeline_id}")
+    sinks = [s.sink_id for s in pipeline.enabled_sinks]
+    return Supervisor(args.pipeline, args.platform_config, sinks).run()
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from adapters.config import load_pipeline, load_platform
+    from services.ops import pipeline_health
+
+    platform = load_platform(args.platform_config)
+    pipeline = load_pipeline(args.pipeline, platform=platform) if args.pipeline else None
+    report = asyncio.run(pipeline_health(pipeline, platform))
+    print(json.dumps(report, indent=2, default=str))
+    return 0 if report["status"] != "error" else 1
+
+
+def cmd_undeploy(args: argparse.Namespace) -> int:
+    from services.ops import undeploy
+
+    pipeline, platform = _load(args)
+    if not args.yes:
+        answer = input(
+            f"Drop replication slot and publication of pipeline '{pipeline.pipeline_id}'?"
+            " Data in sinks is not touched. [y/N] "
+        )
+        if answer.strip().lower() not in ("y", "yes"):
+            print("aborted")
+            return 1
+    for line in asyncio.run(undeploy(pipeline, platform)):
+        print(line)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cdc", description="Change data capture pipelines.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_configs(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("pipeline", help="pipeline.yaml")
+        p.add_argument("--platform-config", default=None, help="platform.yaml (default: built-in)")
+        return p
+
+    with_configs(sub.add_parser("validate", help="check both config files")).set_defaults(
+        func=cmd_validate
+    )
+    run = with_configs(sub.add_parser("run", help="run all stages of a pipeline on this machine"))
+    run.set_defaults(func=cmd_run)
+    ingest = with_configs(sub.add_parser("ingest", help="run the ingest stage"))
+    ingest.add_argument("--sink-endpoint", action="append", metavar="SINK_ID=HOST:PORT")
+    ingest.add_argument("--grpc-port", type=int, default=None)
+    ingest.set_defaults(func=cmd_ingest)
+    sink = with_configs(sub.add_parser("sink", help="run one sink stage"))
+    sink.add_argument("--sink-id", required=True)
+    sink.add_argument("--port", type=int, default=50051)
+    sink.set_defaults(func=cmd_sink)
+    health = sub.add_parser("health", help="check the platform, or a pipeline's source and sinks")
+    health.add_argument("pipeline", nargs="?", default=None, help="pipeline.yaml (optional)")
+    health.add_argument("--platform-config", default=None)
+    health.set_defaults(func=cmd_health)
+    undeploy = with_configs(sub.add_parser("undeploy", help="drop the slot and publication"))
+    undeploy.add_argument("--yes", action="store_true", help="do not ask")
+    undeploy.set_defaults(func=cmd_undeploy)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from adapters.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"error: invalid configuration\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""`cdc ingest`: one pipeline's ingest stage as a process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Mapping
+
+import grpc
+import structlog
+
+from adapters.config import PipelineConfig, PlatformConfig
+from services import tracing
+from services.grpc_health import add_health, set_status
+from services.health_http import HealthState, serve_health
+from services.ingest.container import IngestContainer
+from services.ingest.service import IngestService
+from services.ingest.sink_channel import SinkChannel
+
+log = structlog.get_logger(__name__)
+
+
+async def run_ingest(
+    pipeline: PipelineConfig,
+    platform: PlatformConfig,
+    sink_endpoints: Mapping[str, str],
+    grpc_port: int | None = None,
+) -> int:
+    container = IngestContainer(pipeline=pipeline, platform=platform)
+    source = container.event_source()
+    router = container.router()
+    missing = [s for s in router.sink_ids if s not in sink_endpoints]
+    if missing:
+        raise ValueError(f"no --sink-endpoint given for sink(s): {', '.join(missing)}")
+    tracing.setup_tracing(
+        f"{platform.tracing.service_name_prefix}-ingest", platform.tracing.otlp_endpoint
+    )
+
+    service: IngestService
+    channels = {
+        sink_id: SinkChannel(
+            sink_id,
+            sink_endpoints[sink_id],
+            platform.ingest.max_in_flight_batches,
+            on_ack=lambda s, a: service.on_ack(s, a),
+        )
+        for sink_id in router.sink_ids
+    }
+    service = IngestService(
+        pipeline.pipeline_id, source, router, channels, platform.ingest.batch_max_events
+    )
+
+    server = grpc.aio.server()
+    health_servicer = add_health(server)
+    server.add_insecure_port(f"0.0.0.0:{grpc_port or platform.ingest.grpc_port}")
+    await server.start()
+    await set_status(health_servicer, True, "cdc.ingest")
+
+    state = HealthState()
+    http = serve_health(state, platform.health_port) if platform.health_enabled else None
+
+    async def refresh_health() -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                state.update(await service.health())
+            await asyncio.sleep(1.0)
+
+    refresher = asyncio.create_task(refresh_health())
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, service.request_stop)
+    try:
+        await service.run()
+    finally:
+        refresher.cancel()
+        state.update({"status": "stopping", "ready": False})
+        if http is not None:
+            http.shutdown()
+        await server.stop(grace=1)
+        tracing.shutdown_tracing()
+    return 0

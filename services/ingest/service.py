@@ -1,0 +1,173 @@
+"""The ingest loop: transport -> routed batches -> sink streams -> ordered commits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+from prometheus_client import Counter, Gauge, Histogram
+
+from cdc_proto.v1 import sink_pb2
+from domain.commit_tracker import CommitTracker
+from domain.events import SourceEvent
+from domain.health import ComponentHealth, Status, overall
+from domain.ports import EventSource, SourceChunk
+from domain.routing import Router
+from services import tracing
+from services.ingest.sink_channel import SinkChannel
+from services.wire import encode_batch
+
+log = structlog.get_logger(__name__)
+
+EVENTS_READ = Counter("cdc_ingest_events_read_total", "Change events read from the transport")
+BATCHES_SENT = Counter("cdc_ingest_batches_sent_total", "Batches streamed to sinks", ["sink"])
+EVENTS_ACKED = Counter(
+    "cdc_ingest_events_acked_total", "Events acknowledged by sinks", ["sink", "outcome"]
+)
+COMMITS = Counter("cdc_ingest_commits_total", "Transport positions committed")
+UNACKED = Gauge("cdc_ingest_unacked_batches", "Batches sent but not yet acked", ["sink"])
+LATENCY = Histogram(
+    "cdc_ingest_commit_to_ack_seconds",
+    "Source commit time to sink acknowledgement",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
+
+class IngestService:
+    def __init__(
+        self,
+        pipeline_id: str,
+        source: EventSource,
+        router: Router,
+        channels: Mapping[str, SinkChannel],
+        batch_max_events: int,
+        drain_timeout_seconds: float = 30.0,
+    ) -> None:
+        self.pipeline_id = pipeline_id
+        self.source = source
+        self.router = router
+        self.channels = dict(channels)
+        self.batch_max_events = batch_max_events
+        self.drain_timeout_seconds = drain_timeout_seconds
+        self.tracker: CommitTracker[Any] = CommitTracker()
+        self._next_batch_id = int(time.time() * 1000) << 16  # unique across restarts
+        self._commit_lock = asyncio.Lock()
+        self._batch_commit_time: dict[int, int] = {}
+        self._stop = asyncio.Event()
+        self._tracer = tracing.tracer("cdc.ingest")
+        self.events_read = 0
+        self.started_at = time.monotonic()
+
+    async def run(self) -> None:
+        await self.source.start()
+        for channel in self.channels.values():
+            channel.start()
+        reader = asyncio.create_task(self._read_loop(), name="ingest-read")
+        stopper = asyncio.create_task(self._stop.wait())
+        done, _ = await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if reader in done:
+            stopper.cancel()
+            reader.result()  # a crash of the read loop propagates
+        else:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+        await self._shutdown()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def _shutdown(self) -> None:
+        log.info("ingest.draining", unacked=self.tracker.pending_count())
+        for channel in self.channels.values():
+            if not await channel.drain(self.drain_timeout_seconds):
+                log.warning("ingest.drain_timeout", sink=channel.sink_id, unacked=channel.unacked)
+        await self._commit_ready()
+        for channel in self.channels.values():
+            await channel.stop()
+        await self.source.stop()
+        log.info("ingest.stopped", events_read=self.events_read)
+
+    async def _read_loop(self) -> None:
+        async for chunk in self.source.chunks():
+            await self._dispatch(chunk)
+
+    async def _dispatch(self, chunk: SourceChunk) -> None:
+        events = chunk.events
+        self.events_read += len(events)
+        EVENTS_READ.inc(len(events))
+        size = self.batch_max_events
+        if not events:
+            await self._send(chunk.partition, [], chunk.checkpoint)
+            return
+        for start in range(0, len(events), size):
+            part = events[start : start + size]
+            last = start + size >= len(events)
+            await self._send(chunk.partition, part, chunk.checkpoint if last else None)
+
+    async def _send(self, partition: str, events: list[SourceEvent], checkpoint: Any) -> None:
+        batch_id = self._next_batch_id
+        self._next_batch_id += 1
+        by_sink = self.router.split(events)
+        targets = [sink_id for sink_id, evs in by_sink.items() if evs]
+        self.tracker.register(partition, batch_id, targets, checkpoint)
+        if not targets:
+            await self._commit_ready(partition)
+            return
+        self._batch_commit_time[batch_id] = events[-1].commit_time_us
+        with self._tracer.start_as_current_span(
+            "ingest.batch",
+            attributes={
+                "cdc.pipeline_id": self.pipeline_id,
+                "cdc.partition": partition,
+                "cdc.batch_id": batch_id,
+                "cdc.events": len(events),
+                "cdc.sinks": ",".join(targets),
+            },
+        ):
+            context = tracing.inject()
+            for sink_id in targets:
+                message = encode_batch(
+                    batch_id, self.pipeline_id, partition, by_sink[sink_id], context
+                )
+                await self.channels[sink_id].send(message)
+                BATCHES_SENT.labels(sink_id).inc()
+                UNACKED.labels(sink_id).set(self.channels[sink_id].unacked)
+
+    async def on_ack(self, sink_id: str, ack: sink_pb2.BatchAck) -> None:
+        EVENTS_ACKED.labels(sink_id, "written").inc(ack.written)
+        EVENTS_ACKED.labels(sink_id, "skipped").inc(ack.skipped)
+        EVENTS_ACKED.labels(sink_id, "dead_lettered").inc(ack.dead_lettered)
+        UNACKED.labels(sink_id).set(self.channels[sink_id].unacked)
+        partition = self.tracker.partition_of(ack.batch_id)
+        self.tracker.ack(ack.batch_id, sink_id)
+        commit_us = self._batch_commit_time.pop(ack.batch_id, 0)
+        if commit_us:
+            LATENCY.observe(max(0.0, time.time() - commit_us / 1e6))
+        await self._commit_ready(partition)
+
+    async def _commit_ready(self, partition: str | None = None) -> None:
+        partitions = [partition] if partition is not None else list(self.tracker.partitions())
+        async with self._commit_lock:
+            for p in partitions:
+                checkpoint = self.tracker.take_committable(p)
+                if checkpoint is not None:
+                    await self.source.commit(p, checkpoint)
+                    COMMITS.inc()
+
+    async def health(self) -> dict[str, Any]:
+        components: list[ComponentHealth] = [await self.source.health()]
+        components += [c.health() for c in self.channels.values()]
+        status = overall(components)
+        return {
+            "status": status.value,
+            "ready": status is not Status.ERROR,
+            "pipeline_id": self.pipeline_id,
+            "events_read": self.events_read,
+            "pending_batches": self.tracker.pending_count(),
+            "components": {c.name: c.as_dict() for c in components},
+        }

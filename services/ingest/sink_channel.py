@@ -1,0 +1,169 @@
+"""One gRPC Deliver stream from the ingest service to one sink service.
+
+At most `max_in_flight` batches are unacknowledged (credits): when they are used up,
+`send` waits, which is the backpressure that slows reading the transport. Unacked batches
+are kept and resent in order after a reconnect; the sink skips positions it applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cdc_proto.v1 import events_pb2, sink_pb2, sink_pb2_grpc
+from domain.health import ComponentHealth, Status
+
+log = structlog.get_logger(__name__)
+
+AckHandler = Callable[[str, "sink_pb2.BatchAck"], Awaitable[None]]
+
+
+class SinkChannel:
+    def __init__(self, sink_id: str, target: str, max_in_flight: int, on_ack: AckHandler) -> None:
+        self.sink_id = sink_id
+        self.target = target
+        self._credits = asyncio.Semaphore(max_in_flight)
+        self._unacked: OrderedDict[int, events_pb2.EventBatch] = OrderedDict()
+        self._outbox: asyncio.Queue[events_pb2.EventBatch] = asyncio.Queue()
+        self._on_ack = on_ack
+        self._channel: grpc.aio.Channel | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._connected = False
+        self._last_error: str | None = None
+        self._sink_status = "UNKNOWN"
+        self._stopping = False
+        self.acked_batches = 0
+        self.last_ack_monotonic = time.monotonic()
+
+    @property
+    def unacked(self) -> int:
+        return len(self._unacked)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"sink-channel-{self.sink_id}")
+
+    async def send(self, batch: events_pb2.EventBatch) -> None:
+        await self._credits.acquire()
+        self._unacked[batch.batch_id] = batch
+        self._outbox.put_nowait(batch)
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until every sent batch is acked; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self._unacked and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return not self._unacked
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self._channel is not None:
+            await self._channel.close()
+
+    def health(self) -> ComponentHealth:
+        detail: dict[str, Any] = {
+            "target": self.target,
+            "connected": self._connected,
+            "serving": self._sink_status,
+            "unacked_batches": len(self._unacked),
+        }
+        if self._last_error:
+            detail["error"] = self._last_error
+        # The sink's own health check says whether it is up and its destination reachable;
+        # a broken stream is retried on its own and shows up in `detail`.
+        ok = self._sink_status == "SERVING"
+        return ComponentHealth(f"sink:{self.sink_id}", Status.OK if ok else Status.ERROR, detail)
+
+    async def _run(self) -> None:
+        backoff = 0.2
+        health_task = asyncio.create_task(self._poll_health())
+        try:
+            while not self._stopping:
+                started = time.monotonic()
+                try:
+                    await self._stream_once()
+                except (grpc.aio.AioRpcError, ConnectionError, OSError) as exc:
+                    self._last_error = f"{type(exc).__name__}: {getattr(exc, 'details', str)()}"
+                    log.warning("sink.stream_lost", sink=self.sink_id, error=self._last_error)
+                finally:
+                    self._connected = False
+                if time.monotonic() - started > 10:
+                    backoff = 0.2
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, 5.0)
+        finally:
+            health_task.cancel()
+
+    async def _stream_once(self) -> None:
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(
+                self.target,
+                options=[
+                    ("grpc.max_receive_message_length", 256 << 20),
+                    ("grpc.max_send_message_length", 256 << 20),
+                ],
+            )
+        stub = sink_pb2_grpc.SinkServiceStub(self._channel)
+        call = stub.Deliver(wait_for_ready=True)
+        # Everything not yet acked goes again, in order, then new batches follow.
+        self._outbox = asyncio.Queue()
+        for batch in self._unacked.values():
+            self._outbox.put_nowait(batch)
+        writer = asyncio.create_task(self._write_loop(call, self._outbox))
+        try:
+            while True:
+                ack = await call.read()
+                if ack is grpc.aio.EOF:
+                    raise ConnectionError("sink closed the stream")
+                self._connected = True
+                self._last_error = None
+                await self._handle_ack(ack)
+        finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writer
+            call.cancel()
+
+    async def _write_loop(self, call: Any, outbox: asyncio.Queue[events_pb2.EventBatch]) -> None:
+        while True:
+            batch = await outbox.get()
+            if batch.batch_id not in self._unacked:
+                continue
+            await call.write(batch)
+            self._connected = True
+
+    async def _handle_ack(self, ack: sink_pb2.BatchAck) -> None:
+        if ack.status != sink_pb2.ACK_STATUS_WRITTEN:
+            # Not processed: keep it; it is resent on the next stream.
+            raise ConnectionError(f"sink rejected batch {ack.batch_id}: {ack.error}")
+        if self._unacked.pop(ack.batch_id, None) is None:
+            return  # an ack for a batch resent after a reconnect that was acked before
+        self._credits.release()
+        self.acked_batches += 1
+        self.last_ack_monotonic = time.monotonic()
+        await self._on_ack(self.sink_id, ack)
+
+    async def _poll_health(self) -> None:
+        while True:
+            try:
+                if self._channel is not None:
+                    stub = health_pb2_grpc.HealthStub(self._channel)
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                    self._sink_status = health_pb2.HealthCheckResponse.ServingStatus.Name(
+                        reply.status
+                    )
+            except grpc.aio.AioRpcError as exc:
+                self._sink_status = f"UNREACHABLE ({exc.code().name})"
+            await asyncio.sleep(1.0)
