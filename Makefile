@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck proto install clean bench
+.PHONY: demo test lint typecheck proto install clean bench up down
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -32,3 +32,10 @@ proto: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .demo build *.egg-info
+
+# Docker path (needs a Docker engine): the local platform stack from docker/.
+up:
+	docker compose -f docker/docker-compose.yml up -d
+
+down:
+	docker compose -f docker/docker-compose.yml down
