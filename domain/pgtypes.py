@@ -32,14 +32,23 @@ def _numeric(text: str) -> Decimal | str:
     return Decimal(text)  # exact; NaN and +/-Infinity are valid Decimals too
 
 
+def _beyond_python(text: str) -> bool:
+    """Values PostgreSQL has but datetime cannot hold: infinities, BC, years past 9999."""
+    return (
+        text in ("infinity", "-infinity")
+        or text.endswith(" BC")
+        or len(text.split("-", 1)[0]) > 4
+    )
+
+
 def _timestamp(text: str) -> datetime | str:
-    if text in ("infinity", "-infinity") or text.endswith(" BC"):
+    if _beyond_python(text):
         return text
     return datetime.fromisoformat(text)
 
 
 def _timestamptz(text: str) -> datetime | str:
-    if text in ("infinity", "-infinity") or text.endswith(" BC"):
+    if _beyond_python(text):
         return text
     # PostgreSQL prints offsets as +HH or +HH:MM; fromisoformat needs +HH:MM.
     if len(text) >= 3 and text[-3] in "+-" and text[-2:].isdigit():
@@ -48,12 +57,14 @@ def _timestamptz(text: str) -> datetime | str:
 
 
 def _date(text: str) -> date | str:
-    if text in ("infinity", "-infinity") or text.endswith(" BC"):
+    if _beyond_python(text):
         return text
     return date.fromisoformat(text)
 
 
-def _time(text: str) -> time:
+def _time(text: str) -> time | str:
+    if text.startswith("24:"):
+        return text  # PostgreSQL allows 24:00:00; Python's time() does not
     return time.fromisoformat(text)
 
 

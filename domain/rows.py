@@ -40,6 +40,8 @@ def decode_row(buf: bytes | memoryview, offset: int = 0) -> tuple[TextRow, int]:
     """Decode one row starting at `offset`; returns the row and the offset after it."""
     try:
         (count,) = _I16.unpack_from(buf, offset)
+        if count < 0:
+            raise RowFormatError(f"negative column count {count}")
         pos = offset + 2
         values: list[str | None] = []
         append = values.append
@@ -49,6 +51,8 @@ def decode_row(buf: bytes | memoryview, offset: int = 0) -> tuple[TextRow, int]:
             pos += 1
             if kind == 116:  # 't'
                 (length,) = unpack(buf, pos)
+                if length < 0:
+                    raise RowFormatError(f"negative value length {length}")
                 pos += 4
                 end = pos + length
                 if end > len(buf):

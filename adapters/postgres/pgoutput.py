@@ -193,9 +193,9 @@ class PgOutputDecoder:
                 )
             ),
         )
+        info = RelationInfo(oid, schema, replica_identity, tuple(m for *_, m in raw))
         previous = self.relations.get(oid)
-        if previous is None or previous.schema != schema:
-            self.schema_changes.append((previous.schema if previous else None, schema))
-            self.relations[oid] = RelationInfo(
-                oid, schema, replica_identity, tuple(m for *_, m in raw)
-            )
+        if previous != info:
+            if previous is None or previous.schema != schema:
+                self.schema_changes.append((previous.schema if previous else None, schema))
+            self.relations[oid] = info
