@@ -1,0 +1,323 @@
+"""The hexagonal import rule, enforced on the source with ast (nothing is imported).
+
+- `domain` imports only the standard library and itself, and nothing that does I/O.
+- `adapters` import `domain` and third-party packages, never `services` or `cdc_proto`.
+- only `services` (where the entry points live) and `tests` import `services`.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import sys
+import textwrap
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SKIP_DIRS = {"build", "dist", "node_modules", "__pycache__"}
+
+# Standard-library modules that do I/O (files, processes, network, event loops, logging
+# handlers) or reach the operating system: the pure core has no business with them.
+DOMAIN_FORBIDDEN_STDLIB = frozenset(
+    {
+        "os",
+        "io",
+        "socket",
+        "subprocess",
+        "asyncio",
+        "pathlib",
+        "shutil",
+        "tempfile",
+        "glob",
+        "select",
+        "selectors",
+        "ssl",
+        "http",
+        "urllib",
+        "ftplib",
+        "smtplib",
+        "sqlite3",
+        "multiprocessing",
+        "signal",
+        "mmap",
+        "fcntl",
+        "ctypes",
+        "logging",
+        "builtins",
+        "importlib",
+    }
+)
+DOMAIN_FORBIDDEN_CALLS = frozenset({"open", "print", "input", "exec", "eval", "__import__"})
+
+
+@dataclass(frozen=True)
+class Import:
+    file: str  # relative to the scanned root, POSIX form
+    line: int
+    module: str
+
+    @property
+    def top(self) -> str:
+        return self.module.split(".")[0]
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line} imports {self.module}"
+
+
+def python_files(root: Path) -> Iterator[Path]:
+    """Every .py file of the project, pruning hidden folders (.venv, .git) and build output."""
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in SKIP_DIRS)
+        for name in sorted(files):
+            if name.endswith(".py"):
+                yield Path(folder, name)
+
+
+def imports_of(path: Path, root: Path) -> list[Import]:
+    """Every module a file imports, anywhere in it (also inside functions and try blocks),
+    with relative imports resolved and literal importlib.import_module/__import__ calls."""
+    tree = ast.parse(path.read_bytes(), filename=str(path))
+    file = path.relative_to(root).as_posix()
+    found: list[Import] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [Import(file, node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                rel = path.relative_to(root).with_suffix("").parts
+                package = list(rel[:-1])  # a module's package; __init__'s is its folder too
+                base = package[: len(package) - (node.level - 1)]
+            else:
+                base = []
+            if node.module:
+                found.append(Import(file, node.lineno, ".".join([*base, node.module])))
+            else:  # `from .. import name`: each name is a module of that package
+                found += [
+                    Import(file, node.lineno, ".".join([*base, alias.name])) for alias in node.names
+                ]
+        elif isinstance(node, ast.Call) and node.args:
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            first = node.args[0]
+            if (
+                name in ("import_module", "__import__")
+                and isinstance(first, ast.Constant)
+                and isinstance(first.value, str)
+            ):
+                found.append(Import(file, node.lineno, first.value))
+    return found
+
+
+def calls_to_names(path: Path, root: Path, names: frozenset[str]) -> list[str]:
+    tree = ast.parse(path.read_bytes(), filename=str(path))
+    return [
+        f"{path.relative_to(root).as_posix()}:{node.lineno} calls {node.func.id}()"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in names
+    ]
+
+
+def files_under(root: Path, package: str) -> list[Path]:
+    return [p for p in python_files(root) if p.relative_to(root).parts[0] == package]
+
+
+# --- the rule checks, parameterised by root so they can be tested on synthetic trees ---------
+
+
+def domain_violations(root: Path) -> list[str]:
+    problems: list[str] = []
+    for path in files_under(root, "domain"):
+        for imp in imports_of(path, root):
+            if imp.top == "domain":
+                continue
+            if imp.top not in sys.stdlib_module_names:
+                problems.append(f"{imp} (not standard library)")
+            elif imp.top in DOMAIN_FORBIDDEN_STDLIB:
+                problems.append(f"{imp} (I/O in the pure core)")
+    return problems
+
+
+def adapters_violations(root: Path) -> list[str]:
+    return [
+        str(imp)
+        for path in files_under(root, "adapters")
+        for imp in imports_of(path, root)
+        if imp.top in ("services", "cdc_proto", "tests")
+    ]
+
+
+def services_importers(root: Path) -> list[str]:
+    return [
+        str(imp)
+        for path in python_files(root)
+        if path.relative_to(root).parts[0] not in ("services", "tests")
+        for imp in imports_of(path, root)
+        if imp.top == "services"
+    ]
+
+
+# --- the real tree -------------------------------------------------------------------------
+
+
+def test_the_layers_exist_and_are_scanned() -> None:
+    assert len(files_under(ROOT, "domain")) >= 5
+    assert len(files_under(ROOT, "adapters")) >= 3
+    assert len(files_under(ROOT, "services")) >= 1
+    assert all(".venv" not in p.parts for p in python_files(ROOT))
+
+
+def test_domain_imports_only_standard_library_and_itself() -> None:
+    assert domain_violations(ROOT) == []
+
+
+def test_domain_makes_no_io_calls() -> None:
+    problems = [
+        problem
+        for path in files_under(ROOT, "domain")
+        for problem in calls_to_names(path, ROOT, DOMAIN_FORBIDDEN_CALLS)
+    ]
+    assert problems == []
+
+
+def test_adapters_never_import_services_or_generated_wire_code() -> None:
+    assert adapters_violations(ROOT) == []
+
+
+def test_only_services_and_tests_import_services() -> None:
+    assert services_importers(ROOT) == []
+
+
+def test_production_code_never_imports_tests() -> None:
+    problems = [
+        str(imp)
+        for package in ("domain", "adapters", "services", "cdc_proto")
+        for path in files_under(ROOT, package)
+        for imp in imports_of(path, ROOT)
+        if imp.top == "tests"
+    ]
+    assert problems == []
+
+
+def test_console_entry_points_live_in_services() -> None:
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"].get("scripts", {})
+    assert scripts, "no console scripts declared"
+    for name, target in scripts.items():
+        module = target.split(":")[0]
+        assert module.split(".")[0] == "services", (name, target)
+        assert (ROOT / Path(*module.split("."))).with_suffix(".py").is_file() or (
+            ROOT / Path(*module.split(".")) / "__init__.py"
+        ).is_file(), (name, target)
+
+
+# --- the checks themselves catch violations -------------------------------------------------
+
+
+def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
+    for rel, source in files.items():
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(source))
+    return tmp_path
+
+
+def test_checker_flags_domain_violations(tmp_path: Path) -> None:
+    root = _tree(
+        tmp_path,
+        {
+            "domain/__init__.py": "",
+            "domain/ok.py": """
+                from __future__ import annotations
+                import json
+                from collections.abc import Iterable
+                from domain.events import X
+                from . import events
+                from .events import Y
+            """,
+            "domain/bad.py": """
+                import os.path
+                def f():
+                    import yaml
+                try:
+                    import socket
+                except ImportError:
+                    pass
+                from adapters.config import load
+                from .. import services
+                __import__("psycopg")
+            """,
+        },
+    )
+    problems = domain_violations(root)
+    assert len(problems) == 6, problems
+    assert all(p.startswith("domain/bad.py:") for p in problems)
+    for needle in ("os.path", "yaml", "socket", "adapters.config", "services", "psycopg"):
+        assert any(needle in p for p in problems), (needle, problems)
+    assert not any("ok.py" in p for p in problems)
+
+
+def test_checker_flags_io_calls(tmp_path: Path) -> None:
+    root = _tree(
+        tmp_path,
+        {"domain/x.py": "def f(p):\n    return open(p).read()\nprint(1)\nlen([])\n"},
+    )
+    problems = calls_to_names(root / "domain" / "x.py", root, DOMAIN_FORBIDDEN_CALLS)
+    assert sorted(problems) == ["domain/x.py:2 calls open()", "domain/x.py:3 calls print()"]
+
+
+def test_checker_flags_adapter_and_services_violations(tmp_path: Path) -> None:
+    root = _tree(
+        tmp_path,
+        {
+            "adapters/__init__.py": "",
+            "adapters/kafka/consumer.py": """
+                import confluent_kafka
+                from domain.events import SourceEvent
+                from cdc_proto.v1 import events_pb2
+                import importlib
+                mod = importlib.import_module("services.ingest")
+            """,
+            "adapters/kafka/__init__.py": "from ...services import wire\n",
+            "services/cli/main.py": "from services.ingest import main\n",
+            "tests/unit/test_x.py": "import services.cli.main\n",
+            "bench/run.py": "from services.ingest.service import IngestService\n",
+        },
+    )
+    adapter_problems = adapters_violations(root)
+    assert len(adapter_problems) == 3, adapter_problems
+    assert any("cdc_proto.v1" in p for p in adapter_problems)
+    assert any("services.ingest" in p for p in adapter_problems)
+    assert any("__init__" in p and "services" in p for p in adapter_problems)
+
+    importers = services_importers(root)
+    assert sorted(p.split(":")[0] for p in importers) == [
+        "adapters/kafka/__init__.py",
+        "adapters/kafka/consumer.py",
+        "bench/run.py",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("rel", "level", "module", "expected"),
+    [
+        ("domain/rows.py", 1, "events", "domain.events"),
+        ("domain/rows.py", 1, None, "domain.x"),
+        ("domain/rows.py", 2, None, "x"),
+        ("domain/__init__.py", 1, "events", "domain.events"),
+        ("adapters/postgres/wal_reader.py", 1, "pgoutput", "adapters.postgres.pgoutput"),
+        ("adapters/postgres/wal_reader.py", 2, "config", "adapters.config"),
+        ("adapters/postgres/wal_reader.py", 3, "services", "services"),
+    ],
+)
+def test_relative_imports_resolve(
+    tmp_path: Path, rel: str, level: int, module: str | None, expected: str
+) -> None:
+    names = "x"
+    source = f"from {'.' * level}{module or ''} import {names}\n"
+    root = _tree(tmp_path, {rel: source})
+    (imp,) = imports_of(root / rel, root)
+    assert imp.module == expected
