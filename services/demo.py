@@ -29,7 +29,7 @@ from services.supervisor import cdc_command, free_port
 
 TABLES = ("public.orders", "public.customers")
 SEED_ROWS = 20_000
-STREAM_CHANGES = 60_000
+STREAM_CHANGES = int(os.environ.get("CDC_DEMO_CHANGES", "60000"))
 
 
 def _say(text: str) -> None:
@@ -70,7 +70,7 @@ def main() -> int:
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="cdc-demo-"))
     _say("cdc-platform demo: PostgreSQL -> ingest -> gRPC -> sink -> PostgreSQL (direct mode)")
-    server = PostgresServer(workdir / "pg").start()
+    server = PostgresServer().start()
     _say(f"  embedded PostgreSQL on 127.0.0.1:{server.port} ({server.bin_dir})")
     server.create_database("shop")
     server.create_database("replica")
@@ -212,6 +212,8 @@ def main() -> int:
             ).fetchone():
                 time.sleep(0.002)
             latencies.append((time.monotonic() - t0) * 1000)
+            if os.environ.get("CDC_DEMO_DEBUG"):
+                _say(f"    probe {i}: {latencies[-1]:.0f} ms")
         expected = {t: _snapshot(source, t) for t in TABLES}
         deadline = time.monotonic() + 30
         while {t: _snapshot(replica, t) for t in TABLES} != expected:

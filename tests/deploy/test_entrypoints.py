@@ -3,7 +3,7 @@
 ENTRYPOINT + CMD are parsed from Dockerfile.ingest and Dockerfile.sink (so this test follows
 any change to them); only what differs on a shared machine is substituted: the config paths
 (/config/... -> a temporary directory), the ports (free ones instead of 50050/50051/8080) and
-the sink id. The sink serves a webhook sink whose destination is a local HTTP server; the
+the sink id. The sink serves a PostgreSQL sink writing into a second database; the
 ingest stage reads a real PostgreSQL (the suite's `pg` fixture, wal_level=logical) over the
 `direct` transport. Both must answer grpc.health.v1 Check with SERVING, the ingest stage's
 /healthz and /readyz must answer 200, the images' HEALTHCHECK commands must pass against
@@ -21,12 +21,10 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -160,48 +158,10 @@ class Process:
         return int(self.proc.returncode)
 
 
-@pytest.fixture
-def webhook_destination() -> Iterator[tuple[str, list[bytes]]]:
-    received: list[bytes] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            received.append(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        do_PUT = do_POST
-
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        do_HEAD = do_GET
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/cdc", received
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
-def test_image_entrypoints_start_and_answer_grpc_health(
-    pg: Any, tmp_path: Path, webhook_destination: tuple[str, list[bytes]]
-) -> None:
+def test_image_entrypoints_start_and_answer_grpc_health(pg: Any, tmp_path: Path) -> None:
     cdc = cdc_executable()
-    url, _received = webhook_destination
     database = pg.new_database("deploy_entrypoints")
+    replica = pg.new_database("deploy_replica")
     with pg.connect(database) as conn:
         conn.execute("CREATE TABLE public.orders (id BIGSERIAL PRIMARY KEY, item TEXT NOT NULL)")
         conn.execute("INSERT INTO public.orders (item) VALUES ('widget'), ('gadget')")
@@ -226,10 +186,12 @@ source:
   publication_name: {database}_pub
 sinks:
   - sink_id: {SINK_ID}
-    sink_type: webhook
+    sink_type: postgres
     enabled: true
-    webhook:
-      url: {url}
+    postgres:
+      host: ${{CDC_SOURCE_HOST}}
+      port: ${{CDC_SOURCE_PORT}}
+      database: {replica}
 """
     )
     (config / "platform.yaml").write_text(
