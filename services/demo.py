@@ -54,14 +54,6 @@ def _replicated_rows(replica: psycopg.Connection) -> int:
     return int(row[0]) if row else 0
 
 
-def _applied_changes(replica: psycopg.Connection) -> tuple[int, int]:
-    try:
-        row = replica.execute("SELECT max(major), max(minor) FROM public._cdc_offsets").fetchone()
-    except psycopg.errors.UndefinedTable:
-        return (0, 0)
-    return (int(row[0] or 0), int(row[1] or 0)) if row else (0, 0)
-
-
 def _snapshot(conn: psycopg.Connection, table: str) -> list[tuple[object, ...]]:
     return conn.execute(f"SELECT * FROM {table} ORDER BY id").fetchall()
 

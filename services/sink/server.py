@@ -12,7 +12,7 @@ import structlog
 
 from adapters.config import PipelineConfig, PlatformConfig
 from cdc_proto.v1 import events_pb2, sink_pb2, sink_pb2_grpc
-from domain.errors import SinkUnavailableError
+from domain.errors import CdcError
 from domain.health import Status
 from domain.ports import SinkWriter
 from services import tracing
@@ -59,7 +59,9 @@ class SinkServicer(sink_pb2_grpc.SinkServiceServicer):
             async with self._lock:
                 try:
                     result = await self.writer.write(batch)
-                except SinkUnavailableError as exc:
+                except CdcError as exc:
+                    # Not written: the ingest service keeps the batch and resends it later.
+                    log.error("sink.write_failed", batch_id=message.batch_id, error=str(exc))
                     return sink_pb2.BatchAck(
                         batch_id=message.batch_id,
                         status=sink_pb2.ACK_STATUS_REJECTED,

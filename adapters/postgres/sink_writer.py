@@ -1,0 +1,1037 @@
+"""The PostgreSQL sink: row upserts by primary key (or a change log), idempotent by position.
+
+Each source table ``schema.table`` lands as ``<target_schema>.<table>``, created from the
+event's columns when absent (missing columns are added later: simple schema evolution).
+
+One transaction per batch (per ``batch_size`` events of it) does all of this:
+
+1. Insert-or-lock the row of ``<target_schema>._cdc_offsets`` for (pipeline, sink,
+   partition) and read the applied position; events at or below it are skipped (a replay).
+2. Upsert mode: the changes of each table are COPYed into a temporary staging table (text
+   values, as they came) after collapsing them to the last change per key in Python (which
+   also resolves unchanged TOASTed values against earlier changes in the batch and follows
+   primary key changes). Then three set-based statements: copy stored values into the
+   staging rows for columns the source did not send (unchanged TOAST), delete the keys whose
+   last change is a delete (including the old key of a primary key change), and
+   ``INSERT ... SELECT ... ON CONFLICT DO UPDATE`` the rest, casting text to the column types
+   in SQL. A truncate flushes what came before it for that table, then TRUNCATEs it.
+   Append mode, and tables without a primary key: every change becomes one row of
+   ``<target_schema>.<table>_changes`` (COPY straight into it).
+3. Store the last applied position; COMMIT. ``write()`` returns only after the commit.
+
+If a batch fails on its data (a value that does not fit its column, a constraint), it is
+applied again in a fresh transaction in halves, each inside a savepoint, down to single
+events: the events that still fail go to ``<target_schema>._cdc_dead_letters`` in that same
+transaction, everything else is written. Connection problems are retried with backoff until
+the database answers again or ``stop()`` is called.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import random
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+import psycopg
+import structlog
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from adapters.config.pipeline import PostgresSinkConfig
+from adapters.postgres.dead_letter import (
+    DEAD_LETTER_TABLE,
+    FailedEvent,
+    create_dead_letter_table_sql,
+    insert_dead_letters,
+)
+from domain.errors import PermanentError, SinkUnavailableError
+from domain.events import UNCHANGED, Operation, Position, SourceEvent, TableSchema, TextRow
+from domain.health import ComponentHealth, Status
+from domain.ports import SinkBatch, WriteResult
+
+__all__ = ["OFFSETS_TABLE", "PostgresSinkWriter"]
+
+log = structlog.get_logger(__name__)
+
+OFFSETS_TABLE: Final = "_cdc_offsets"
+CHANGES_SUFFIX: Final = "_changes"
+_MAX_IDENTIFIER_BYTES: Final = 63
+
+# Leading columns of a change-log table (append mode), before the row's own columns.
+_APPEND_META: Final[tuple[tuple[str, str], ...]] = (
+    ("_op", "text"),
+    ("_partition", "text"),
+    ("_position_major", "numeric(20,0)"),
+    ("_position_minor", "bigint"),
+    ("_commit_time", "timestamp with time zone"),
+    ("_unchanged", "text[]"),
+)
+
+_RETRY_INITIAL_SECONDS: Final = 0.2
+_RETRY_MAX_SECONDS: Final = 10.0
+_HEALTH_TIMEOUT_SECONDS: Final = 2.0
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_DELETED: Final = ("d", None, None)  # a key whose last change in the segment is a delete
+
+_Key = tuple[str | None, ...]
+_Pending = tuple[str, TextRow | None, _Key | None]  # ("u", row, origin key) or _DELETED
+_Plans = dict[int, "_Plan"]  # by id() of the TableSchema objects of the batch at hand
+
+
+# Not about any one event, and fixed by an operator rather than by dropping data: retry the
+# batch (with backoff) instead of dead-lettering everything it touches.
+_RETRY_SERVER_ERRORS: Final = (
+    psycopg.errors.InsufficientPrivilege,
+    psycopg.errors.ReadOnlySqlTransaction,
+)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Connection-level trouble (or a setup problem): worth retrying the whole batch later."""
+    return isinstance(exc, (psycopg.OperationalError, OSError, TimeoutError, *_RETRY_SERVER_ERRORS))
+
+
+def _is_data_error(exc: BaseException) -> bool:
+    """The server rejected what we sent (a value, a constraint, the target's shape)."""
+    return isinstance(exc, psycopg.DatabaseError) and not _is_transient(exc)
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    sqlstate = getattr(exc, "sqlstate", None)
+    name = type(exc).__name__
+    return f"{name} [{sqlstate}]: {text}" if sqlstate else f"{name}: {text}"
+
+
+def _truncate_identifier(name: str) -> str:
+    """PostgreSQL cuts identifiers at 63 bytes; do it ourselves so catalog lookups match."""
+    data = name.encode()
+    if len(data) <= _MAX_IDENTIFIER_BYTES:
+        return name
+    return data[:_MAX_IDENTIFIER_BYTES].decode(errors="ignore")
+
+
+def _array_literal(items: Iterable[str]) -> str:
+    quoted = ('"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"' for s in items)
+    return "{" + ",".join(quoted) + "}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """A target table as the catalog describes it."""
+
+    relname: str
+    casts: dict[str, str]  # column -> its base type, qualified and quoted (no typmod)
+    key: frozenset[str]  # primary key columns (empty: no primary key)
+
+
+@dataclass(slots=True)
+class _Plan:
+    """How the events of one TableSchema are written (built once, reused every batch)."""
+
+    schema: TableSchema
+    append: bool
+    relname: str
+    target: sql.Identifier
+    ncols: int
+    key_idx: tuple[int, ...] = ()
+    error: str | None = None  # set: every event of this schema is dead-lettered with it
+    stage: str = ""
+    create_stage: sql.Composed | None = None
+    truncate_stage: sql.Composed | None = None
+    copy_stage: sql.Composed | None = None
+    delete_sql: sql.Composed | None = None
+    insert_sql: sql.Composed | None = None
+    truncate_target: sql.Composed | None = None
+    copy_append: sql.Composed | None = None
+    fill_template: tuple[sql.Composed, ...] = ()  # per column: its SET clause
+    fill_where: sql.Composed | None = None
+    fill_cache: dict[frozenset[int], sql.Composed] = field(default_factory=dict)
+
+    def fill_sql(self, columns: frozenset[int]) -> sql.Composed:
+        """UPDATE of the staging rows: stored values for the columns the source omitted."""
+        query = self.fill_cache.get(columns)
+        if query is None:
+            assert self.fill_where is not None
+            sets = sql.SQL(", ").join(self.fill_template[i] for i in sorted(columns))
+            query = sql.SQL("UPDATE {} s SET {} FROM {} o WHERE {}").format(
+                sql.Identifier("pg_temp", self.stage), sets, self.target, self.fill_where
+            )
+            self.fill_cache[columns] = query
+        return query
+
+
+class _Segment:
+    """The changes of one table (one schema) between two flushes, collapsed per key.
+
+    For each key only its last change is kept: a delete, or the row to upsert plus the key
+    of the stored row that supplies the columns the source did not send (unchanged TOAST):
+    the same key, or the old key when the primary key changed.
+    """
+
+    __slots__ = ("plan", "state")
+
+    def __init__(self, plan: _Plan) -> None:
+        self.plan = plan
+        self.state: dict[_Key, _Pending] = {}
+
+    def add(self, ev: SourceEvent) -> None:
+        kidx = self.plan.key_idx
+        state = self.state
+        if ev.operation is Operation.DELETE:
+            row = ev.before if ev.before is not None else ev.after
+            assert row is not None  # validated
+            key = tuple([row[i] for i in kidx])
+            state.pop(key, None)
+            state[key] = _DELETED
+            return
+        after = ev.after
+        assert after is not None  # validated
+        key = tuple([after[i] for i in kidx])
+        origin: _Key | None = None
+        if ev.operation is Operation.UPDATE and ev.before is not None:
+            old = tuple([ev.before[i] for i in kidx])
+            if old != key:  # primary key change: the old key goes away
+                origin = old
+        if origin is not None:
+            base = state.pop(origin, None)
+            state[origin] = _DELETED
+            state.pop(key, None)
+        else:
+            base = state.pop(key, None)
+        if UNCHANGED in after:
+            if base is not None and base[0] == "u":
+                _, base_row, base_origin = base
+                assert base_row is not None
+                after = tuple(
+                    [b if v is UNCHANGED else v for v, b in zip(after, base_row, strict=True)]
+                )
+                if base_origin is not None:
+                    origin = base_origin
+            if UNCHANGED not in after:
+                origin = None
+        else:
+            origin = None
+        state[key] = ("u", after, origin)
+
+
+@dataclass(slots=True)
+class _TxState:
+    dirty_stages: set[str] = field(default_factory=set)
+
+
+class PostgresSinkWriter:
+    """`domain.ports.SinkWriter` for PostgreSQL: durable, idempotent, ordered per partition."""
+
+    def __init__(self, settings: PostgresSinkConfig, pipeline_id: str, sink_id: str) -> None:
+        self._settings = settings
+        self._pipeline_id = pipeline_id
+        self._sink_id = sink_id
+        self._schema = settings.target_schema
+        self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
+        self._lock = asyncio.Lock()  # one batch at a time: batches of a partition apply in order
+        self._stopping = asyncio.Event()
+        self._last_error: str | None = None
+        self._applied: dict[str, Position] = {}
+        self._meta_ready = False
+        self._targets: dict[str, _Target] = {}
+        self._plans: dict[TableSchema, _Plan] = {}
+        self._type_ok: dict[str, bool] = {}
+        self._staged: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], set[str]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._commit_time_cache: tuple[int, str | None] = (0, None)
+        digest = hashlib.blake2b(f"cdc-sink-ddl:{self._schema}".encode(), digest_size=8)
+        self._ddl_lock_key = int.from_bytes(digest.digest(), "big", signed=True)
+        self._offsets = sql.Identifier(self._schema, OFFSETS_TABLE)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the pool. Does not wait for the database: while it is down, health() reports
+        the error and write() keeps retrying."""
+        if self._pool is not None:
+            return
+        self._stopping.clear()
+        timeout = float(self._settings.connect_timeout_seconds)
+        self._pool = AsyncConnectionPool(
+            self._settings.conninfo(),
+            min_size=1,
+            max_size=max(1, self._settings.pool_max_size),
+            kwargs={"autocommit": True},
+            check=AsyncConnectionPool.check_connection,
+            timeout=timeout,
+            # Give up a reconnection series soon: the next request starts a fresh one, so the
+            # pool notices a database that came back within about our own retry interval.
+            reconnect_timeout=max(10.0, 2 * timeout),
+            name=f"cdc-sink-{self._sink_id}",
+            open=False,
+        )
+        await self._pool.open(wait=False)
+
+    async def stop(self) -> None:
+        """Stop retrying (a write in its retry loop raises SinkUnavailableError), let a write
+        in progress finish for a while, then close the pool."""
+        self._stopping.set()
+        acquired = False
+        wait = max(5.0, 2 * float(self._settings.connect_timeout_seconds))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._lock.acquire(), wait)
+            acquired = True
+        try:
+            if self._pool is not None:
+                pool, self._pool = self._pool, None
+                await pool.close(timeout=5.0)
+        finally:
+            if acquired:
+                self._lock.release()
+
+    async def health(self) -> ComponentHealth:
+        name = f"sink:{self._sink_id}"
+        pool = self._pool
+        if pool is None:
+            return ComponentHealth(name, Status.ERROR, {"error": "not started"})
+        try:
+            async with pool.connection(timeout=_HEALTH_TIMEOUT_SECONDS) as conn:
+                await asyncio.wait_for(conn.execute("SELECT 1"), _HEALTH_TIMEOUT_SECONDS)
+        except PoolTimeout:
+            if self._lock.locked() and self._last_error is None:
+                # Every connection is busy writing; that is not an outage.
+                return ComponentHealth(name, Status.OK, self._applied_detail(probe="pool busy"))
+            problem = await self._connect_problem()
+            if problem is not None:
+                return ComponentHealth(name, Status.ERROR, {"error": problem})
+            # Reachable; the pool has not reconnected yet.
+            error = self._last_error or "no pooled connection yet (reconnecting)"
+            return ComponentHealth(
+                name, Status.DEGRADED, {**self._applied_detail(), "error": error}
+            )
+        except (psycopg.Error, OSError, TimeoutError) as exc:
+            return ComponentHealth(name, Status.ERROR, {"error": _describe(exc)})
+        if self._last_error is not None:  # reachable again, but the last write attempt failed
+            return ComponentHealth(
+                name, Status.DEGRADED, {**self._applied_detail(), "error": self._last_error}
+            )
+        return ComponentHealth(name, Status.OK, self._applied_detail())
+
+    async def _connect_problem(self) -> str | None:
+        """Why a new connection fails (the pool only says it had none to give), or None."""
+        try:
+            conn = await asyncio.wait_for(
+                psycopg.AsyncConnection.connect(
+                    self._settings.conninfo(), connect_timeout=2, autocommit=True
+                ),
+                _HEALTH_TIMEOUT_SECONDS + 1,
+            )
+        except Exception as exc:
+            return f"database unreachable: {_describe(exc)}"
+        with contextlib.suppress(Exception):
+            await conn.close()
+        return None
+
+    def _applied_detail(self, **extra: str) -> dict[str, Any]:
+        return {"applied": {p: str(pos) for p, pos in self._applied.items()}, **extra}
+
+    # -- writing ---------------------------------------------------------------------------
+
+    async def write(self, batch: SinkBatch) -> WriteResult:
+        total = WriteResult()
+        if not batch.events:
+            return total
+        async with self._lock:
+            size = max(1, self._settings.batch_size)
+            events = batch.events
+            for start in range(0, len(events), size):
+                part = events[start : start + size]
+                result = await self._write_with_retry(batch, part)
+                total.written += result.written
+                total.skipped += result.skipped
+                total.dead_lettered += result.dead_lettered
+        return total
+
+    async def _write_with_retry(
+        self, batch: SinkBatch, events: Sequence[SourceEvent]
+    ) -> WriteResult:
+        backoff = _RETRY_INITIAL_SECONDS
+        attempt = 0
+        while True:
+            if self._stopping.is_set() or self._pool is None:
+                raise SinkUnavailableError(self._unavailable_message())
+            attempt += 1
+            try:
+                result = await self._write_once(self._pool, batch, events)
+            except Exception as exc:
+                if _is_transient(exc):
+                    self._last_error = _describe(exc)
+                    if self._stopping.is_set():
+                        raise SinkUnavailableError(self._unavailable_message()) from exc
+                    delay = backoff * random.uniform(0.75, 1.25)
+                    log.warning(
+                        "postgres_sink.write_retry",
+                        sink_id=self._sink_id,
+                        partition=batch.partition,
+                        batch_id=batch.batch_id,
+                        attempt=attempt,
+                        error=self._last_error,
+                        retry_in=round(delay, 2),
+                    )
+                    await self._sleep_or_stop(delay)
+                    backoff = min(backoff * 2, _RETRY_MAX_SECONDS)
+                    continue
+                if isinstance(exc, psycopg.Error):
+                    # Not about one event (offsets or dead-letter table, privileges...).
+                    self._last_error = _describe(exc)
+                    log.error(
+                        "postgres_sink.write_failed",
+                        sink_id=self._sink_id,
+                        partition=batch.partition,
+                        batch_id=batch.batch_id,
+                        error=self._last_error,
+                    )
+                    raise PermanentError(
+                        f"postgres sink {self._sink_id}: {self._last_error}"
+                    ) from exc
+                raise
+            self._last_error = None
+            return result
+
+    def _unavailable_message(self) -> str:
+        reason = f": {self._last_error}" if self._last_error else ""
+        return f"postgres sink {self._sink_id} is stopping{reason}"
+
+    async def _sleep_or_stop(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _write_once(
+        self,
+        pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]],
+        batch: SinkBatch,
+        events: Sequence[SourceEvent],
+    ) -> WriteResult:
+        async with pool.connection() as conn:
+            schemas = _distinct_schemas(events)
+            plans = await self._prepare(conn, schemas)
+            invalid = self._invalid
+            if all(invalid(ev, plans[id(ev.table)]) is None for ev in events):
+                try:
+                    return await self._apply_batch(conn, batch, events, plans)
+                except Exception as exc:
+                    if not _is_data_error(exc):
+                        raise
+                    log.warning(
+                        "postgres_sink.batch_rejected",
+                        sink_id=self._sink_id,
+                        partition=batch.partition,
+                        batch_id=batch.batch_id,
+                        events=len(events),
+                        error=_describe(exc),
+                        action="applying in parts; events that fail go to the dead letters",
+                    )
+                # The target may have changed under us (dropped, altered): look again.
+                self._targets.clear()
+                self._plans.clear()
+                plans = await self._prepare(conn, schemas)
+            return await self._apply_isolating(conn, batch, events, plans)
+
+    async def _apply_batch(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        batch: SinkBatch,
+        events: Sequence[SourceEvent],
+        plans: _Plans,
+    ) -> WriteResult:
+        """The fast path: the whole batch in one transaction."""
+        async with conn.transaction():
+            applied = await self._lock_position(conn, batch.partition)
+            todo = _after(events, applied)
+            if todo:
+                await self._apply(conn, todo, plans, batch.partition, _TxState())
+                last = max(ev.position for ev in todo)
+                await self._save_position(conn, batch.partition, last)
+                applied = last
+        self._remember(batch.partition, applied)
+        return WriteResult(written=len(todo), skipped=len(events) - len(todo))
+
+    async def _apply_isolating(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        batch: SinkBatch,
+        events: Sequence[SourceEvent],
+        plans: _Plans,
+    ) -> WriteResult:
+        """The slow path: apply in ever smaller parts inside savepoints; what fails on its
+        own is dead-lettered in the same transaction."""
+        failed: list[FailedEvent] = []
+        async with conn.transaction():
+            applied = await self._lock_position(conn, batch.partition)
+            todo = _after(events, applied)
+            good: list[SourceEvent] = []
+            for ev in todo:
+                problem = self._invalid(ev, plans[id(ev.table)])
+                if problem is None:
+                    good.append(ev)
+                else:
+                    failed.append(FailedEvent(ev, problem))
+            await self._apply_parts(conn, good, plans, batch.partition, _TxState(), failed)
+            failed.sort(key=lambda f: f.event.position)
+            await insert_dead_letters(
+                conn,
+                self._schema,
+                pipeline_id=self._pipeline_id,
+                sink_id=self._sink_id,
+                partition=batch.partition,
+                failed=failed,
+            )
+            if todo:
+                last = max(ev.position for ev in todo)
+                await self._save_position(conn, batch.partition, last)
+                applied = last
+        self._remember(batch.partition, applied)
+        if failed:
+            log.error(
+                "postgres_sink.dead_lettered",
+                sink_id=self._sink_id,
+                partition=batch.partition,
+                batch_id=batch.batch_id,
+                count=len(failed),
+                first_error=failed[0].error,
+                table=f"{self._schema}.{DEAD_LETTER_TABLE}",
+            )
+        return WriteResult(
+            written=len(todo) - len(failed),
+            skipped=len(events) - len(todo),
+            dead_lettered=len(failed),
+        )
+
+    async def _apply_parts(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        events: list[SourceEvent],
+        plans: _Plans,
+        partition: str,
+        tx: _TxState,
+        failed: list[FailedEvent],
+    ) -> None:
+        if not events:
+            return
+        try:
+            async with conn.transaction():  # a savepoint
+                await self._apply(conn, events, plans, partition, tx)
+            return
+        except Exception as exc:
+            if not _is_data_error(exc):
+                raise
+            if len(events) == 1:
+                failed.append(FailedEvent(events[0], _describe(exc)))
+                return
+        middle = len(events) // 2
+        await self._apply_parts(conn, events[:middle], plans, partition, tx, failed)
+        await self._apply_parts(conn, events[middle:], plans, partition, tx, failed)
+
+    def _remember(self, partition: str, applied: Position | None) -> None:
+        if applied is not None:
+            self._applied[partition] = applied
+
+    # -- positions -------------------------------------------------------------------------
+
+    async def _lock_position(
+        self, conn: psycopg.AsyncConnection[Any], partition: str
+    ) -> Position | None:
+        """Create-or-lock this partition's offsets row and return its applied position."""
+        cur = await conn.execute(
+            sql.SQL(
+                "INSERT INTO {} AS o (pipeline_id, sink_id, partition, updated_at)"
+                " VALUES (%s, %s, %s, now())"
+                " ON CONFLICT (pipeline_id, sink_id, partition)"
+                " DO UPDATE SET updated_at = o.updated_at"
+                " RETURNING major, minor"
+            ).format(self._offsets),
+            (self._pipeline_id, self._sink_id, partition),
+        )
+        row = await cur.fetchone()
+        if row is None or row[0] is None:
+            return None
+        return Position(int(row[0]), int(row[1] or 0))
+
+    async def _save_position(
+        self, conn: psycopg.AsyncConnection[Any], partition: str, position: Position
+    ) -> None:
+        await conn.execute(
+            sql.SQL(
+                "UPDATE {} SET major = %s, minor = %s, updated_at = now()"
+                " WHERE pipeline_id = %s AND sink_id = %s AND partition = %s"
+            ).format(self._offsets),
+            (position.major, position.minor, self._pipeline_id, self._sink_id, partition),
+        )
+
+    # -- applying changes ------------------------------------------------------------------
+
+    def _invalid(self, ev: SourceEvent, plan: _Plan) -> str | None:
+        """Why this event cannot be applied at all (checked before touching the database)."""
+        if plan.error is not None:
+            return plan.error
+        op = ev.operation
+        if op is Operation.TRUNCATE:
+            return None
+        before, after = ev.before, ev.after
+        n = plan.ncols
+        for label, row in (("before", before), ("after", after)):
+            if row is not None and len(row) != n:
+                return f"{label} row has {len(row)} values but the table schema has {n} columns"
+        if op is Operation.DELETE:
+            keyed = before if before is not None else after
+            if keyed is None:
+                return "delete without a before row"
+            other = None
+        else:
+            if after is None:
+                return f"{op.name.lower()} without an after row"
+            keyed = after
+            other = before if op is Operation.UPDATE else None
+        if plan.append:
+            return None
+        for row in (keyed, other):
+            if row is None:
+                continue
+            for i in plan.key_idx:
+                value = row[i]
+                if value is None or value is UNCHANGED:
+                    return f"key column {plan.schema.columns[i].name!r} has no value"
+        return None
+
+    async def _apply(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        events: Sequence[SourceEvent],
+        plans: _Plans,
+        partition: str,
+        tx: _TxState,
+    ) -> None:
+        """Apply `events` in order (per table; tables are independent of each other)."""
+        segments: dict[str, _Segment] = {}
+        appends: dict[int, tuple[_Plan, list[SourceEvent]]] = {}
+        last_schema: TableSchema | None = None
+        plan: _Plan | None = None
+        for ev in events:
+            if ev.table is not last_schema:
+                last_schema = ev.table
+                plan = plans[id(last_schema)]
+            assert plan is not None
+            if plan.append:
+                entry = appends.get(id(plan))
+                if entry is None:
+                    entry = appends[id(plan)] = (plan, [])
+                entry[1].append(ev)
+                continue
+            segment = segments.get(plan.relname)
+            if ev.operation is Operation.TRUNCATE:
+                if segment is not None:
+                    del segments[plan.relname]
+                    await self._flush(conn, segment, tx)
+                assert plan.truncate_target is not None
+                await conn.execute(plan.truncate_target, prepare=False)
+                continue
+            if segment is None or segment.plan is not plan:
+                if segment is not None:
+                    await self._flush(conn, segment, tx)
+                segment = segments[plan.relname] = _Segment(plan)
+            segment.add(ev)
+        for segment in segments.values():
+            await self._flush(conn, segment, tx)
+        for append_plan, append_events in appends.values():
+            await self._append(conn, append_plan, append_events, partition)
+
+    async def _flush(
+        self, conn: psycopg.AsyncConnection[Any], segment: _Segment, tx: _TxState
+    ) -> None:
+        plan = segment.plan
+        if not segment.state:
+            return
+        assert plan.copy_stage is not None and plan.truncate_stage is not None
+        if plan.stage in tx.dirty_stages:
+            await conn.execute(plan.truncate_stage, prepare=False)
+        tx.dirty_stages.add(plan.stage)
+        n = plan.ncols
+        kidx = plan.key_idx
+        no_origin = (None,) * len(kidx)
+        unchanged_cols: set[int] = set()
+        deletes = upserts = 0
+        async with conn.cursor() as cur, cur.copy(plan.copy_stage) as copy:
+            seq = 0
+            for key, (op, row, origin) in segment.state.items():
+                seq += 1
+                if row is None:  # delete
+                    deletes += 1
+                    values: list[str | None] = [None] * n
+                    for j, i in enumerate(kidx):
+                        values[i] = key[j]
+                    await copy.write_row((seq, "d", None, *values, *no_origin))
+                    continue
+                upserts += 1
+                if UNCHANGED in row:
+                    missing = [i for i, v in enumerate(row) if v is UNCHANGED]
+                    unchanged_cols.update(missing)
+                    literal = "{" + ",".join(str(i + 1) for i in missing) + "}"
+                    row = tuple([None if v is UNCHANGED else v for v in row])
+                    await copy.write_row((seq, op, literal, *row, *(origin or no_origin)))
+                else:
+                    await copy.write_row((seq, op, None, *row, *no_origin))
+        if unchanged_cols:
+            await conn.execute(plan.fill_sql(frozenset(unchanged_cols)))
+        if deletes:
+            assert plan.delete_sql is not None
+            await conn.execute(plan.delete_sql)
+        if upserts:
+            assert plan.insert_sql is not None
+            await conn.execute(plan.insert_sql)
+
+    async def _append(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        plan: _Plan,
+        events: list[SourceEvent],
+        partition: str,
+    ) -> None:
+        assert plan.copy_append is not None
+        names = plan.schema.column_names
+        empty: TextRow = (None,) * plan.ncols
+        async with conn.cursor() as cur, cur.copy(plan.copy_append) as copy:
+            for ev in events:
+                op = ev.operation
+                if op is Operation.DELETE:
+                    row = ev.before if ev.before is not None else ev.after
+                else:
+                    row = ev.after
+                if row is None:  # truncate
+                    row = empty
+                unchanged = None
+                if UNCHANGED in row:
+                    unchanged = _array_literal(
+                        names[i] for i, v in enumerate(row) if v is UNCHANGED
+                    )
+                    row = tuple([None if v is UNCHANGED else v for v in row])
+                await copy.write_row(
+                    (
+                        op.value,
+                        partition,
+                        ev.position.major,
+                        ev.position.minor,
+                        self._commit_time(ev.commit_time_us),
+                        unchanged,
+                        *row,
+                    )
+                )
+
+    def _commit_time(self, us: int) -> str | None:
+        cached_us, cached = self._commit_time_cache
+        if us == cached_us and cached is not None:
+            return cached
+        text = (_EPOCH + timedelta(microseconds=us)).isoformat() if us else None
+        self._commit_time_cache = (us, text)
+        return text
+
+    # -- preparing targets -----------------------------------------------------------------
+
+    async def _prepare(
+        self, conn: psycopg.AsyncConnection[Any], schemas: Sequence[TableSchema]
+    ) -> _Plans:
+        """Make sure the bookkeeping tables, the target tables and this connection's staging
+        tables exist; return a plan per schema. DDL commits on its own (before the data)."""
+        if not self._meta_ready:
+            await self._ensure_meta(conn)
+            self._meta_ready = True
+        plans: _Plans = {}
+        staged = self._staged.get(conn)
+        if staged is None:
+            staged = self._staged[conn] = set()
+        for schema in schemas:
+            plan = self._plans.get(schema)
+            if plan is None:
+                plan = await self._build_plan(conn, schema)
+                if plan.error is None:
+                    self._plans[schema] = plan
+            if plan.error is None and not plan.append and plan.stage not in staged:
+                assert plan.create_stage is not None
+                await conn.execute(plan.create_stage, prepare=False)
+                staged.add(plan.stage)
+            plans[id(schema)] = plan
+        return plans
+
+    async def _ensure_meta(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        async with conn.transaction():
+            await self._ddl_lock(conn)
+            cur = await conn.execute(
+                "SELECT 1 FROM pg_namespace WHERE nspname = %s", (self._schema,)
+            )
+            if await cur.fetchone() is None:
+                await conn.execute(
+                    sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self._schema))
+                )
+            if not await self._relation_exists(conn, OFFSETS_TABLE):
+                await conn.execute(
+                    sql.SQL(
+                        "CREATE TABLE IF NOT EXISTS {} ("
+                        " pipeline_id text NOT NULL,"
+                        " sink_id text NOT NULL,"
+                        " partition text NOT NULL,"
+                        " major numeric(20,0),"
+                        " minor bigint,"
+                        " updated_at timestamptz NOT NULL DEFAULT now(),"
+                        " PRIMARY KEY (pipeline_id, sink_id, partition))"
+                    ).format(self._offsets)
+                )
+            if not await self._relation_exists(conn, DEAD_LETTER_TABLE):
+                await conn.execute(create_dead_letter_table_sql(self._schema))
+
+    async def _ddl_lock(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Serialize DDL on the target schema among all writers (other sinks, replicas)."""
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._ddl_lock_key,))
+
+    async def _relation_exists(self, conn: psycopg.AsyncConnection[Any], relname: str) -> bool:
+        cur = await conn.execute(
+            "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %s AND c.relname = %s",
+            (self._schema, relname),
+        )
+        return await cur.fetchone() is not None
+
+    async def _build_plan(self, conn: psycopg.AsyncConnection[Any], schema: TableSchema) -> _Plan:
+        key_columns = schema.key_columns
+        append = self._settings.write_mode == "append" or not key_columns
+        relname = _truncate_identifier(schema.table + CHANGES_SUFFIX if append else schema.table)
+        wanted = [(c.name, c.type_name) for c in schema.columns]
+        if append:
+            wanted = [*_APPEND_META, *wanted]
+        plan = _Plan(
+            schema=schema,
+            append=append,
+            relname=relname,
+            target=sql.Identifier(self._schema, relname),
+            ncols=len(schema.columns),
+        )
+        target = self._targets.get(relname)
+        if target is None or any(name not in target.casts for name, _ in wanted):
+            try:
+                target = await self._ensure_table(
+                    conn, relname, wanted, () if append else key_columns
+                )
+            except Exception as exc:
+                if not _is_data_error(exc):
+                    raise
+                plan.error = f"cannot prepare {self._schema}.{relname}: {_describe(exc)}"
+                log.error("postgres_sink.target_table_failed", table=relname, error=plan.error)
+                return plan
+            self._targets[relname] = target
+        if append:
+            self._plan_append(plan)
+            return plan
+        if target.key != frozenset(key_columns):
+            have = ", ".join(sorted(target.key)) or "none"
+            plan.error = (
+                f"{self._schema}.{relname} has primary key ({have}) but the source table "
+                f"{schema.qualified_name} has key ({', '.join(key_columns)}); "
+                "rows cannot be upserted"
+            )
+            return plan
+        self._plan_upsert(plan, target)
+        return plan
+
+    async def _ensure_table(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        relname: str,
+        wanted: Sequence[tuple[str, str]],
+        key: Sequence[str],
+    ) -> _Target:
+        """Create the table, or add the columns it lacks; return what the catalog says."""
+        async with conn.transaction():
+            await self._ddl_lock(conn)
+            target = await self._read_target(conn, relname)
+            ident = sql.Identifier(self._schema, relname)
+            if target is None:
+                columns = [
+                    sql.SQL("{} {}").format(
+                        sql.Identifier(name), sql.SQL(await self._column_type(conn, type_name))
+                    )
+                    for name, type_name in wanted
+                ]
+                if key:
+                    columns.append(
+                        sql.SQL("PRIMARY KEY ({})").format(
+                            sql.SQL(", ").join(sql.Identifier(k) for k in key)
+                        )
+                    )
+                await conn.execute(
+                    sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(
+                        ident, sql.SQL(", ").join(columns)
+                    )
+                )
+                target = await self._read_target(conn, relname)
+                assert target is not None
+            missing = [(n, t) for n, t in wanted if n not in target.casts]
+            if missing:
+                additions = [
+                    sql.SQL("ADD COLUMN IF NOT EXISTS {} {}").format(
+                        sql.Identifier(name), sql.SQL(await self._column_type(conn, type_name))
+                    )
+                    for name, type_name in missing
+                ]
+                await conn.execute(
+                    sql.SQL("ALTER TABLE {} {}").format(ident, sql.SQL(", ").join(additions))
+                )
+                log.info(
+                    "postgres_sink.columns_added",
+                    table=f"{self._schema}.{relname}",
+                    columns=[n for n, _ in missing],
+                )
+                target = await self._read_target(conn, relname)
+                assert target is not None
+            return target
+
+    async def _column_type(self, conn: psycopg.AsyncConnection[Any], type_name: str) -> str:
+        """`type_name` if this database knows it (it then parses as exactly one type name, so
+        it is safe to splice into DDL), else text: the value is kept, in its text form."""
+        known = self._type_ok.get(type_name)
+        if known is None:
+            known = False
+            if type_name.strip():
+                try:
+                    async with conn.transaction():  # a savepoint: a parse error must not abort
+                        cur = await conn.execute("SELECT to_regtype(%s) IS NOT NULL", (type_name,))
+                        row = await cur.fetchone()
+                    known = bool(row and row[0])
+                except Exception as exc:
+                    if not _is_data_error(exc):
+                        raise
+            self._type_ok[type_name] = known
+        return type_name if known else "text"
+
+    async def _read_target(
+        self, conn: psycopg.AsyncConnection[Any], relname: str
+    ) -> _Target | None:
+        cur = await conn.execute(
+            "SELECT a.attname, quote_ident(tn.nspname) || '.' || quote_ident(t.typname),"
+            " coalesce(a.attnum = ANY(i.indkey), false)"
+            " FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped"
+            " JOIN pg_type t ON t.oid = a.atttypid"
+            " JOIN pg_namespace tn ON tn.oid = t.typnamespace"
+            " LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary"
+            " WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')"
+            " ORDER BY a.attnum",
+            (self._schema, relname),
+        )
+        rows = await cur.fetchall()
+        if not rows:
+            return None
+        return _Target(
+            relname=relname,
+            casts={name: cast for name, cast, _ in rows},
+            key=frozenset(name for name, _, is_key in rows if is_key),
+        )
+
+    # -- statements ------------------------------------------------------------------------
+
+    def _plan_upsert(self, plan: _Plan, target: _Target) -> None:
+        schema = plan.schema
+        n = plan.ncols
+        key_idx = tuple(i for i, c in enumerate(schema.columns) if c.is_key)
+        plan.key_idx = key_idx
+        plan.stage = f"_cdc_stage_{n}_{len(key_idx)}"
+        stage = sql.Identifier("pg_temp", plan.stage)
+        c = [sql.Identifier(f"c{i + 1}") for i in range(n)]
+        o = [sql.Identifier(f"o{j + 1}") for j in range(len(key_idx))]
+        names = [sql.Identifier(col.name) for col in schema.columns]
+        casts = [sql.SQL(target.casts[col.name]) for col in schema.columns]
+        comma = sql.SQL(", ")
+
+        stage_columns: list[sql.Composable] = [sql.SQL("_seq bigint, _op text, _unchanged int[]")]
+        stage_columns += [sql.SQL("{} text").format(x) for x in (*c, *o)]
+        plan.create_stage = sql.SQL(
+            "CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS"
+        ).format(sql.Identifier(plan.stage), comma.join(stage_columns))
+        plan.truncate_stage = sql.SQL("TRUNCATE {}").format(stage)
+        plan.copy_stage = sql.SQL("COPY {} (_seq, _op, _unchanged, {}) FROM STDIN").format(
+            stage, comma.join([*c, *o])
+        )
+        plan.truncate_target = sql.SQL("TRUNCATE {}").format(plan.target)
+
+        # Casting to the base type (no typmod) leaves the typmod to the assignment into the
+        # column: a too long varchar fails instead of being cut, as an explicit cast would.
+        plan.delete_sql = sql.SQL("DELETE FROM {} t USING {} s WHERE s._op = 'd' AND {}").format(
+            plan.target,
+            stage,
+            sql.SQL(" AND ").join(
+                sql.SQL("t.{} = s.{}::{}").format(names[i], c[i], casts[i]) for i in key_idx
+            ),
+        )
+        key_exprs = comma.join(sql.SQL("{}::{}").format(c[i], casts[i]) for i in key_idx)
+        non_key = [i for i in range(n) if i not in key_idx]
+        on_conflict: sql.Composable
+        if non_key:
+            on_conflict = sql.SQL("DO UPDATE SET {}").format(
+                comma.join(sql.SQL("{} = EXCLUDED.{}").format(names[i], names[i]) for i in non_key)
+            )
+        else:
+            on_conflict = sql.SQL("DO NOTHING")
+        plan.insert_sql = sql.SQL(
+            "INSERT INTO {target} ({columns}) SELECT {values} FROM"
+            " (SELECT DISTINCT ON ({keys}) * FROM {stage} WHERE _op = 'u'"
+            " ORDER BY {keys}, _seq DESC) s"
+            " ON CONFLICT ({key_names}) {on_conflict}"
+        ).format(
+            target=plan.target,
+            columns=comma.join(names),
+            values=comma.join(sql.SQL("s.{}::{}").format(c[i], casts[i]) for i in range(n)),
+            keys=key_exprs,
+            stage=stage,
+            key_names=comma.join(names[i] for i in key_idx),
+            on_conflict=on_conflict,
+        )
+        plan.fill_template = tuple(
+            sql.SQL(
+                "{c} = CASE WHEN {pos} = ANY(s._unchanged) THEN o.{col}::text ELSE s.{c} END"
+            ).format(c=c[i], pos=sql.Literal(i + 1), col=names[i])
+            for i in range(n)
+        )
+        plan.fill_where = sql.SQL("s._op = 'u' AND s._unchanged IS NOT NULL AND {}").format(
+            sql.SQL(" AND ").join(
+                sql.SQL("o.{} = coalesce(s.{}, s.{})::{}").format(names[i], o[j], c[i], casts[i])
+                for j, i in enumerate(key_idx)
+            )
+        )
+
+    def _plan_append(self, plan: _Plan) -> None:
+        columns = [sql.Identifier(name) for name, _ in _APPEND_META]
+        columns += [sql.Identifier(col.name) for col in plan.schema.columns]
+        plan.copy_append = sql.SQL("COPY {} ({}) FROM STDIN").format(
+            plan.target, sql.SQL(", ").join(columns)
+        )
+
+
+def _distinct_schemas(events: Sequence[SourceEvent]) -> list[TableSchema]:
+    """The distinct TableSchema objects (by identity: no hashing per event)."""
+    seen: dict[int, TableSchema] = {}
+    last: TableSchema | None = None
+    for ev in events:
+        table = ev.table
+        if table is not last:
+            last = table
+            if id(table) not in seen:
+                seen[id(table)] = table
+    return list(seen.values())
+
+
+def _after(events: Sequence[SourceEvent], applied: Position | None) -> list[SourceEvent]:
+    if applied is None:
+        return list(events)
+    return [ev for ev in events if ev.position > applied]

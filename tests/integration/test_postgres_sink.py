@@ -1,0 +1,891 @@
+"""The PostgreSQL sink writer against a real PostgreSQL server.
+
+Every test builds TableSchema/SourceEvent objects by hand, writes them through
+``PostgresSinkWriter`` and reads the target database back with a plain connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, TypeVar
+
+import psycopg
+import pytest
+
+from adapters.config.pipeline import PostgresSinkConfig
+from adapters.postgres.sink_writer import PostgresSinkWriter
+from domain.errors import SinkUnavailableError
+from domain.events import UNCHANGED, Column, Operation, Position, SourceEvent, TableSchema, TextRow
+from domain.health import Status
+from domain.ports import SinkBatch, WriteResult
+from services.stack.postgres import PostgresServer
+from tests.support.postgres import PgTestContext
+
+pytestmark = pytest.mark.integration
+
+T = TypeVar("T")
+TARGET = "sink"
+PIPELINE = "pipe1"
+
+ORDERS = TableSchema(
+    "shop",
+    "orders",
+    (
+        Column("id", 20, "bigint", is_key=True),
+        Column("amount", 1700, "numeric(12,2)"),
+        Column("placed_at", 1184, "timestamp with time zone"),
+        Column("meta", 3802, "jsonb"),
+        Column("payload", 17, "bytea"),
+        Column("ref", 2950, "uuid"),
+        Column("paid", 16, "boolean"),
+        Column("note", 25, "text"),
+    ),
+)
+CUSTOMERS = TableSchema(
+    "shop",
+    "customers",
+    (
+        Column("tenant", 25, "text", is_key=True),
+        Column("id", 23, "integer", is_key=True),
+        Column("name", 1043, "character varying(40)"),
+        Column("tags", 1009, "text[]"),
+    ),
+)
+ITEMS = TableSchema(
+    "shop",
+    "items",
+    (
+        Column("id", 23, "integer", is_key=True),
+        Column("qty", 23, "integer"),
+        Column("label", 25, "text"),
+    ),
+)
+REF = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+class Stream:
+    """Hands out increasing positions: one `major` per source transaction, `minor` inside."""
+
+    def __init__(self, major: int = 1000, partition: str = "0") -> None:
+        self.major = major
+        self.minor = 0
+        self.partition = partition
+
+    def tx(self) -> Stream:
+        self.major += 100
+        self.minor = 0
+        return self
+
+    def event(
+        self,
+        op: Operation,
+        table: TableSchema,
+        after: TextRow | None = None,
+        before: TextRow | None = None,
+    ) -> SourceEvent:
+        position = Position(self.major, self.minor)
+        self.minor += 1
+        return SourceEvent(
+            operation=op,
+            table=table,
+            position=position,
+            partition=self.partition,
+            before=before,
+            after=after,
+            commit_time_us=1_714_557_600_000_000 + self.major,
+        )
+
+    def ins(self, table: TableSchema, *values: str | None) -> SourceEvent:
+        return self.event(Operation.CREATE, table, after=tuple(values))
+
+    def snap(self, table: TableSchema, *values: str | None) -> SourceEvent:
+        return self.event(Operation.READ, table, after=tuple(values))
+
+    def upd(
+        self, table: TableSchema, *values: str | None, before: TextRow | None = None
+    ) -> SourceEvent:
+        return self.event(Operation.UPDATE, table, after=tuple(values), before=before)
+
+    def delete(self, table: TableSchema, *key: str) -> SourceEvent:
+        """A delete as pgoutput sends it with REPLICA IDENTITY DEFAULT: key columns only."""
+        return self.event(Operation.DELETE, table, before=key_row(table, *key))
+
+    def truncate(self, table: TableSchema) -> SourceEvent:
+        return self.event(Operation.TRUNCATE, table)
+
+
+def key_row(table: TableSchema, *key: str) -> TextRow:
+    values = iter(key)
+    return tuple(next(values) if c.is_key else None for c in table.columns)
+
+
+def order(
+    id_: int,
+    amount: str = "1.00",
+    note: str | None = "n",
+    *,
+    placed_at: str | None = "2024-05-01 10:00:00+02",
+    meta: str | None = '{"a": 1}',
+    payload: str | None = "\\x0102ff",
+    ref: str | None = REF,
+    paid: str | None = "t",
+) -> tuple[str | None, ...]:
+    return (str(id_), amount, placed_at, meta, payload, ref, paid, note)
+
+
+def batch(events: Sequence[SourceEvent], partition: str = "0", batch_id: int = 1) -> SinkBatch:
+    return SinkBatch(PIPELINE, partition, batch_id, list(events))
+
+
+def settings(dsn: str, **overrides: Any) -> PostgresSinkConfig:
+    return PostgresSinkConfig(dsn=dsn, target_schema=TARGET, **overrides)
+
+
+@contextlib.asynccontextmanager
+async def open_writer(
+    dsn: str, *, sink_id: str = "replica", **overrides: Any
+) -> AsyncIterator[PostgresSinkWriter]:
+    writer = PostgresSinkWriter(settings(dsn, **overrides), PIPELINE, sink_id)
+    await writer.start()
+    try:
+        yield writer
+    finally:
+        await writer.stop()
+
+
+def rows(conn: psycopg.Connection[Any], query: str, *params: Any) -> list[tuple[Any, ...]]:
+    return conn.execute(query, params).fetchall()
+
+
+ORDER_COLUMNS = "amount, placed_at, meta, payload, ref, paid, note"
+
+
+def orders_by_id(
+    conn: psycopg.Connection[Any], columns: str = ORDER_COLUMNS
+) -> dict[int, tuple[Any, ...]]:
+    return {r[0]: r for r in rows(conn, f"SELECT id, {columns} FROM sink.orders ORDER BY id")}
+
+
+def notes(conn: psycopg.Connection[Any]) -> dict[int, str | None]:
+    return {r[0]: r[1] for r in rows(conn, "SELECT id, note FROM sink.orders ORDER BY id")}
+
+
+def applied_position(
+    conn: psycopg.Connection[Any], partition: str = "0", sink_id: str = "replica"
+) -> tuple[int, int]:
+    found = rows(
+        conn,
+        "SELECT major, minor FROM sink._cdc_offsets"
+        " WHERE pipeline_id = %s AND sink_id = %s AND partition = %s",
+        PIPELINE,
+        sink_id,
+        partition,
+    )
+    assert len(found) == 1
+    return int(found[0][0]), int(found[0][1])
+
+
+@pytest.fixture
+def target(pg: PgTestContext) -> tuple[str, psycopg.Connection[Any]]:
+    """(dsn of a fresh target database, an autocommit connection to it)."""
+    db = pg.new_database("sink")
+    return pg.dsn(db), pg.connect(db)
+
+
+Target = tuple[str, psycopg.Connection[Any]]
+
+
+# --------------------------------------------------------------------------- upserts
+
+
+def test_round_trip_across_two_tables_with_types_and_nulls(target: Target) -> None:
+    dsn, conn = target
+    s = Stream()
+    first = [
+        s.ins(ORDERS, *order(1, "12.50", "first")),
+        s.ins(ORDERS, *order(2, "0.10", None, placed_at=None, meta=None, payload=None, ref=None)),
+        s.ins(CUSTOMERS, "acme", "1", "Ann", '{vip,"x y"}'),
+        s.ins(CUSTOMERS, "acme", "2", "Bob", None),
+        s.tx().upd(ORDERS, *order(1, "99.99", "second", meta='{"a": 2, "b": [1, 2]}', paid="f")),
+        s.delete(CUSTOMERS, "acme", "2"),
+        s.ins(ORDERS, *order(3)),
+        s.delete(ORDERS, "3"),
+    ]
+    second = [s.tx().upd(ORDERS, *order(2, "0.20", None, paid=None)), s.delete(ORDERS, "1")]
+
+    async def scenario() -> tuple[WriteResult, WriteResult, dict[int, tuple[Any, ...]]]:
+        async with open_writer(dsn) as writer:
+            r1 = await writer.write(batch(first))
+            after_first = orders_by_id(conn)
+            r2 = await writer.write(batch(second, batch_id=2))
+            health = await writer.health()
+            assert health.status is Status.OK, health
+            assert health.detail["applied"] == {"0": str(second[-1].position)}
+            return r1, r2, after_first
+
+    r1, r2, after_first = run(scenario())
+    assert (r1.written, r1.skipped, r1.dead_lettered) == (8, 0, 0)
+    assert (r2.written, r2.skipped, r2.dead_lettered) == (2, 0, 0)
+
+    assert after_first == {
+        1: (
+            1,
+            Decimal("99.99"),
+            datetime(2024, 5, 1, 8, 0, tzinfo=UTC),
+            {"a": 2, "b": [1, 2]},
+            b"\x01\x02\xff",
+            uuid.UUID(REF),
+            False,
+            "second",
+        ),
+        2: (2, Decimal("0.10"), None, None, None, None, True, None),
+    }
+    assert orders_by_id(conn, "amount, paid, note") == {2: (2, Decimal("0.20"), None, None)}
+    assert rows(conn, "SELECT tenant, id, name, tags FROM sink.customers") == [
+        ("acme", 1, "Ann", ["vip", "x y"])
+    ]
+    types = dict(
+        rows(
+            conn,
+            "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a"
+            " WHERE a.attrelid = 'sink.orders'::regclass AND a.attnum > 0",
+        )
+    )
+    assert types == {
+        "id": "bigint",
+        "amount": "numeric(12,2)",
+        "placed_at": "timestamp with time zone",
+        "meta": "jsonb",
+        "payload": "bytea",
+        "ref": "uuid",
+        "paid": "boolean",
+        "note": "text",
+    }
+    pk = rows(
+        conn,
+        "SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_index i"
+        " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)"
+        " WHERE i.indrelid = 'sink.customers'::regclass AND i.indisprimary",
+    )
+    assert pk == [(["id", "tenant"],)]
+    assert applied_position(conn) == (second[-1].position.major, second[-1].position.minor)
+
+
+def test_many_changes_to_one_key_in_a_batch_last_wins(target: Target) -> None:
+    dsn, conn = target
+    s = Stream()
+    setup = [s.ins(ORDERS, *order(1, note="stored-1")), s.ins(ORDERS, *order(2, note="stored-2"))]
+    s.tx()
+    churn = [
+        s.ins(ORDERS, *order(10, note="a")),
+        s.upd(ORDERS, *order(10, note="b")),
+        s.ins(ORDERS, *order(11, note="x")),
+        s.upd(ORDERS, *order(10, note="c")),
+        s.delete(ORDERS, "10"),
+        s.delete(ORDERS, "11"),
+        s.ins(ORDERS, *order(10, "10.10", note="d")),
+        s.ins(ORDERS, *order(12, note="y")),
+        s.delete(ORDERS, "1"),
+        s.delete(ORDERS, "12"),
+        s.ins(ORDERS, *order(1, "7.00", note="reborn")),
+        s.upd(ORDERS, *order(10, "10.20", note="e")),
+        s.ins(ORDERS, *order(12, note="z")),
+        s.snap(ORDERS, *order(2, note="snapshot-2")),
+        s.upd(ORDERS, *order(2, note="updated-2")),
+        s.delete(ORDERS, "2"),
+    ]
+
+    async def scenario() -> WriteResult:
+        async with open_writer(dsn) as writer:
+            await writer.write(batch(setup))
+            return await writer.write(batch(churn, batch_id=2))
+
+    result = run(scenario())
+    assert (result.written, result.skipped, result.dead_lettered) == (len(churn), 0, 0)
+    assert notes(conn) == {1: "reborn", 10: "e", 12: "z"}
+    assert orders_by_id(conn, "amount") == {
+        1: (1, Decimal("7.00")),
+        10: (10, Decimal("10.20")),
+        12: (12, Decimal("1.00")),
+    }
+
+
+def test_primary_key_change_moves_the_row_and_keeps_unchanged_toast(target: Target) -> None:
+    dsn, conn = target
+    big = "toast-" + "x" * 5000
+    s = Stream()
+    setup = [
+        s.ins(ORDERS, *order(1, note=big + "-1")),
+        s.ins(ORDERS, *order(5, note="five")),
+        s.ins(ORDERS, *order(21, note="twenty-one")),
+        s.ins(ORDERS, *order(22, note="twenty-two")),
+    ]
+    s.tx()
+    moves = [
+        # 1 -> 2, the TOASTed note unchanged: it must come from the stored row 1.
+        s.upd(ORDERS, *order(2, "2.00", UNCHANGED), before=key_row(ORDERS, "1")),
+        # 5 -> 6 with full values, then a new row 5.
+        s.upd(ORDERS, *order(6, note="six"), before=key_row(ORDERS, "5")),
+        s.ins(ORDERS, *order(5, note="new five")),
+        # A row born in this batch moves twice.
+        s.ins(ORDERS, *order(7, note="seven")),
+        s.upd(ORDERS, *order(8, "8.00", UNCHANGED), before=key_row(ORDERS, "7")),
+        s.upd(ORDERS, *order(9, "9.00", UNCHANGED), before=key_row(ORDERS, "8")),
+        # Swap keys 21 and 22 through a temporary key, notes unchanged all along.
+        s.upd(ORDERS, *order(100, "0.21", UNCHANGED), before=key_row(ORDERS, "21")),
+        s.upd(ORDERS, *order(21, "0.22", UNCHANGED), before=key_row(ORDERS, "22")),
+        s.upd(ORDERS, *order(22, "0.21", UNCHANGED), before=key_row(ORDERS, "100")),
+    ]
+
+    async def scenario() -> WriteResult:
+        async with open_writer(dsn) as writer:
+            await writer.write(batch(setup))
+            return await writer.write(batch(moves, batch_id=2))
+
+    result = run(scenario())
+    assert (result.written, result.dead_lettered) == (len(moves), 0)
+    assert notes(conn) == {
+        2: big + "-1",
+        5: "new five",
+        6: "six",
+        9: "seven",
+        21: "twenty-two",
+        22: "twenty-one",
+    }
+    assert orders_by_id(conn, "amount")[2] == (2, Decimal("2.00"))
+    assert orders_by_id(conn, "amount")[21] == (21, Decimal("0.22"))
+
+
+def test_unchanged_toast_values_keep_what_is_stored(target: Target) -> None:
+    dsn, conn = target
+    big = "y" * 20000
+    s = Stream()
+    b1 = [s.ins(ORDERS, *order(1, "1.00", big, meta='{"big": true}'))]
+    # The note and meta are TOASTed and unchanged: only amount changes.
+    b2 = [s.tx().upd(ORDERS, *order(1, "2.00", UNCHANGED, meta=UNCHANGED))]
+    # Changed in the batch, then unchanged in a later change of the same batch.
+    b3 = [
+        s.tx().upd(ORDERS, *order(1, "3.00", "v2", meta=UNCHANGED)),
+        s.upd(ORDERS, *order(1, "4.00", UNCHANGED, meta=UNCHANGED)),
+        s.ins(ORDERS, *order(2, "5.00", "inserted here")),
+        s.upd(ORDERS, *order(2, "6.00", UNCHANGED, payload=UNCHANGED)),
+    ]
+
+    async def scenario() -> list[dict[int, tuple[Any, ...]]]:
+        seen = []
+        async with open_writer(dsn) as writer:
+            for i, events in enumerate((b1, b2, b3)):
+                await writer.write(batch(events, batch_id=i))
+                seen.append(orders_by_id(conn, "amount, note, meta, payload"))
+        return seen
+
+    after1, after2, after3 = run(scenario())
+    assert after1[1] == (1, Decimal("1.00"), big, {"big": True}, b"\x01\x02\xff")
+    assert after2[1] == (1, Decimal("2.00"), big, {"big": True}, b"\x01\x02\xff")
+    assert after3 == {
+        1: (1, Decimal("4.00"), "v2", {"big": True}, b"\x01\x02\xff"),
+        2: (2, Decimal("6.00"), "inserted here", {"a": 1}, b"\x01\x02\xff"),
+    }
+
+
+def test_truncate_in_the_middle_of_a_batch(target: Target) -> None:
+    dsn, conn = target
+    s = Stream()
+    setup = [
+        s.ins(ORDERS, *order(1)),
+        s.ins(ORDERS, *order(2)),
+        s.ins(CUSTOMERS, "acme", "1", "Ann", None),
+    ]
+    s.tx()
+    mixed = [
+        s.ins(ORDERS, *order(3)),
+        s.upd(ORDERS, *order(1, note="before truncate")),
+        s.ins(CUSTOMERS, "acme", "2", "Bob", None),
+        s.truncate(ORDERS),
+        s.ins(ORDERS, *order(4, note="after")),
+        s.upd(ORDERS, *order(4, "4.40", note="after, updated")),
+        s.ins(ORDERS, *order(5, note="five")),
+        s.delete(ORDERS, "5"),
+    ]
+
+    async def scenario() -> WriteResult:
+        async with open_writer(dsn) as writer:
+            await writer.write(batch(setup))
+            return await writer.write(batch(mixed, batch_id=2))
+
+    result = run(scenario())
+    assert result.written == len(mixed)
+    assert orders_by_id(conn, "amount, note") == {4: (4, Decimal("4.40"), "after, updated")}
+    assert rows(conn, "SELECT id, name FROM sink.customers ORDER BY id") == [(1, "Ann"), (2, "Bob")]
+
+
+def test_schema_evolution_adds_columns(target: Target) -> None:
+    dsn, conn = target
+    v2 = TableSchema(ITEMS.schema, ITEMS.table, (*ITEMS.columns, Column("color", 25, "text")))
+    s = Stream()
+    events = [
+        s.ins(ITEMS, "1", "10", "one"),
+        s.ins(v2, "2", "20", "two", "red"),
+        s.upd(ITEMS, "1", "11", "one"),
+        s.upd(v2, "1", "12", "one", "blue"),
+    ]
+
+    async def scenario() -> WriteResult:
+        async with open_writer(dsn) as writer:
+            first = await writer.write(batch(events[:1]))
+            assert first.written == 1
+            return await writer.write(batch(events[1:], batch_id=2))
+
+    assert run(scenario()).written == 3
+    assert rows(conn, "SELECT id, qty, label, color FROM sink.items ORDER BY id") == [
+        (1, 12, "one", "blue"),
+        (2, 20, "two", "red"),
+    ]
+
+
+def test_unknown_source_type_becomes_text(target: Target) -> None:
+    dsn, conn = target
+    moods = TableSchema(
+        "shop", "moods", (Column("id", 23, "integer", True), Column("mood", 99999, "shop.mood"))
+    )
+    s = Stream()
+
+    async def scenario() -> WriteResult:
+        async with open_writer(dsn) as writer:
+            return await writer.write(batch([s.ins(moods, "1", "happy")]))
+
+    assert run(scenario()).written == 1
+    assert rows(conn, "SELECT id, mood, pg_typeof(mood)::text FROM sink.moods") == [
+        (1, "happy", "text")
+    ]
+
+
+# --------------------------------------------------------------------------- positions
+
+
+def test_replayed_batch_is_skipped_and_changes_nothing(target: Target) -> None:
+    dsn, conn = target
+    s = Stream()
+    first = [s.ins(ORDERS, *order(1, note="one")), s.ins(ORDERS, *order(2, note="two"))]
+    second = [s.tx().delete(ORDERS, "1"), s.upd(ORDERS, *order(2, note="two, updated"))]
+
+    async def scenario() -> list[WriteResult]:
+        async with open_writer(dsn) as writer:
+            results = [await writer.write(batch(first)), await writer.write(batch(second))]
+            # The transport redelivers both: the first must not bring row 1 back.
+            results.append(await writer.write(batch(first)))
+            results.append(await writer.write(batch(second)))
+        async with open_writer(dsn) as restarted:  # a new process: positions are in the table
+            results.append(await restarted.write(batch(first + second)))
+        return results
+
+    results = run(scenario())
+    assert [(r.written, r.skipped) for r in results] == [(2, 0), (2, 0), (0, 2), (0, 2), (0, 4)]
+    assert notes(conn) == {2: "two, updated"}
+    assert applied_position(conn) == (second[-1].position.major, second[-1].position.minor)
+
+
+def test_partially_overlapping_batches_apply_only_the_new_part(target: Target) -> None:
+    dsn, conn = target
+    s = Stream()
+    a = [s.ins(ITEMS, str(i), str(i), "a") for i in range(1, 11)]
+    positions = [ev.position for ev in a]
+    # Batch b restarts at a[5]. Its first five events carry other values than a's: had they
+    # been applied, the rows would show it.
+    b = [
+        SourceEvent(Operation.CREATE, ITEMS, positions[i], after=(str(i + 1), "-1", "b"))
+        for i in range(5, 10)
+    ] + [s.ins(ITEMS, str(i), str(i), "b") for i in range(11, 16)]
+
+    async def scenario() -> list[WriteResult]:
+        async with open_writer(dsn, batch_size=4) as writer:
+            ra = await writer.write(batch(a))
+            rb = await writer.write(batch(b, batch_id=2))
+            # Partitions are independent: the same positions in partition 1 are new there.
+            other = [
+                SourceEvent(Operation.UPDATE, ITEMS, positions[i], "1", after=("1", "0", "p1"))
+                for i in range(3)
+            ]
+            rc = await writer.write(batch(other, partition="1", batch_id=3))
+        # Another sink writing into the same database keeps its own positions.
+        async with open_writer(dsn, sink_id="audit") as writer:
+            rd = await writer.write(batch(b[:1], batch_id=1))
+        return [ra, rb, rc, rd]
+
+    ra, rb, rc, rd = run(scenario())
+    assert (ra.written, ra.skipped) == (10, 0)
+    assert (rb.written, rb.skipped) == (5, 5)
+    assert (rc.written, rc.skipped) == (3, 0)
+    assert (rd.written, rd.skipped) == (1, 0)
+    got = dict(rows(conn, "SELECT id, label FROM sink.items WHERE id > 1"))
+    assert got == {
+        **{i: "a" for i in range(2, 6)},
+        6: "b",
+        **{i: "a" for i in range(7, 11)},
+        **{i: "b" for i in range(11, 16)},
+    }
+    assert rows(conn, "SELECT qty, label FROM sink.items WHERE id = 1") == [(0, "p1")]
+    assert applied_position(conn, "0") == (b[-1].position.major, b[-1].position.minor)
+    assert applied_position(conn, "1") == (positions[2].major, positions[2].minor)
+
+
+def test_concurrent_writes_are_serialized_in_order(target: Target) -> None:
+    dsn, conn = target
+    s = Stream()
+    batches = [
+        batch([s.tx().ins(ORDERS, *order(1, note="v0"))], batch_id=0),
+        *[batch([s.tx().upd(ORDERS, *order(1, note=f"v{i}"))], batch_id=i) for i in range(1, 20)],
+    ]
+
+    async def scenario() -> list[WriteResult]:
+        async with open_writer(dsn, pool_max_size=4) as writer:
+            return list(await asyncio.gather(*(writer.write(b) for b in batches)))
+
+    results = run(scenario())
+    assert all(r.written == 1 and r.skipped == 0 for r in results)
+    assert notes(conn) == {1: "v19"}
+
+
+# --------------------------------------------------------------------------- append mode
+
+
+def test_append_mode_writes_a_change_log(target: Target) -> None:
+    dsn, conn = target
+    s = Stream()
+    events = [
+        s.ins(ORDERS, *order(1, "1.10", "one")),
+        s.upd(ORDERS, *order(1, "1.20", UNCHANGED)),
+        s.tx().delete(ORDERS, "1"),
+        s.truncate(ORDERS),
+        s.ins(ORDERS, *order(2, "2.00", None)),
+    ]
+
+    async def scenario() -> tuple[WriteResult, WriteResult]:
+        async with open_writer(dsn, write_mode="append") as writer:
+            first = await writer.write(batch(events))
+            return first, await writer.write(batch(events))
+
+    first, replay = run(scenario())
+    assert (first.written, first.skipped) == (5, 0)
+    assert (replay.written, replay.skipped) == (0, 5)
+    log = rows(
+        conn,
+        "SELECT _op, _partition, _position_major, _position_minor, _commit_time, _unchanged,"
+        " id, amount, note FROM sink.orders_changes ORDER BY _position_major, _position_minor",
+    )
+    when = [datetime.fromtimestamp(ev.commit_time_us / 1e6, UTC) for ev in events]
+    assert log == [
+        ("c", "0", 1000, 0, when[0], None, 1, Decimal("1.10"), "one"),
+        ("u", "0", 1000, 1, when[1], ["note"], 1, Decimal("1.20"), None),
+        ("d", "0", 1100, 0, when[2], None, 1, None, None),
+        ("t", "0", 1100, 1, when[3], None, None, None, None),
+        ("c", "0", 1100, 2, when[4], None, 2, Decimal("2.00"), None),
+    ]
+    assert rows(conn, "SELECT to_regclass('sink.orders')") == [(None,)]
+
+
+def test_table_without_key_is_appended_in_upsert_mode(target: Target) -> None:
+    dsn, conn = target
+    events_table = TableSchema(
+        "shop",
+        "clicks",
+        (Column("at", 1184, "timestamp with time zone"), Column("url", 25, "text")),
+    )
+    s = Stream()
+    events = [
+        s.ins(events_table, "2024-01-01 00:00:00+00", "/a"),
+        s.ins(events_table, "2024-01-01 00:00:01+00", "/a"),
+        s.ins(ORDERS, *order(1)),
+    ]
+
+    async def scenario() -> WriteResult:
+        async with open_writer(dsn) as writer:
+            return await writer.write(batch(events))
+
+    assert run(scenario()).written == 3
+    assert rows(conn, "SELECT _op, url FROM sink.clicks_changes ORDER BY _position_minor") == [
+        ("c", "/a"),
+        ("c", "/a"),
+    ]
+    assert list(orders_by_id(conn)) == [1]
+
+
+# --------------------------------------------------------------------------- bad data
+
+
+def test_bad_values_are_dead_lettered_and_the_rest_is_written(target: Target) -> None:
+    dsn, conn = target
+    conn.execute("CREATE SCHEMA sink")
+    conn.execute("CREATE TABLE sink.items (id integer PRIMARY KEY, qty integer, label varchar(3))")
+    conn.execute("CREATE TABLE sink.customers (tenant text, id integer, name text, tags text[])")
+    s = Stream()
+    events = [
+        s.ins(ITEMS, "1", "5", "ok"),
+        s.ins(ITEMS, "2", "abc", "bad"),  # not an integer
+        s.ins(ORDERS, *order(1)),
+        s.ins(ITEMS, "3", "7", "too long"),  # varchar(3): must fail, not be cut
+        s.ins(CUSTOMERS, "acme", "1", "Ann", None),  # target has no primary key
+        s.upd(ITEMS, "1", "6", "ok"),
+        s.ins(ITEMS, "4", "8", "new"),
+    ]
+
+    async def scenario() -> tuple[WriteResult, WriteResult, Status]:
+        async with open_writer(dsn) as writer:
+            result = await writer.write(batch(events))
+            replay = await writer.write(batch(events))
+            return result, replay, (await writer.health()).status
+
+    result, replay, status = run(scenario())
+    assert (result.written, result.skipped, result.dead_lettered) == (4, 0, 3)
+    assert (replay.written, replay.skipped, replay.dead_lettered) == (0, 7, 0)
+    assert status is Status.OK
+    assert rows(conn, "SELECT id, qty, label FROM sink.items ORDER BY id") == [
+        (1, 6, "ok"),
+        (4, 8, "new"),
+    ]
+    assert list(orders_by_id(conn)) == [1]
+    assert rows(conn, "SELECT count(*) FROM sink.customers") == [(0,)]
+    letters = rows(
+        conn,
+        "SELECT pipeline_id, sink_id, partition, major, minor, table_name, operation, row, error"
+        " FROM sink._cdc_dead_letters ORDER BY id",
+    )
+    assert [letter[:8] for letter in letters] == [
+        (
+            PIPELINE,
+            "replica",
+            "0",
+            1000,
+            1,
+            "shop.items",
+            "c",
+            {"id": "2", "qty": "abc", "label": "bad"},
+        ),
+        (
+            PIPELINE,
+            "replica",
+            "0",
+            1000,
+            3,
+            "shop.items",
+            "c",
+            {"id": "3", "qty": "7", "label": "too long"},
+        ),
+        (
+            PIPELINE,
+            "replica",
+            "0",
+            1000,
+            4,
+            "shop.customers",
+            "c",
+            {"tenant": "acme", "id": "1", "name": "Ann", "tags": None},
+        ),
+    ]
+    assert "invalid input syntax for type integer" in letters[0][8]
+    assert "too long" in letters[1][8]
+    assert "primary key" in letters[2][8]
+    assert applied_position(conn) == (1000, 6)
+
+
+def test_malformed_events_are_dead_lettered(target: Target) -> None:
+    dsn, conn = target
+    s = Stream()
+    events = [
+        s.ins(ITEMS, "1", "1", "ok"),
+        s.ins(ITEMS, None, "1", "null key"),
+        s.ins(ITEMS, "2", "2"),  # one value short
+        s.event(Operation.DELETE, ITEMS),  # no row at all
+        s.ins(ITEMS, "3", "3", "nul\x00byte"),
+    ]
+
+    async def scenario() -> WriteResult:
+        async with open_writer(dsn) as writer:
+            return await writer.write(batch(events))
+
+    result = run(scenario())
+    assert (result.written, result.dead_lettered) == (1, 4)
+    assert rows(conn, "SELECT id FROM sink.items") == [(1,)]
+    errors = [r[0] for r in rows(conn, "SELECT error FROM sink._cdc_dead_letters ORDER BY minor")]
+    assert "key column 'id' has no value" in errors[0]
+    assert "2 values" in errors[1]
+    assert "delete without a before row" in errors[2]
+    assert "NUL" in errors[3]
+
+
+# --------------------------------------------------------------------------- outages
+
+
+def test_database_down_write_retries_until_it_is_back(fresh_pg_server: PostgresServer) -> None:
+    server = fresh_pg_server
+    server.create_database("sinkdown")
+    dsn = server.dsn("sinkdown")
+    s = Stream()
+    before = [s.ins(ORDERS, *order(1, note="before the outage"))]
+    during = [s.tx().upd(ORDERS, *order(1, note="during")), s.ins(ORDERS, *order(2))]
+    after_stop = [s.tx().ins(ORDERS, *order(3))]
+
+    async def scenario() -> None:
+        async with open_writer(dsn, connect_timeout_seconds=2) as writer:
+            assert (await writer.write(batch(before))).written == 1
+            assert (await writer.health()).status is Status.OK
+
+            await asyncio.to_thread(server.stop)
+            health = await writer.health()
+            assert health.status is Status.ERROR and health.detail["error"], health
+
+            pending = asyncio.create_task(writer.write(batch(during, batch_id=2)))
+            await asyncio.sleep(4)
+            assert not pending.done(), "write returned while the database was down"
+            health = await writer.health()
+            assert health.status is Status.ERROR, health
+
+            await asyncio.to_thread(server.start)
+            result = await asyncio.wait_for(pending, 90)
+            assert (result.written, result.skipped) == (2, 0)
+            assert (await writer.health()).status is Status.OK
+
+            # stop() while a write is retrying: the write gives up with SinkUnavailableError.
+            await asyncio.to_thread(server.stop)
+            stuck = asyncio.create_task(writer.write(batch(after_stop, batch_id=3)))
+            await asyncio.sleep(1)
+            started = time.monotonic()
+            await writer.stop()
+            with pytest.raises(SinkUnavailableError):
+                await stuck
+            assert time.monotonic() - started < 10
+
+    run(scenario())
+    server.start()
+    with server.connect("sinkdown") as conn:
+        assert notes(conn) == {1: "during", 2: "n"}
+
+
+def test_start_does_not_need_the_database(fresh_pg_server: PostgresServer) -> None:
+    server = fresh_pg_server
+    server.create_database("sinklate")
+    dsn = server.dsn("sinklate")
+    server.stop()
+    s = Stream()
+
+    async def scenario() -> WriteResult:
+        async with open_writer(dsn, connect_timeout_seconds=2) as writer:
+            assert (await writer.health()).status is Status.ERROR
+            pending = asyncio.create_task(writer.write(batch([s.ins(ORDERS, *order(1))])))
+            await asyncio.sleep(1)
+            await asyncio.to_thread(server.start)
+            return await asyncio.wait_for(pending, 90)
+
+    assert run(scenario()).written == 1
+
+
+# --------------------------------------------------------------------------- volume
+
+
+def test_ten_thousand_rows_throughput(target: Target, capsys: pytest.CaptureFixture[str]) -> None:
+    dsn, conn = target
+    n = 10_000
+    s = Stream()
+    warm_up = [s.ins(ORDERS, *order(-1))]  # creates the table outside the measurement
+    s.tx()
+    inserts = [s.ins(ORDERS, *order(i, f"{i}.25", f"note {i}")) for i in range(n)]
+    s.tx()
+    updates = [
+        s.upd(ORDERS, *order(i, f"{i}.50", UNCHANGED if i % 10 == 1 else f"changed {i}"))
+        for i in range(n)
+    ]
+    s.tx()
+    deletes = [s.delete(ORDERS, str(i)) for i in range(0, n, 2)]
+    timings: dict[str, float] = {}
+
+    async def timed(writer: PostgresSinkWriter, name: str, events: list[SourceEvent]) -> None:
+        started = time.perf_counter()
+        result = await writer.write(batch(events))
+        timings[name] = time.perf_counter() - started
+        assert result.written + result.skipped == len(events)
+
+    async def scenario() -> None:
+        async with open_writer(dsn, batch_size=n) as writer:
+            await writer.write(batch(warm_up))
+            await timed(writer, "insert", inserts)
+            await timed(writer, "update", updates)
+            await timed(writer, "delete", deletes)
+            await timed(writer, "replay", inserts)
+
+    run(scenario())
+    assert rows(conn, "SELECT count(*) FROM sink.orders WHERE id >= 0") == [(n // 2,)]
+    assert notes(conn)[11] == "note 11" and notes(conn)[13] == "changed 13"
+    with capsys.disabled():
+        for name, seconds in timings.items():
+            count = len(deletes) if name == "delete" else n
+            print(
+                f"\npostgres sink {name}: {count} rows in {seconds:.3f}s = "
+                f"{count / seconds:,.0f} rows/s",
+                end="",
+            )
+        print()
+
+
+def test_health_reports_applied_positions(target: Target) -> None:
+    dsn, _ = target
+    s = Stream()
+
+    async def scenario() -> None:
+        writer = PostgresSinkWriter(settings(dsn), PIPELINE, "replica")
+        assert (await writer.health()).status is Status.ERROR  # not started
+        await writer.start()
+        try:
+            health = await writer.health()
+            assert health.name == "sink:replica"
+            assert health.status is Status.OK and health.detail["applied"] == {}
+            await writer.write(batch([s.ins(ITEMS, "1", "1", "x")], partition="7"))
+            health = await writer.health()
+            assert health.detail["applied"] == {"7": "1000:0"}
+        finally:
+            await writer.stop()
+
+    run(scenario())
+
+
+def test_missing_privilege_is_retried_not_dead_lettered(pg: PgTestContext) -> None:
+    db = pg.new_database("sinkpriv")
+    role = f"sink_writer_{uuid.uuid4().hex[:8]}"
+    admin = pg.connect(db)
+    admin.execute(f"CREATE ROLE {role} LOGIN")
+    admin.execute(f"GRANT CREATE ON DATABASE {db} TO {role}")
+    s = Stream()
+    first = [s.ins(ITEMS, "1", "1", "one")]
+    second = [s.tx().upd(ITEMS, "1", "2", "two"), s.ins(ITEMS, "2", "2", "two")]
+
+    async def scenario() -> WriteResult:
+        async with open_writer(pg.dsn(db, user=role)) as writer:
+            assert (await writer.write(batch(first))).written == 1
+            admin.execute("ALTER TABLE sink.items OWNER TO postgres")  # the role loses INSERT
+            pending = asyncio.create_task(writer.write(batch(second, batch_id=2)))
+            await asyncio.sleep(2)
+            assert not pending.done()
+            health = await writer.health()
+            assert health.status is Status.DEGRADED, health
+            assert "InsufficientPrivilege" in health.detail["error"]
+            admin.execute(f"GRANT ALL ON sink.items TO {role}")
+            return await asyncio.wait_for(pending, 30)
+
+    try:
+        result = run(scenario())
+        assert (result.written, result.dead_lettered) == (2, 0)
+        assert rows(admin, "SELECT id, qty FROM sink.items ORDER BY id") == [(1, 2), (2, 2)]
+        assert rows(admin, "SELECT count(*) FROM sink._cdc_dead_letters") == [(0,)]
+    finally:
+        admin.execute("DROP SCHEMA sink CASCADE")
+        admin.execute(f"REVOKE ALL ON DATABASE {db} FROM {role}")
+        admin.execute(f"DROP ROLE {role}")
