@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -252,3 +253,59 @@ def test_cli_validate_accepts_the_examples() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "ok: pipeline" in result.stdout
+
+
+def test_cdc_run_restarts_a_child_that_dies_and_the_others_carry_on(pg, tmp_path: Path) -> None:
+    source_db, replica_db = pg.new_database("src"), pg.new_database("replica")
+    source_dsn, replica_dsn = pg.dsn(source_db), pg.dsn(replica_db)
+    create_tables(source_dsn)
+    files = write_configs(
+        tmp_path,
+        host=pg.host,
+        port=pg.port,
+        source_db=source_db,
+        replica_db=replica_db,
+        tables=TABLES,
+        snapshot_mode="never",
+    )
+    log = (tmp_path / "run.log").open("wb")
+    run = subprocess.Popen(
+        cdc_argv("run", str(files.pipeline), "--platform-config", str(files.platform)),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+    )
+
+    def child_pids(marker: str) -> list[int]:
+        ps = subprocess.run(
+            ["ps", "-eww", "-o", "pid=,ppid=,args="], capture_output=True, text=True
+        ).stdout
+        return [
+            int(line.split()[0])
+            for line in ps.splitlines()
+            if int(line.split()[1]) == run.pid and marker in line
+        ]
+
+    try:
+        wait_until(lambda: http_status(files.health_port, "/readyz") == 200, 60, "ready")
+        [sink_pid] = child_pids("--sink-id replica")
+        [ingest_pid] = child_pids(" ingest ")
+        os.kill(sink_pid, signal.SIGKILL)
+        with psycopg.connect(source_dsn, autocommit=True) as conn:
+            conn.execute("INSERT INTO public.orders (id, amount) VALUES (7, 7.00)")
+        wait_until(
+            lambda: (
+                len(child_pids("--sink-id replica")) == 1
+                and child_pids("--sink-id replica")[0] != sink_pid
+            ),
+            30,
+            "sink restarted",
+        )
+        wait_until(lambda: tables_equal(source_dsn, replica_dsn, TABLES), 60, "replicated")
+        assert child_pids(" ingest ") == [ingest_pid], "the ingest stage kept running"
+    finally:
+        run.send_signal(signal.SIGTERM)
+        code = run.wait(90)
+        log.close()
+    assert code == 0
+    assert "child.died" in (tmp_path / "run.log").read_text()
