@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from adapters.postgres.sink_writer import PostgresSinkWriter
 from dependency_injector import containers, providers
 
 from adapters.config import PipelineConfig
 from adapters.config.pipeline import SinkConfig
+from adapters.postgres.sink_writer import PostgresSinkWriter
 
 
 class SinkNotAvailableError(RuntimeError):
