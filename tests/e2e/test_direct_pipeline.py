@@ -23,6 +23,7 @@ from tests.support.pipeline import (
     http_json,
     http_status,
     ingest_stage,
+    new_pipeline,
     parse_lsn,
     sink_stage,
     tables_equal,
@@ -37,17 +38,7 @@ def _show_logs(*stages: object) -> str:
 
 
 def test_cdc_run_replicates_snapshot_and_10k_changes(pg, tmp_path: Path) -> None:
-    source_db, replica_db = pg.new_database("src"), pg.new_database("replica")
-    source_dsn, replica_dsn = pg.dsn(source_db), pg.dsn(replica_db)
-    create_tables(source_dsn, seed_rows=300)  # pre-existing rows arrive by the snapshot
-    files = write_configs(
-        tmp_path,
-        host=pg.host,
-        port=pg.port,
-        source_db=source_db,
-        replica_db=replica_db,
-        tables=TABLES,
-    )
+    source_dsn, replica_dsn, files = new_pipeline(pg, tmp_path, seed_rows=300)
     log = (tmp_path / "run.log").open("wb")
     run = subprocess.Popen(
         cdc_argv("run", str(files.pipeline), "--platform-config", str(files.platform)),
@@ -87,18 +78,7 @@ def test_cdc_run_replicates_snapshot_and_10k_changes(pg, tmp_path: Path) -> None
 
 
 def test_kill_9_sink_and_ingest_mid_stream_loses_and_duplicates_nothing(pg, tmp_path: Path) -> None:
-    source_db, replica_db = pg.new_database("src"), pg.new_database("replica")
-    source_dsn, replica_dsn = pg.dsn(source_db), pg.dsn(replica_db)
-    create_tables(source_dsn, seed_rows=100)
-    files = write_configs(
-        tmp_path,
-        host=pg.host,
-        port=pg.port,
-        source_db=source_db,
-        replica_db=replica_db,
-        tables=TABLES,
-        batch_max_events=200,
-    )
+    source_dsn, replica_dsn, files = new_pipeline(pg, tmp_path, seed_rows=100, batch_max_events=200)
     with psycopg.connect(source_dsn, autocommit=True) as conn:
         conn.execute(f"CREATE PUBLICATION {files.publication} FOR TABLE {', '.join(TABLES)}")
     audit = CommitAudit(source_dsn, files.publication, files.slot, files.slot + "_audit")
@@ -256,18 +236,7 @@ def test_cli_validate_accepts_the_examples() -> None:
 
 
 def test_cdc_run_restarts_a_child_that_dies_and_the_others_carry_on(pg, tmp_path: Path) -> None:
-    source_db, replica_db = pg.new_database("src"), pg.new_database("replica")
-    source_dsn, replica_dsn = pg.dsn(source_db), pg.dsn(replica_db)
-    create_tables(source_dsn)
-    files = write_configs(
-        tmp_path,
-        host=pg.host,
-        port=pg.port,
-        source_db=source_db,
-        replica_db=replica_db,
-        tables=TABLES,
-        snapshot_mode="never",
-    )
+    source_dsn, replica_dsn, files = new_pipeline(pg, tmp_path, snapshot_mode="never")
     log = (tmp_path / "run.log").open("wb")
     run = subprocess.Popen(
         cdc_argv("run", str(files.pipeline), "--platform-config", str(files.platform)),

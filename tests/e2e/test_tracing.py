@@ -20,12 +20,12 @@ from opentelemetry.proto.collector.trace.v1 import (
 from tests.support.pipeline import (
     free_port,
     ingest_stage,
+    new_pipeline,
     sink_stage,
     tables_equal,
     wait_until,
-    write_configs,
 )
-from tests.support.workload import TABLES, create_tables
+from tests.support.workload import TABLES
 
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -57,18 +57,7 @@ def test_ingest_and_sink_spans_of_one_batch_share_a_trace(pg, tmp_path: Path) ->
     otlp_port = free_port()
     server.add_insecure_port(f"127.0.0.1:{otlp_port}")
     server.start()
-    source_db, replica_db = pg.new_database("src"), pg.new_database("replica")
-    source_dsn, replica_dsn = pg.dsn(source_db), pg.dsn(replica_db)
-    create_tables(source_dsn)
-    files = write_configs(
-        tmp_path,
-        host=pg.host,
-        port=pg.port,
-        source_db=source_db,
-        replica_db=replica_db,
-        tables=TABLES,
-        snapshot_mode="never",
-    )
+    source_dsn, replica_dsn, files = new_pipeline(pg, tmp_path, snapshot_mode="never")
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_port}"}
     sink_port = free_port()
     sink = sink_stage(files, tmp_path, sink_port, env=env).start()

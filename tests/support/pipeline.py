@@ -308,3 +308,25 @@ class CommitAudit:
 def parse_lsn(text: str) -> int:
     high, low = text.split("/")
     return (int(high, 16) << 32) + int(low, 16)
+
+
+def new_pipeline(
+    pg: Any, tmp_path: Path, seed_rows: int = 0, **config: Any
+) -> tuple[str, str, PipelineFiles]:
+    """A source database with the workload's tables, an empty replica database, and the
+    config files of a pipeline between them: (source dsn, replica dsn, files)."""
+    from tests.support.workload import TABLES, create_tables
+
+    source_db, replica_db = pg.new_database("src"), pg.new_database("replica")
+    source_dsn, replica_dsn = pg.dsn(source_db), pg.dsn(replica_db)
+    create_tables(source_dsn, seed_rows=seed_rows)
+    files = write_configs(
+        tmp_path,
+        host=pg.host,
+        port=pg.port,
+        source_db=source_db,
+        replica_db=replica_db,
+        tables=TABLES,
+        **config,
+    )
+    return source_dsn, replica_dsn, files
