@@ -24,8 +24,8 @@ from pathlib import Path
 import psycopg
 import yaml
 
-from services.stack.postgres import PostgresServer
-from services.supervisor import cdc_command, free_port
+from services.stack.postgres import PostgresServer, find_free_port
+from services.supervisor import cdc_command
 
 TABLES = ("public.orders", "public.customers")
 SEED_ROWS = 20_000
@@ -82,7 +82,7 @@ def main() -> int:
     )
     _say(f"  source tables created with {SEED_ROWS + SEED_ROWS // 4:,} rows")
 
-    health_port = free_port()
+    health_port = find_free_port()
     pipeline = {
         "pipeline_id": "demo",
         "source": {
@@ -110,7 +110,7 @@ def main() -> int:
     platform = {
         "transport_mode": "direct",
         "health_port": health_port,
-        "ingest": {"grpc_port": free_port()},
+        "ingest": {"grpc_port": find_free_port()},
     }
     (workdir / "pipeline.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
     (workdir / "platform.yaml").write_text(yaml.safe_dump(platform, sort_keys=False))

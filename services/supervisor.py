@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,13 +15,9 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from services.stack.postgres import find_free_port
+
 log = structlog.get_logger(__name__)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -70,7 +65,7 @@ class Supervisor:
         self.sinks: list[Child] = []
         endpoints: list[str] = []
         for sink_id in sink_ids:
-            port = free_port()
+            port = find_free_port()
             endpoints += ["--sink-endpoint", f"{sink_id}=127.0.0.1:{port}"]
             self.sinks.append(
                 Child(
@@ -80,7 +75,7 @@ class Supervisor:
             )
         self.ingest = Child(
             "ingest",
-            [*cdc_command(), "ingest", *common, *endpoints, "--grpc-port", str(free_port())],
+            [*cdc_command(), "ingest", *common, *endpoints, "--grpc-port", str(find_free_port())],
         )
         self._stopping = False
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -18,13 +17,10 @@ from typing import Any
 import psycopg
 import yaml
 
+from adapters.postgres.catalog import parse_lsn
+from services.stack.postgres import find_free_port as free_port
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cdc_argv(*args: str) -> list[str]:
@@ -303,11 +299,6 @@ class CommitAudit:
                     )
                     break
         return problems
-
-
-def parse_lsn(text: str) -> int:
-    high, low = text.split("/")
-    return (int(high, 16) << 32) + int(low, 16)
 
 
 def new_pipeline(
