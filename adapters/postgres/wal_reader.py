@@ -31,7 +31,6 @@ from adapters.postgres.catalog import (
 from adapters.postgres.pgoutput import (
     PG_EPOCH_OFFSET_US,
     CommitMarker,
-    LogicalMessage,
     PgOutputDecoder,
 )
 from domain.events import Operation, Position, SourceEvent
@@ -194,8 +193,6 @@ class PostgresWalSource:
                     marker = decoder.decode(payload, events)
                     if isinstance(marker, CommitMarker):
                         checkpoint = marker.end_lsn
-                    elif isinstance(marker, LogicalMessage):
-                        pass
                     if wal_end > self._received_lsn:
                         self._received_lsn = wal_end
                 elif data[0] == 107:  # 'k' keepalive
