@@ -73,6 +73,47 @@ class TableSchema:
         return tuple(c.name for c in self.columns)
 
 
+@dataclass(frozen=True, slots=True)
+class SchemaChange:
+    """A table's shape differs from the one last seen: columns added, dropped or retyped.
+
+    `previous` is None the first time a table is seen in this process; that is not a
+    change and `is_change` is False for it.
+    """
+
+    previous: TableSchema | None
+    current: TableSchema
+
+    @property
+    def added(self) -> tuple[str, ...]:
+        if self.previous is None:
+            return ()
+        old = set(self.previous.column_names)
+        return tuple(c.name for c in self.current.columns if c.name not in old)
+
+    @property
+    def dropped(self) -> tuple[str, ...]:
+        if self.previous is None:
+            return ()
+        new = set(self.current.column_names)
+        return tuple(c.name for c in self.previous.columns if c.name not in new)
+
+    @property
+    def retyped(self) -> tuple[str, ...]:
+        if self.previous is None:
+            return ()
+        old = {c.name: c.type_oid for c in self.previous.columns}
+        return tuple(
+            c.name
+            for c in self.current.columns
+            if c.name in old and old[c.name] != c.type_oid
+        )
+
+    @property
+    def is_change(self) -> bool:
+        return bool(self.added or self.dropped or self.retyped)
+
+
 @dataclass(frozen=True, slots=True, order=True)
 class Position:
     """A totally ordered, replay-stable place in one transport partition.

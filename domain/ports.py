@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from domain.events import Position, SourceEvent
+from domain.events import Position, SchemaChange, SourceEvent
 from domain.health import ComponentHealth
 
 C = TypeVar("C")
@@ -21,11 +21,13 @@ class SourceChunk:
 
     `checkpoint` is the transport position that may be committed once these events and
     all earlier ones are handled (None when the chunk ends inside a transaction).
+    `schema_changes` are the table shapes that changed before these events.
     """
 
     partition: str
     events: list[SourceEvent]
     checkpoint: Any = None
+    schema_changes: list[SchemaChange] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -28,6 +28,7 @@ from .platform import PlatformConfig
 
 SourceType = Literal["postgres", "mysql", "mongodb", "sqlserver"]
 SnapshotMode = Literal["initial", "never", "when_needed", "no_data"]
+HeartbeatMode = Literal["message", "table", "none"]
 SinkType = Literal["webhook", "postgres", "iceberg"]
 Operation = Literal["c", "u", "d", "r", "t"]
 PostgresWriteMode = Literal["upsert", "append"]
@@ -73,6 +74,9 @@ class SourceConfig(ConfigModel):
     replica_set_name: str | None = None
     auth_source: str | None = None
     heartbeat_interval_seconds: PositiveFloat = 10.0
+    heartbeat_mode: HeartbeatMode = "message"
+    snapshot_chunk_size: int = Field(default=10000, ge=100, le=1_000_000)
+    snapshot_parallelism: int = Field(default=2, ge=1, le=16)
 
     _pipeline_id: str | None = PrivateAttr(default=None)
 

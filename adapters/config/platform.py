@@ -215,6 +215,7 @@ class WalReaderConfig(ConfigModel):
     batch_size: PositiveInt = 100
     batch_timeout_seconds: PositiveFloat = 1.0
     status_interval_seconds: PositiveFloat = 10.0
+    slot_lag_degraded_bytes: PositiveInt = 1_073_741_824
 
 
 class IngestConfig(ConfigModel):
