@@ -58,6 +58,10 @@ class WalReaderSettings:
     max_chunk_delay_seconds: float = 0.02
     reconnect_initial_seconds: float = 0.5
     reconnect_max_seconds: float = 30.0
+    heartbeat_mode: str = "message"  # message | table | none
+    heartbeat_interval_seconds: float = 10.0
+    snapshot_chunk_size: int = 10000
+    snapshot_parallelism: int = 2
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,6 +39,10 @@ def build_wal_source(pipeline: PipelineConfig, platform: PlatformConfig) -> Post
             status_interval_seconds=wal.status_interval_seconds,
             max_chunk_events=max(platform.ingest.batch_max_events, wal.batch_size),
             max_chunk_delay_seconds=platform.ingest.batch_max_delay_ms / 1000,
+            heartbeat_mode=s.heartbeat_mode,
+            heartbeat_interval_seconds=s.heartbeat_interval_seconds,
+            snapshot_chunk_size=s.snapshot_chunk_size,
+            snapshot_parallelism=s.snapshot_parallelism,
         )
     )
 
