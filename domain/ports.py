@@ -76,9 +76,13 @@ class Provisioner(Protocol):
 
 
 class SourceMonitor(Protocol):
+    """Watches what the event source reads from (a replication slot, consumer lag)."""
+
     async def start(self) -> None: ...
 
     async def lag(self) -> dict[str, Any]: ...
+
+    async def health(self) -> ComponentHealth: ...
 
     async def stop(self) -> None: ...
 

@@ -8,39 +8,21 @@ import psycopg
 from psycopg import sql
 
 from adapters.config import PipelineConfig, PlatformConfig
+from adapters.postgres.slot_monitor import check_slot
 from domain.health import ComponentHealth, Status, overall
 from services.ingest.container import source_conninfo
 from services.sink.container import SinkContainer
 
 
 async def slot_health(pipeline: PipelineConfig, platform: PlatformConfig) -> ComponentHealth:
-    slot = pipeline.effective_slot_name(platform)
-    try:
-        async with await psycopg.AsyncConnection.connect(
-            source_conninfo(pipeline), connect_timeout=5, autocommit=True
-        ) as conn:
-            row = await (
-                await conn.execute(
-                    "SELECT active, wal_status,"
-                    " pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint,"
-                    " confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
-                    (slot,),
-                )
-            ).fetchone()
-    except psycopg.Error as exc:
-        return ComponentHealth("source", Status.ERROR, {"error": str(exc).strip()})
-    if row is None:
-        return ComponentHealth("source", Status.DEGRADED, {"slot": slot, "exists": False})
-    return ComponentHealth(
-        "source",
-        Status.OK,
-        {
-            "slot": slot,
-            "active": row[0],
-            "wal_status": row[1],
-            "lag_bytes": row[2],
-            "confirmed_flush_lsn": row[3],
-        },
+    """The slot as `cdc health` shows it: the same query and threshold as the ingest's
+    monitor; a missing slot is DEGRADED here (the pipeline may not have run yet)."""
+    return await check_slot(
+        source_conninfo(pipeline),
+        pipeline.effective_slot_name(platform),
+        lag_degraded_bytes=platform.wal_reader.slot_lag_degraded_bytes,
+        missing=Status.DEGRADED,
+        name="source",
     )
 
 

@@ -1,4 +1,5 @@
-"""The ingest process's composition root: picks the EventSource for `transport_mode`."""
+"""The ingest process's composition root: picks the EventSource (and the SourceMonitor that
+watches it) for `transport_mode`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 from dependency_injector import containers, providers
 
 from adapters.config import PipelineConfig, PlatformConfig
+from adapters.postgres.slot_monitor import PostgresSlotMonitor
 from adapters.postgres.wal_reader import PostgresWalSource, WalReaderSettings
 from domain.events import Operation
 from domain.routing import Router, RoutingRule
@@ -47,6 +49,15 @@ def build_wal_source(pipeline: PipelineConfig, platform: PlatformConfig) -> Post
     )
 
 
+def build_slot_monitor(pipeline: PipelineConfig, platform: PlatformConfig) -> PostgresSlotMonitor:
+    return PostgresSlotMonitor(
+        source_conninfo(pipeline),
+        pipeline.effective_slot_name(platform),
+        interval_seconds=platform.lag_monitor_interval_seconds,
+        lag_degraded_bytes=platform.wal_reader.slot_lag_degraded_bytes,
+    )
+
+
 def _not_available(transport: str) -> Any:
     raise TransportNotAvailableError(
         f"transport_mode '{transport}' is valid configuration, but this release has no "
@@ -75,5 +86,13 @@ class IngestContainer(containers.DeclarativeContainer):
         kafka=providers.Callable(_not_available, "kafka"),
         pubsub=providers.Callable(_not_available, "pubsub"),
         kinesis=providers.Callable(_not_available, "kinesis"),
+    )
+    # Watches what the event source reads from; None where the transport has no monitor.
+    source_monitor = providers.Selector(
+        providers.Callable(lambda p: p.transport_mode, platform),
+        direct=providers.Singleton(build_slot_monitor, pipeline, platform),
+        kafka=providers.Object(None),
+        pubsub=providers.Object(None),
+        kinesis=providers.Object(None),
     )
     router = providers.Singleton(build_router, pipeline)

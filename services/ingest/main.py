@@ -29,6 +29,7 @@ async def run_ingest(
 ) -> int:
     container = IngestContainer(pipeline=pipeline, platform=platform)
     source = container.event_source()
+    monitor = container.source_monitor()
     router = container.router()
     missing = [s for s in router.sink_ids if s not in sink_endpoints]
     if missing:
@@ -48,7 +49,12 @@ async def run_ingest(
         for sink_id in router.sink_ids
     }
     service = IngestService(
-        pipeline.pipeline_id, source, router, channels, platform.ingest.batch_max_events
+        pipeline.pipeline_id,
+        source,
+        router,
+        channels,
+        platform.ingest.batch_max_events,
+        monitor=monitor,
     )
 
     server = grpc.aio.server()

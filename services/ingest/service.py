@@ -13,9 +13,9 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from cdc_proto.v1 import sink_pb2
 from domain.commit_tracker import CommitTracker
-from domain.events import SourceEvent
+from domain.events import SchemaChange, SourceEvent
 from domain.health import ComponentHealth, Status, overall
-from domain.ports import EventSource, SourceChunk
+from domain.ports import EventSource, SourceChunk, SourceMonitor
 from domain.routing import Router
 from services import tracing
 from services.ingest.sink_channel import SinkChannel
@@ -35,6 +35,11 @@ LATENCY = Histogram(
     "Source commit time to sink acknowledgement",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+SCHEMA_CHANGES = Counter(
+    "cdc_schema_changes_total",
+    "Source table shapes that changed (columns added, dropped or retyped)",
+    ["table"],
+)
 
 
 class IngestService:
@@ -46,6 +51,7 @@ class IngestService:
         channels: Mapping[str, SinkChannel],
         batch_max_events: int,
         drain_timeout_seconds: float = 30.0,
+        monitor: SourceMonitor | None = None,
     ) -> None:
         self.pipeline_id = pipeline_id
         self.source = source
@@ -53,6 +59,7 @@ class IngestService:
         self.channels = dict(channels)
         self.batch_max_events = batch_max_events
         self.drain_timeout_seconds = drain_timeout_seconds
+        self.monitor = monitor
         self.tracker: CommitTracker[Any] = CommitTracker()
         self._next_batch_id = int(time.time() * 1000) << 16  # unique across restarts
         self._commit_lock = asyncio.Lock()
@@ -64,18 +71,26 @@ class IngestService:
 
     async def run(self) -> None:
         await self.source.start()
-        for channel in self.channels.values():
-            channel.start()
-        reader = asyncio.create_task(self._read_loop(), name="ingest-read")
-        stopper = asyncio.create_task(self._stop.wait())
-        done, _ = await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if reader in done:
-            stopper.cancel()
-            reader.result()  # a crash of the read loop propagates
-        else:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+        # Started once the source has created what it watches (the slot).
+        if self.monitor is not None:
+            await self.monitor.start()
+        try:
+            for channel in self.channels.values():
+                channel.start()
+            reader = asyncio.create_task(self._read_loop(), name="ingest-read")
+            stopper = asyncio.create_task(self._stop.wait())
+            done, _ = await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if reader in done:
+                stopper.cancel()
+                reader.result()  # a crash of the read loop propagates
+            else:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+        except BaseException:
+            if self.monitor is not None:
+                await self.monitor.stop()
+            raise
         await self._shutdown()
 
     def request_stop(self) -> None:
@@ -89,6 +104,8 @@ class IngestService:
         await self._commit_ready()
         for channel in self.channels.values():
             await channel.stop()
+        if self.monitor is not None:
+            await self.monitor.stop()
         await self.source.stop()
         log.info("ingest.stopped", events_read=self.events_read)
 
@@ -97,6 +114,8 @@ class IngestService:
             await self._dispatch(chunk)
 
     async def _dispatch(self, chunk: SourceChunk) -> None:
+        for change in chunk.schema_changes:
+            self._schema_changed(change)
         events = chunk.events
         self.events_read += len(events)
         EVENTS_READ.inc(len(events))
@@ -108,6 +127,20 @@ class IngestService:
             part = events[start : start + size]
             last = start + size >= len(events)
             await self._send(chunk.partition, part, chunk.checkpoint if last else None)
+
+    def _schema_changed(self, change: SchemaChange) -> None:
+        if not change.is_change:  # a table seen for the first time in this process
+            return
+        table = change.current.qualified_name
+        SCHEMA_CHANGES.labels(table).inc()
+        log.info(
+            "schema.version_changed",
+            pipeline_id=self.pipeline_id,
+            table=table,
+            added=list(change.added),
+            dropped=list(change.dropped),
+            retyped=list(change.retyped),
+        )
 
     async def _send(self, partition: str, events: list[SourceEvent], checkpoint: Any) -> None:
         batch_id = self._next_batch_id
@@ -161,6 +194,8 @@ class IngestService:
 
     async def health(self) -> dict[str, Any]:
         components: list[ComponentHealth] = [await self.source.health()]
+        if self.monitor is not None:
+            components.append(await self.monitor.health())
         components += [c.health() for c in self.channels.values()]
         status = overall(components)
         return {
