@@ -39,3 +39,18 @@ up:
 
 down:
 	docker compose -f docker/docker-compose.yml down
+
+# `make bench`: pg_recvlogical (limit) vs Debezium embedded (peer) vs ours, same workload, one
+# run; writes docs/benchmarks.md. `make bench-quick` (or `make bench ARGS=--quick`): < 1 min.
+.PHONY: bench-quick
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) -m bench $(ARGS)
+
+bench-quick: $(BENCH_STAMP)
+	$(PY) -m bench --quick $(ARGS)
