@@ -8,6 +8,7 @@ import psycopg
 from psycopg import sql
 
 from adapters.config import PipelineConfig, PlatformConfig
+from adapters.postgres.catalog import forget_slot_state
 from adapters.postgres.slot_monitor import check_slot
 from domain.health import ComponentHealth, Status, overall
 from services.ingest.container import source_conninfo
@@ -81,15 +82,5 @@ async def undeploy(pipeline: PipelineConfig, platform: PlatformConfig) -> list[s
             done.append(f"dropped publication {publication}")
         else:
             done.append(f"publication {publication} did not exist")
-        if await _has_state(conn):
-            await conn.execute(
-                "DELETE FROM cdc_platform.snapshot_state WHERE slot_name = %s", (slot,)
-            )
+        await forget_slot_state(conn, slot)
     return done
-
-
-async def _has_state(conn: psycopg.AsyncConnection[Any]) -> bool:
-    row = await (
-        await conn.execute("SELECT to_regclass('cdc_platform.snapshot_state') IS NOT NULL")
-    ).fetchone()
-    return bool(row and row[0])

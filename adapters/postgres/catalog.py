@@ -25,6 +25,21 @@ def split_table(qualified: str) -> tuple[str, str]:
     return schema, table
 
 
+async def published_tables(conn: psycopg.AsyncConnection[Any], name: str) -> set[str] | None:
+    """The tables of publication `name` as schema.table, None if it does not exist."""
+    exists = await (
+        await conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (name,))
+    ).fetchone()
+    if exists is None:
+        return None
+    rows = await (
+        await conn.execute(
+            "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", (name,)
+        )
+    ).fetchall()
+    return {f"{r[0]}.{r[1]}" for r in rows}
+
+
 async def ensure_publication(
     conn: psycopg.AsyncConnection[Any], name: str, tables: Sequence[str]
 ) -> None:
@@ -32,36 +47,62 @@ async def ensure_publication(
     if not tables:
         raise ValueError("a publication needs at least one table")
     table_list = sql.SQL(", ").join(sql.Identifier(*split_table(t)) for t in tables)
-    exists = await (
-        await conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (name,))
-    ).fetchone()
-    if exists is None:
+    current = await published_tables(conn, name)
+    if current is None:
         await conn.execute(
             sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(sql.Identifier(name), table_list)
         )
         return
-    current = {
-        f"{r[0]}.{r[1]}"
-        for r in await (
-            await conn.execute(
-                "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s",
-                (name,),
-            )
-        ).fetchall()
-    }
     if current != set(tables):
         await conn.execute(
             sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(sql.Identifier(name), table_list)
         )
 
 
+_STATE_DDL = """
+CREATE SCHEMA IF NOT EXISTS cdc_platform;
+CREATE TABLE IF NOT EXISTS cdc_platform.snapshot_state (
+    slot_name text PRIMARY KEY, status text NOT NULL, consistent_lsn pg_lsn,
+    updated_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE IF NOT EXISTS cdc_platform.snapshot_progress (
+    slot_name text NOT NULL, kind text NOT NULL, table_name text NOT NULL,
+    last_key text[], rows_read bigint NOT NULL DEFAULT 0, done boolean NOT NULL DEFAULT false,
+    job_id bigint NOT NULL DEFAULT 0, updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (slot_name, kind, table_name));
+CREATE TABLE IF NOT EXISTS cdc_platform.signals (
+    id bigserial PRIMARY KEY, slot_name text NOT NULL, kind text NOT NULL,
+    tables text[] NOT NULL, created_at timestamptz NOT NULL DEFAULT now(),
+    started_at timestamptz, finished_at timestamptz, rows_read bigint, error text);
+CREATE TABLE IF NOT EXISTS cdc_platform.heartbeat (
+    slot_name text PRIMARY KEY, beat_at timestamptz NOT NULL DEFAULT now());
+"""
+
+
 async def ensure_state_table(conn: psycopg.AsyncConnection[Any]) -> None:
-    await conn.execute(
-        "CREATE SCHEMA IF NOT EXISTS cdc_platform;"
-        " CREATE TABLE IF NOT EXISTS cdc_platform.snapshot_state ("
-        " slot_name text PRIMARY KEY, status text NOT NULL, consistent_lsn pg_lsn,"
-        " updated_at timestamptz NOT NULL DEFAULT now())"
-    )
+    """The reader's own bookkeeping on the source: snapshot state and progress per table,
+    the signal table (`cdc backfill` writes it) and the heartbeat table."""
+    await conn.execute(_STATE_DDL)
+
+
+async def forget_slot_state(conn: psycopg.AsyncConnection[Any], slot: str) -> None:
+    """Delete the reader's bookkeeping of one slot (after the slot itself is dropped)."""
+    row = await (
+        await conn.execute("SELECT to_regclass('cdc_platform.snapshot_progress') IS NOT NULL")
+    ).fetchone()
+    if row and row[0]:
+        for table in ("snapshot_state", "snapshot_progress", "heartbeat", "signals"):
+            await conn.execute(
+                sql.SQL("DELETE FROM {} WHERE slot_name = %s").format(
+                    sql.Identifier("cdc_platform", table)
+                ),
+                (slot,),
+            )
+        return
+    row = await (
+        await conn.execute("SELECT to_regclass('cdc_platform.snapshot_state') IS NOT NULL")
+    ).fetchone()
+    if row and row[0]:  # state written by an older release
+        await conn.execute("DELETE FROM cdc_platform.snapshot_state WHERE slot_name = %s", (slot,))
 
 
 _PK_COLUMNS = """

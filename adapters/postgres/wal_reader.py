@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from struct import Struct
@@ -26,14 +27,27 @@ from adapters.postgres.catalog import (
     ensure_state_table,
     format_lsn,
     parse_lsn,
+    published_tables,
     snapshot_schema,
 )
 from adapters.postgres.pgoutput import (
     PG_EPOCH_OFFSET_US,
     CommitMarker,
+    LogicalMessage,
     PgOutputDecoder,
 )
-from domain.events import Operation, Position, SourceEvent
+from adapters.postgres.signals import mark_finished, mark_started, new_backfills
+from adapters.postgres.snapshot import (
+    BACKFILL,
+    SNAPSHOT,
+    TableProgress,
+    clear_progress,
+    load_progress,
+    read_exported_snapshot,
+    save_progress,
+)
+from adapters.postgres.watermark import WATERMARK_PREFIX, WatermarkChunker
+from domain.events import Operation, Position, SourceEvent, TableSchema, TextRow
 from domain.health import ComponentHealth, Status
 from domain.ports import SourceChunk
 
@@ -42,6 +56,8 @@ log = structlog.get_logger(__name__)
 _XLOG_HEADER = Struct("!QQq")  # wal start, wal end, send time
 _KEEPALIVE = Struct("!QqB")
 _STATUS = Struct("!cQQQqB")
+HEARTBEAT_PREFIX = "cdc_platform.heartbeat"
+SIGNAL_POLL_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,14 +81,25 @@ class WalReaderSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class SnapshotComplete:
-    """Checkpoint of the last snapshot chunk: once committed the snapshot never reruns."""
+class ReaderCheckpoint:
+    """A position plus the snapshot/backfill progress reached with it.
 
-    consistent_lsn: int
+    `lsn` None: nothing to confirm on the slot yet (a chunk of the initial snapshot).
+    `progress` is cumulative (every table's state), so committing only the newest of
+    several checkpoints loses nothing.
+    """
+
+    lsn: int | None
+    progress: tuple[TableProgress, ...]
 
 
 class PostgresWalSource:
-    """EventSource over one replication slot. The slot name is the partition."""
+    """EventSource over one replication slot. The slot name is the partition.
+
+    Besides the stream it runs two background tasks while streaming: `_maintain`
+    (heartbeats, polling the signal table for backfills) and `_run_jobs` (watermarked
+    chunk reads of backfills and of a resumed snapshot).
+    """
 
     def __init__(self, settings: WalReaderSettings) -> None:
         self.settings = settings
@@ -93,6 +120,14 @@ class PostgresWalSource:
         self._highest_yielded_checkpoint = 0
         self._snapshot_in_flight = False
         self._snapshot_lsn = 0
+        # Snapshot/backfill progress: as handed out with events, and as committed.
+        self._progress: dict[tuple[str, str], TableProgress] = {}
+        self._committed_progress: dict[tuple[str, str], TableProgress] = {}
+        self._snapshot_running = False
+        self._jobs: deque[TableProgress] = deque()
+        self._jobs_added = asyncio.Event()
+        self._chunker: WatermarkChunker | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -103,6 +138,12 @@ class PostgresWalSource:
 
     async def stop(self) -> None:
         self._stopping.set()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        self._tasks = []
         if self._repl is not None:
             with contextlib.suppress(Exception):
                 self._send_status(force=True)
@@ -119,33 +160,73 @@ class PostgresWalSource:
             "received_lsn": format_lsn(self._received_lsn),
             "streaming": self._streaming,
         }
+        running = [p for p in self._progress.values() if not p.done]
+        if running:
+            detail["chunked_reads"] = {
+                f"{p.kind}:{p.table}": {"rows": p.rows, "last_key": p.last_key} for p in running
+            }
         if self._last_error is not None:
             detail["error"] = self._last_error
             return ComponentHealth("source", Status.ERROR, detail)
         return ComponentHealth("source", Status.OK, detail)
 
     async def commit(self, partition: str, checkpoint: Any) -> None:
-        lsn = (
-            checkpoint.consistent_lsn
-            if isinstance(checkpoint, SnapshotComplete)
-            else int(checkpoint)
-        )
-        if self._snapshot_in_flight and lsn >= self._snapshot_lsn:
-            # Any checkpoint at or past the snapshot implies every snapshot row is written.
-            await self._mark_snapshot("done", self._snapshot_lsn, conn=await self._admin_conn())
-            self._snapshot_in_flight = False
+        lsn: int | None
+        if isinstance(checkpoint, ReaderCheckpoint):
+            await self._commit_progress(checkpoint.progress)
+            lsn = checkpoint.lsn
+        else:
+            lsn = int(checkpoint)
+        if lsn is None:
+            return
         if lsn > self._confirmed_lsn:
             self._confirmed_lsn = lsn
             if self._repl is not None and self._streaming:
                 self._send_status(force=True)
 
+    async def _commit_progress(self, progress: Sequence[TableProgress]) -> None:
+        changed = [p for p in progress if self._committed_progress.get((p.kind, p.table)) != p]
+        if not changed:
+            return
+        admin = await self._admin_conn()
+        await save_progress(admin, self.settings.slot_name, changed)
+        for p in changed:
+            self._committed_progress[(p.kind, p.table)] = p
+        for p in changed:
+            if p.done:
+                log.info(f"{p.kind}.table_done", table=p.table, rows=p.rows)
+            if p.done and p.kind == BACKFILL and p.job_id:
+                await self._finish_signal(admin, p.job_id)
+        if self._snapshot_running and all(
+            self._committed_progress.get((SNAPSHOT, t), TableProgress(t)).done
+            for t in self.settings.tables
+        ):
+            await self._mark_snapshot("done", self._snapshot_lsn, conn=admin)
+            self._snapshot_running = False
+            self._snapshot_in_flight = False
+            log.info("snapshot.done", slot=self.settings.slot_name)
+
+    async def _finish_signal(self, admin: psycopg.AsyncConnection[Any], job_id: int) -> None:
+        entries = [p for p in self._committed_progress.values() if p.job_id == job_id]
+        if all(p.done for p in entries):
+            rows = sum(p.rows for p in entries)
+            await mark_finished(admin, job_id, rows)
+            log.info("backfill.done", signal=job_id, rows=rows)
+
+    def _checkpoint(self, lsn: int) -> Any:
+        """The plain LSN, or the LSN with progress when progress awaits committing."""
+        if self._progress != self._committed_progress:
+            return ReaderCheckpoint(lsn, tuple(self._progress.values()))
+        return lsn
+
     # -- reading -----------------------------------------------------------------------
 
     async def chunks(self) -> AsyncIterator[SourceChunk]:
         if self._snapshot is not None:
-            async for chunk in self._snapshot_chunks(*self._snapshot):
+            async for chunk in self._exported_snapshot_chunks(*self._snapshot):
                 yield chunk
             self._snapshot = None
+        self._start_background()
         backoff = self.settings.reconnect_initial_seconds
         while not self._stopping.is_set():
             try:
@@ -170,7 +251,7 @@ class PostgresWalSource:
         max_delay = self.settings.max_chunk_delay_seconds
         while not self._stopping.is_set():
             events: list[SourceEvent] = []
-            checkpoint: int | None = None
+            checkpoint: Any = None
             first_at = 0.0
             while len(events) < max_events:
                 nbytes, frame = pgconn.get_copy_data(1)
@@ -194,9 +275,17 @@ class PostgresWalSource:
                     payload = data[25:]
                     if payload[0] == 82:  # 'R': look the columns up before decoding
                         await self._prefetch_relation(payload)
+                    window = self._chunker.window if self._chunker is not None else None
+                    seen = len(events)
                     marker = decoder.decode(payload, events)
                     if isinstance(marker, CommitMarker):
-                        checkpoint = marker.end_lsn
+                        checkpoint = self._checkpoint(marker.end_lsn)
+                    elif isinstance(marker, LogicalMessage) and not marker.transactional:
+                        at = self._on_message(marker, events)
+                        if at is not None:
+                            checkpoint = at
+                    if window is not None and window.opened and len(events) > seen:
+                        window.observe(events[seen:])
                     if wal_end > self._received_lsn:
                         self._received_lsn = wal_end
                 elif data[0] == 107:  # 'k' keepalive
@@ -204,14 +293,63 @@ class PostgresWalSource:
                     self._on_keepalive(wal_end, events, checkpoint)
                     if reply:
                         self._send_status(force=True)
-            if events or checkpoint is not None:
+            changes = decoder.schema_changes
+            if changes:
+                decoder.schema_changes = []
+            if events or checkpoint is not None or changes:
                 if checkpoint is not None:
-                    self._highest_yielded_checkpoint = checkpoint
-                yield SourceChunk(self.partition, events, checkpoint)
+                    lsn = checkpoint.lsn if isinstance(checkpoint, ReaderCheckpoint) else checkpoint
+                    self._highest_yielded_checkpoint = lsn or 0
+                yield SourceChunk(self.partition, events, checkpoint, list(changes))
                 continue
             if time.monotonic() - self._last_status_sent >= interval:
                 self._send_status(force=True)
             await self._wait_readable(pgconn, timeout=min(interval, 1.0))
+
+    def _on_message(self, message: LogicalMessage, events: list[SourceEvent]) -> Any:
+        """Handle a non-transactional message; return a checkpoint it makes possible."""
+        if self._decoder.in_transaction:
+            return None
+        if message.prefix == HEARTBEAT_PREFIX:
+            # Everything before a message outside a transaction is complete: a heartbeat
+            # is a position we may confirm, so the slot moves while our tables are idle.
+            return self._checkpoint(message.lsn)
+        if message.prefix != WATERMARK_PREFIX or self._chunker is None:
+            return None
+        found = self._chunker.on_message(message.content.decode(errors="replace"))
+        if found is None:
+            return None
+        window, edge = found
+        if edge == "low":
+            window.opened = True
+            return None
+        self._chunker.window = None
+        progress = window.progress
+        if window.opened and window.rows is not None:
+            rows = window.surviving_rows()
+            schema = window.schema
+            # The message's LSN is the end of its record, where the next commit record
+            # may start; one less sorts the chunk after every earlier change and before
+            # every later one.
+            lsn = message.lsn - 1
+            database = self.settings.database
+            events.extend(
+                SourceEvent(
+                    operation=Operation.READ,
+                    table=schema,
+                    position=Position(lsn, i),
+                    after=row,
+                    source_database=database,
+                )
+                for i, row in enumerate(rows)
+            )
+            progress = progress.advanced(
+                window.rows, window.key_idx, self.settings.snapshot_chunk_size
+            )
+            self._progress[(progress.kind, progress.table)] = progress
+        window.result = progress
+        window.closed.set()
+        return self._checkpoint(message.lsn)
 
     def _on_keepalive(self, wal_end: int, events: Sequence[SourceEvent], pending: Any) -> None:
         """Confirm the server's position when we owe nothing: between transactions, with no
@@ -225,6 +363,7 @@ class PostgresWalSource:
             and pending is None
             and not self._snapshot_in_flight
             and self._confirmed_lsn >= self._highest_yielded_checkpoint
+            and self._progress == self._committed_progress
         )
         if idle and wal_end > self._confirmed_lsn:
             self._confirmed_lsn = wal_end
@@ -271,39 +410,83 @@ class PostgresWalSource:
     async def _prepare(self) -> None:
         admin = await self._admin_conn()
         s = self.settings
+        previously_published = await published_tables(admin, s.publication_name) or set()
         await ensure_publication(admin, s.publication_name, s.tables)
         await ensure_state_table(admin)
+        self._chunker = WatermarkChunker(
+            s.conninfo, s.slot_name, s.snapshot_chunk_size, admin.info.server_version >= 170000
+        )
         slot = await (
             await admin.execute(
-                "SELECT confirmed_flush_lsn::text, active_pid FROM pg_replication_slots"
-                " WHERE slot_name = %s",
+                "SELECT confirmed_flush_lsn::text, active_pid, wal_status"
+                " FROM pg_replication_slots WHERE slot_name = %s",
                 (s.slot_name,),
             )
         ).fetchone()
         state = await (
             await admin.execute(
-                "SELECT status FROM cdc_platform.snapshot_state WHERE slot_name = %s",
+                "SELECT status, consistent_lsn::text FROM cdc_platform.snapshot_state"
+                " WHERE slot_name = %s",
                 (s.slot_name,),
             )
         ).fetchone()
-        if slot is not None and state is not None and state[0] == "running":
-            # A snapshot died half way. The exported snapshot is gone with its connection,
-            # so the only consistent restart is a new slot and a new snapshot; sinks
-            # upsert, so rows already written are rewritten with the same values.
-            log.warning("snapshot.restarting", slot=s.slot_name)
+        progress = await load_progress(admin, s.slot_name)
+        self._progress = dict(progress)
+        self._committed_progress = dict(progress)
+        wants_snapshot = s.snapshot_mode in ("initial", "when_needed")
+        if slot is not None and slot[2] == "lost":
+            if s.snapshot_mode != "when_needed":
+                raise SlotLostError(
+                    f"replication slot {s.slot_name} is lost (its WAL was removed); changes"
+                    " were missed. Use snapshot_mode when_needed to re-snapshot, or"
+                    " `cdc undeploy` and run again"
+                )
+            log.warning("slot.lost_resnapshot", slot=s.slot_name)
             await self._drop_slot(admin, active_pid=slot[1])
             slot = None
+        if slot is not None and state is not None and state[0] == "running":
+            pending = [
+                t for t in s.tables if not progress.get((SNAPSHOT, t), TableProgress(t)).done
+            ]
+            keyless = [t for t in pending if not (await snapshot_schema(admin, t)).key_columns]
+            if keyless:
+                # Without a key a table cannot be read in resumable chunks; the only
+                # consistent restart is a new slot and a new snapshot (sinks upsert).
+                log.warning("snapshot.restarting", slot=s.slot_name, keyless_tables=keyless)
+                await self._drop_slot(admin, active_pid=slot[1])
+                slot = None
+            else:
+                log.info(
+                    "snapshot.resuming",
+                    slot=s.slot_name,
+                    tables={t: progress.get((SNAPSHOT, t), TableProgress(t)).rows for t in pending},
+                )
+                self._snapshot_running = True
+                self._snapshot_lsn = parse_lsn(state[1]) if state[1] else 0
+                for t in pending:
+                    self._queue_job(progress.get((SNAPSHOT, t), TableProgress(t)))
         if slot is not None:
             self._confirmed_lsn = parse_lsn(slot[0])
+            added = [t for t in s.tables if t not in previously_published]
+            if wants_snapshot and added and previously_published:
+                # Tables added to an existing pipeline get their own snapshot, read in
+                # watermarked chunks while the others keep streaming.
+                log.info("snapshot.tables_added", tables=added)
+                await self._start_snapshot_jobs(admin, added)
+            for p in progress.values():
+                if p.kind == BACKFILL and not p.done:
+                    self._queue_job(p)
             self._last_error = None
             return
-        want_snapshot = s.snapshot_mode in ("initial", "when_needed")
+        await clear_progress(admin, s.slot_name)
+        self._progress.clear()
+        self._committed_progress.clear()
         self._repl = await self._connect_replication()
         row = await (
             await self._repl.execute(
                 sql.SQL("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput ({})").format(
                     sql.Identifier(s.slot_name),
-                    sql.SQL("SNAPSHOT 'export'" if want_snapshot else "SNAPSHOT 'nothing'"),
+                    sql.SQL("SNAPSHOT 'export'" if wants_snapshot else "SNAPSHOT 'nothing'"),
                 )
             )
         ).fetchone()
@@ -311,14 +494,36 @@ class PostgresWalSource:
         consistent_lsn = parse_lsn(row[1])
         self._confirmed_lsn = consistent_lsn
         log.info("slot.created", slot=s.slot_name, consistent_lsn=row[1])
-        if want_snapshot:
+        if wants_snapshot:
             await self._mark_snapshot("running", consistent_lsn, conn=admin)
+            fresh = [TableProgress(t) for t in s.tables]
+            await save_progress(admin, s.slot_name, fresh)
+            self._progress = {(p.kind, p.table): p for p in fresh}
+            self._committed_progress = dict(self._progress)
             self._snapshot = (row[2], consistent_lsn)
             self._snapshot_in_flight = True
+            self._snapshot_running = True
             self._snapshot_lsn = consistent_lsn
         else:
             await self._mark_snapshot("skipped", consistent_lsn, conn=admin)
         self._last_error = None
+
+    async def _start_snapshot_jobs(
+        self, admin: psycopg.AsyncConnection[Any], tables: Sequence[str]
+    ) -> None:
+        fresh = [TableProgress(t) for t in tables]
+        await save_progress(admin, self.settings.slot_name, fresh)
+        await self._mark_snapshot("running", self._confirmed_lsn, conn=admin)
+        self._snapshot_running = True
+        self._snapshot_lsn = self._confirmed_lsn
+        for p in fresh:
+            self._progress[(p.kind, p.table)] = p
+            self._committed_progress[(p.kind, p.table)] = p
+            self._queue_job(p)
+
+    def _queue_job(self, progress: TableProgress) -> None:
+        self._jobs.append(progress)
+        self._jobs_added.set()
 
     async def _drop_slot(self, admin: psycopg.AsyncConnection[Any], active_pid: Any) -> None:
         if active_pid:
@@ -393,7 +598,109 @@ class PostgresWalSource:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
-    # -- relations and snapshot --------------------------------------------------------
+    # -- background: heartbeats, signals, watermarked chunk reads ------------------------
+
+    def _start_background(self) -> None:
+        if self._tasks:
+            return
+        self._tasks = [
+            asyncio.create_task(self._maintain(), name="wal-maintain"),
+            asyncio.create_task(self._run_jobs(), name="wal-chunk-jobs"),
+        ]
+
+    async def _maintain(self) -> None:
+        """Heartbeats every `heartbeat_interval_seconds`; the signal table every second."""
+        s = self.settings
+        next_beat = 0.0
+        while not self._stopping.is_set():
+            try:
+                admin = await self._admin_conn()
+                await self._poll_signals(admin)
+                if s.heartbeat_mode != "none" and time.monotonic() >= next_beat:
+                    await self._heartbeat(admin)
+                    next_beat = time.monotonic() + s.heartbeat_interval_seconds
+            except (psycopg.Error, OSError) as exc:
+                log.warning("source.maintenance_failed", error=str(exc).strip())
+                self._admin = None
+            await self._sleep_or_stop(SIGNAL_POLL_SECONDS)
+
+    async def _heartbeat(self, admin: psycopg.AsyncConnection[Any]) -> None:
+        if self.settings.heartbeat_mode == "table":
+            await admin.execute(
+                "INSERT INTO cdc_platform.heartbeat (slot_name) VALUES (%s)"
+                " ON CONFLICT (slot_name) DO UPDATE SET beat_at = now()",
+                (self.settings.slot_name,),
+            )
+        else:
+            await admin.execute(
+                "SELECT pg_logical_emit_message(false, %s, %s)",
+                (HEARTBEAT_PREFIX, self.settings.slot_name),
+            )
+
+    async def _poll_signals(self, admin: psycopg.AsyncConnection[Any]) -> None:
+        for signal in await new_backfills(admin, self.settings.slot_name):
+            unknown = [t for t in signal.tables if t not in self.settings.tables]
+            if unknown:
+                error = f"not captured by this pipeline: {', '.join(unknown)}"
+                await mark_started(admin, signal.id, error=error)
+                log.warning("backfill.rejected", signal=signal.id, unknown_tables=unknown)
+                continue
+            fresh = [TableProgress(t, BACKFILL, job_id=signal.id) for t in signal.tables]
+            await save_progress(admin, self.settings.slot_name, fresh)
+            await mark_started(admin, signal.id)
+            log.info("backfill.started", signal=signal.id, tables=list(signal.tables))
+            for p in fresh:
+                self._progress[(p.kind, p.table)] = p
+                self._committed_progress[(p.kind, p.table)] = p
+                self._queue_job(p)
+
+    async def _run_jobs(self) -> None:
+        """Read queued tables chunk by chunk between watermarks, one chunk at a time."""
+        assert self._chunker is not None
+        conn: psycopg.AsyncConnection[Any] | None = None
+        schemas: dict[str, TableSchema] = {}
+        backoff = self.settings.reconnect_initial_seconds
+        try:
+            while not self._stopping.is_set():
+                if not self._jobs:
+                    self._jobs_added.clear()
+                    await self._jobs_added.wait()
+                    continue
+                job = self._jobs[0]
+                try:
+                    if conn is None or conn.closed:
+                        conn = await psycopg.AsyncConnection.connect(
+                            self.settings.conninfo, autocommit=True, connect_timeout=10
+                        )
+                    schema = schemas.get(job.table) or await snapshot_schema(conn, job.table)
+                    schemas[job.table] = schema
+                    if not schema.key_columns:
+                        log.error("backfill.needs_primary_key", table=job.table)
+                        self._jobs.popleft()
+                        continue
+                    window = await self._chunker.read(conn, schema, job)
+                    await window.closed.wait()
+                    backoff = self.settings.reconnect_initial_seconds
+                except (psycopg.Error, OSError) as exc:
+                    self._chunker.window = None
+                    log.warning("backfill.chunk_failed", table=job.table, error=str(exc).strip())
+                    if conn is not None:
+                        await conn.close()
+                    conn = None
+                    await self._sleep_or_stop(backoff)
+                    backoff = min(backoff * 2, self.settings.reconnect_max_seconds)
+                    continue
+                result = window.result or job
+                if result.done:
+                    self._jobs.popleft()
+                else:
+                    self._jobs[0] = result
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+
+    # -- relations and the initial snapshot --------------------------------------------
 
     def _describe_cached(
         self, oid: int, raw: list[tuple[bool, str, int, int]]
@@ -404,52 +711,59 @@ class PostgresWalSource:
         oid, *_, raw = PgOutputDecoder.parse_relation(payload)
         self._described[oid] = await describe_relation(await self._admin_conn(), oid, raw)
 
-    async def _snapshot_chunks(
+    async def _exported_snapshot_chunks(
         self, snapshot_name: str, consistent_lsn: int
     ) -> AsyncIterator[SourceChunk]:
+        """The initial snapshot, read from the slot's exported snapshot: exactly the data
+        as of the slot's consistent point, so streaming afterwards has no gap and no
+        duplicate. Tables are read in key chunks, several at a time; each chunk's
+        progress is committed once the sinks hold it."""
         s = self.settings
-        conn = await psycopg.AsyncConnection.connect(s.conninfo, connect_timeout=10)
+        admin = await self._admin_conn()
+        schemas = [await snapshot_schema(admin, t) for t in s.tables]
         started = time.monotonic()
+        seq = 0
         total = 0
-        try:
-            async with conn.transaction():
-                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                await conn.execute(
-                    sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_name))
-                )
-                seq = 0
-                for table in s.tables:
-                    schema = await snapshot_schema(conn, table)
-                    query = sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT").format(
-                        sql.SQL(", ").join(sql.Identifier(c) for c in schema.column_names),
-                        sql.Identifier(*table.split(".", 1)),
+        database = s.database
+        step = s.max_chunk_events
+        # A transaction whose commit record starts right at the consistent point is
+        # streamed afterwards: snapshot rows must sort before its changes.
+        snapshot_major = consistent_lsn - 1
+        async for read in read_exported_snapshot(
+            s.conninfo, snapshot_name, schemas, s.snapshot_chunk_size, s.snapshot_parallelism
+        ):
+            self._progress[(SNAPSHOT, read.progress.table)] = read.progress
+            rows: list[TextRow] = read.rows
+            for start in range(0, max(len(rows), 1), step):
+                piece = rows[start : start + step]
+                events = [
+                    SourceEvent(
+                        operation=Operation.READ,
+                        table=read.schema,
+                        position=Position(snapshot_major, seq + i),
+                        after=row,
+                        source_database=database,
                     )
-                    events: list[SourceEvent] = []
-                    async with conn.cursor().copy(query) as copy:
-                        async for row in copy.rows():
-                            events.append(
-                                SourceEvent(
-                                    operation=Operation.READ,
-                                    table=schema,
-                                    position=Position(consistent_lsn, seq),
-                                    after=row,
-                                    source_database=s.database,
-                                )
-                            )
-                            seq += 1
-                            if len(events) >= s.max_chunk_events:
-                                total += len(events)
-                                yield SourceChunk(self.partition, events, None)
-                                events = []
-                    total += len(events)
-                    if events:
-                        yield SourceChunk(self.partition, events, None)
-        finally:
-            await conn.close()
+                    for i, row in enumerate(piece)
+                ]
+                seq += len(piece)
+                last = start + step >= len(rows)
+                checkpoint = (
+                    ReaderCheckpoint(None, tuple(self._progress.values())) if last else None
+                )
+                yield SourceChunk(self.partition, events, checkpoint)
+            total += len(rows)
         log.info(
             "snapshot.read",
             slot=s.slot_name,
             rows=total,
+            tables=len(schemas),
             seconds=round(time.monotonic() - started, 3),
         )
-        yield SourceChunk(self.partition, [], SnapshotComplete(consistent_lsn))
+        yield SourceChunk(
+            self.partition, [], ReaderCheckpoint(consistent_lsn, tuple(self._progress.values()))
+        )
+
+
+class SlotLostError(RuntimeError):
+    """The slot's WAL was removed: changes were missed and streaming cannot continue."""

@@ -105,6 +105,17 @@ def cmd_undeploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from services.backfill import BackfillRequestError, backfill
+
+    pipeline, platform = _load(args)
+    try:
+        return asyncio.run(backfill(pipeline, platform, args.table, not args.no_wait, args.timeout))
+    except BackfillRequestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdc", description="Change data capture pipelines.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     undeploy = with_configs(sub.add_parser("undeploy", help="drop the slot and publication"))
     undeploy.add_argument("--yes", action="store_true", help="do not ask")
     undeploy.set_defaults(func=cmd_undeploy)
+    backfill = with_configs(
+        sub.add_parser("backfill", help="re-read tables in chunks while changes keep flowing")
+    )
+    backfill.add_argument(
+        "--table", action="append", required=True, metavar="SCHEMA.TABLE", help="repeatable"
+    )
+    backfill.add_argument("--no-wait", action="store_true", help="queue it and return")
+    backfill.add_argument("--timeout", type=float, default=3600.0, help="seconds to follow it")
+    backfill.set_defaults(func=cmd_backfill)
     return parser
 
 

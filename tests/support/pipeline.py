@@ -49,6 +49,7 @@ def write_configs(
     snapshot_mode: str = "initial",
     batch_max_events: int = 500,
     extra_platform: dict[str, Any] | None = None,
+    extra_source: dict[str, Any] | None = None,
 ) -> PipelineFiles:
     slot = f"{pipeline_id.replace('-', '_')}_slot"
     publication = f"{pipeline_id.replace('-', '_')}_pub"
@@ -65,6 +66,7 @@ def write_configs(
             "snapshot_mode": snapshot_mode,
             "slot_name": slot,
             "publication_name": publication,
+            **(extra_source or {}),
         },
         "sinks": [
             {
@@ -182,10 +184,20 @@ def wait_until(
     raise AssertionError(f"timed out after {timeout}s waiting for: {message}")
 
 
-def table_rows(dsn: str, table: str, key: str = "id") -> list[tuple[Any, ...]]:
-    """All rows by key; a table the sink has not created yet (no change for it) is empty."""
+def table_rows(dsn: str, table: str, key: str | None = None) -> list[tuple[Any, ...]]:
+    """All rows in primary-key order (all columns without one); a table the sink has not
+    created yet (no change for it) is empty."""
     with psycopg.connect(dsn) as conn:
         try:
+            if key is None:
+                pk = conn.execute(
+                    "SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY k.n)"
+                    " FROM pg_index i, unnest(i.indkey) WITH ORDINALITY k(attnum, n),"
+                    " pg_attribute a WHERE i.indrelid = %s::regclass AND i.indisprimary"
+                    " AND a.attrelid = i.indrelid AND a.attnum = k.attnum",
+                    (table,),
+                ).fetchone()
+                key = pk[0] if pk and pk[0] else "1"
             return conn.execute(f"SELECT * FROM {table} ORDER BY {key}").fetchall()
         except psycopg.errors.UndefinedTable:
             return []

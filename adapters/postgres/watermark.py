@@ -1,0 +1,136 @@
+"""Backfills while the stream keeps flowing: chunk reads bracketed by watermarks.
+
+The scheme is DBLog's (Netflix, 2019). For each chunk:
+
+1. write a low watermark into the WAL (`pg_logical_emit_message`, not transactional);
+2. read the chunk (`SELECT ... ORDER BY pk LIMIT n`) with a fresh snapshot;
+3. write a high watermark.
+
+The stream reader sees both watermarks in WAL order. Every key changed by a transaction
+that commits between them is dropped from the chunk: the stream carries a value at least
+as new. What is left is emitted at the high watermark's place in the stream, so each row
+of the chunk lands after every change older than the chunk and before every newer one;
+an old snapshot copy never overwrites a newer change.
+
+One subtlety: a transaction whose commit record precedes the low watermark may not yet be
+visible to a snapshot taken right after it (commit record first, then the ProcArray).
+Before reading, we wait until the transactions that were running when the low watermark
+was written have left the snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import structlog
+
+from adapters.postgres.snapshot import TableProgress, key_indexes, read_chunk
+from domain.events import SourceEvent, TableSchema, TextRow
+
+log = structlog.get_logger(__name__)
+
+WATERMARK_PREFIX = "cdc_platform.watermark"
+_VISIBILITY_WAIT_SECONDS = 5.0
+
+
+@dataclass(slots=True)
+class Window:
+    """One chunk between its watermarks."""
+
+    id: str
+    schema: TableSchema
+    progress: TableProgress  # before this chunk
+    key_idx: tuple[int, ...]
+    opened: bool = False
+    changed: set[tuple[str | None, ...]] = field(default_factory=set)
+    rows: list[TextRow] | None = None
+    result: TableProgress | None = None  # progress after the chunk, set when it closes
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def observe(self, events: Iterable[SourceEvent]) -> None:
+        """Note the keys of stream events that fall inside the window."""
+        name = self.schema.qualified_name
+        idx = self.key_idx
+        for event in events:
+            if event.table.qualified_name != name:
+                continue
+            for row in (event.before, event.after):
+                if row is not None:
+                    self.changed.add(tuple(row[i] for i in idx))
+
+    def surviving_rows(self) -> list[TextRow]:
+        assert self.rows is not None
+        if not self.changed:
+            return self.rows
+        idx = self.key_idx
+        changed = self.changed
+        return [r for r in self.rows if tuple(r[i] for i in idx) not in changed]
+
+
+class WatermarkChunker:
+    """Reads chunks for the stream reader to splice in at their high watermark."""
+
+    def __init__(self, conninfo: str, slot: str, chunk_size: int, flush_arg: bool) -> None:
+        self.conninfo = conninfo
+        self.slot = slot
+        self.chunk_size = chunk_size
+        # PostgreSQL 17+ can flush a non-transactional message right away.
+        self._emit = (
+            "SELECT pg_logical_emit_message(false, %s, %s, true)"
+            if flush_arg
+            else "SELECT pg_logical_emit_message(false, %s, %s)"
+        )
+        self.window: Window | None = None
+
+    def content(self, window: Window, edge: str) -> str:
+        return f"{self.slot}:{window.id}:{edge}"
+
+    def on_message(self, content: str) -> tuple[Window, str] | None:
+        """The window and edge ('low'/'high') a watermark message belongs to, if ours."""
+        window = self.window
+        if window is None:
+            return None
+        parts = content.split(":")
+        if len(parts) != 3 or parts[0] != self.slot or parts[1] != window.id:
+            return None
+        return window, parts[2]
+
+    async def read(
+        self, conn: psycopg.AsyncConnection[Any], schema: TableSchema, progress: TableProgress
+    ) -> Window:
+        """Write the low watermark, read the chunk, write the high watermark. The caller
+        waits for `window.closed`, set once the stream has passed the high watermark."""
+        window = Window(uuid.uuid4().hex[:12], schema, progress, key_indexes(schema))
+        self.window = window
+        await conn.execute(self._emit, (WATERMARK_PREFIX, self.content(window, "low")))
+        running = await _in_progress(conn)
+        deadline = time.monotonic() + _VISIBILITY_WAIT_SECONDS
+        while True:
+            async with conn.transaction():
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                still = await _in_progress(conn) & running
+                if not still or time.monotonic() > deadline:
+                    if still:
+                        log.warning(
+                            "backfill.visibility_wait_expired",
+                            table=schema.qualified_name,
+                            xids=sorted(still)[:10],
+                        )
+                    window.rows = await read_chunk(conn, schema, progress.last_key, self.chunk_size)
+                    break
+            await asyncio.sleep(0.005)
+        await conn.execute(self._emit, (WATERMARK_PREFIX, self.content(window, "high")))
+        return window
+
+
+async def _in_progress(conn: psycopg.AsyncConnection[Any]) -> set[str]:
+    rows = await (
+        await conn.execute("SELECT pg_snapshot_xip(pg_current_snapshot())::text")
+    ).fetchall()
+    return {r[0] for r in rows}
