@@ -7,8 +7,25 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from domain.events import Column, TableSchema
+
+# The text form of values depends on session settings the walsender and COPY inherit from
+# the database and role (ALTER DATABASE ... SET datestyle = 'SQL, DMY' turns 2024-04-03
+# into 03/04/2024). The reader pins the settings every stage parses with.
+READER_SESSION_OPTIONS = (
+    "-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3"
+    " -c bytea_output=hex -c timezone=UTC"
+)
+
+
+def reader_conninfo(conninfo: str) -> str:
+    """`conninfo` with the reader's session settings added to any `options` it has."""
+    params = conninfo_to_dict(conninfo)
+    extra = params.get("options")
+    options = f"{extra} {READER_SESSION_OPTIONS}" if extra else READER_SESSION_OPTIONS
+    return make_conninfo(conninfo, options=options)
 
 
 def parse_lsn(text: str) -> int:

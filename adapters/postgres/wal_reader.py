@@ -28,6 +28,7 @@ from adapters.postgres.catalog import (
     format_lsn,
     parse_lsn,
     published_tables,
+    reader_conninfo,
     snapshot_schema,
 )
 from adapters.postgres.pgoutput import (
@@ -103,6 +104,7 @@ class PostgresWalSource:
 
     def __init__(self, settings: WalReaderSettings) -> None:
         self.settings = settings
+        self._conninfo = reader_conninfo(settings.conninfo)
         self.partition = settings.slot_name
         self._repl: psycopg.AsyncConnection[Any] | None = None
         self._admin: psycopg.AsyncConnection[Any] | None = None
@@ -403,7 +405,7 @@ class PostgresWalSource:
     async def _admin_conn(self) -> psycopg.AsyncConnection[Any]:
         if self._admin is None or self._admin.closed:
             self._admin = await psycopg.AsyncConnection.connect(
-                self.settings.conninfo, autocommit=True, connect_timeout=10
+                self._conninfo, autocommit=True, connect_timeout=10
             )
         return self._admin
 
@@ -414,7 +416,7 @@ class PostgresWalSource:
         await ensure_publication(admin, s.publication_name, s.tables)
         await ensure_state_table(admin)
         self._chunker = WatermarkChunker(
-            s.conninfo, s.slot_name, s.snapshot_chunk_size, admin.info.server_version >= 170000
+            self._conninfo, s.slot_name, s.snapshot_chunk_size, admin.info.server_version >= 170000
         )
         slot = await (
             await admin.execute(
@@ -544,7 +546,7 @@ class PostgresWalSource:
 
     async def _connect_replication(self) -> psycopg.AsyncConnection[Any]:
         return await psycopg.AsyncConnection.connect(
-            self.settings.conninfo, autocommit=True, replication="database", connect_timeout=10
+            self._conninfo, autocommit=True, replication="database", connect_timeout=10
         )
 
     async def _start_replication(self) -> None:
@@ -670,7 +672,7 @@ class PostgresWalSource:
                 try:
                     if conn is None or conn.closed:
                         conn = await psycopg.AsyncConnection.connect(
-                            self.settings.conninfo, autocommit=True, connect_timeout=10
+                            self._conninfo, autocommit=True, connect_timeout=10
                         )
                     schema = schemas.get(job.table) or await snapshot_schema(conn, job.table)
                     schemas[job.table] = schema
@@ -730,7 +732,7 @@ class PostgresWalSource:
         # streamed afterwards: snapshot rows must sort before its changes.
         snapshot_major = consistent_lsn - 1
         async for read in read_exported_snapshot(
-            s.conninfo, snapshot_name, schemas, s.snapshot_chunk_size, s.snapshot_parallelism
+            self._conninfo, snapshot_name, schemas, s.snapshot_chunk_size, s.snapshot_parallelism
         ):
             self._progress[(SNAPSHOT, read.progress.table)] = read.progress
             rows: list[TextRow] = read.rows
