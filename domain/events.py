@@ -135,9 +135,10 @@ class Position:
 class SourceEvent:
     """One row change.
 
-    `before` and `after` hold the row in PostgreSQL text form (see TextRow); `values()`
-    converts them to Python values by type. Keeping the text form lets the hot path avoid
-    per-value conversion when the destination accepts text (COPY into PostgreSQL).
+    `before` and `after` hold the row in PostgreSQL text form (see TextRow);
+    `domain.pgtypes.row_to_python` converts them to Python values by type. Keeping the
+    text form lets the hot path avoid per-value conversion when the destination accepts
+    text (COPY into PostgreSQL).
     """
 
     operation: Operation
