@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--skip",
         action="append",
         default=[],
-        choices=["limit", "peer", "ours_pg", "ours_discard", "steady"],
+        choices=["limit", "reader", "peer", "ours_pg", "ours_discard", "steady"],
         help="leave a measurement out (repeatable)",
     )
     p.add_argument(
@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         tp, lat = results.throughput, results.latency
         if "limit" not in args.skip:
             measure(tp, "limit", lambda: runners.recvlogical(ws, spec))
+        if "reader" not in args.skip:
+            measure(tp, "reader", lambda: runners.reader_alone(ws, spec))
         if "peer" not in args.skip:
             if why_no_peer:
                 print(f"bench: Debezium embedded not measured: {why_no_peer}", flush=True)

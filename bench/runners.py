@@ -181,6 +181,35 @@ def recvlogical(ws: Workspace, spec: workload.BacklogSpec) -> Measurement:
     )
 
 
+# ----------------------------------------------------------------------------- our reader
+
+
+def reader_alone(ws: Workspace, spec: workload.BacklogSpec) -> Measurement:
+    """Our WAL reader alone (decode into events, commit each checkpoint), same backlog."""
+    source, sink, slot, pub = ws.fresh("reader")
+    dsn = ws.server.dsn(source)
+    changes = workload.backlog(dsn, spec)
+    result = ws.workdir / "reader.json"
+    log = ws.workdir / "reader.log"
+    argv = [sys.executable, "-m", "bench.reader_drain", "--dsn", dsn, "--db", source]
+    argv += ["--slot", slot, "--publication", pub, "--table", workload.TABLE]
+    argv += ["--result", str(result), "--expect", str(changes)]
+    sampler = ws.sampler()
+    proc = _spawn(argv, log, ws.product_root)
+    sampler.watch("WAL reader", proc.pid)
+    try:
+        _wait_for("the reader to drain", result.exists, ws.timeout, {"reader": (proc, log)}, 0.05)
+        proc.wait(30)
+    finally:
+        _stop(proc)
+    stats = sampler.stop()
+    ws.drop(source, sink)
+    data = _read_json(result)
+    if data["count"] != changes:
+        raise MeasurementError(f"the reader produced {data['count']} events, expected {changes}")
+    return Measurement("our WAL reader alone", changes, data["first"], data["last"], stats)
+
+
 # ----------------------------------------------------------------------------- Debezium
 
 
