@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from struct import Struct
 
-from domain.events import Column, Operation, Position, SourceEvent, TableSchema
+from domain.events import Column, Operation, Position, SchemaChange, SourceEvent, TableSchema
 from domain.rows import decode_row
 
 _BEGIN = Struct("!QqI")
@@ -77,7 +77,9 @@ class PgOutputDecoder:
         self._commit_lsn = 0
         self._commit_time_us = 0
         self._seq = 0
-        self.schema_changes: list[tuple[TableSchema | None, TableSchema]] = []
+        # Tables whose columns were added, dropped or retyped since they were last seen, in
+        # stream order; the reader drains this list into SourceChunk.schema_changes.
+        self.schema_changes: list[SchemaChange] = []
 
     def decode(self, data: bytes, out: list[SourceEvent]) -> CommitMarker | LogicalMessage | None:
         """Append any change in `data` to `out`; return a marker for commits and messages."""
@@ -195,7 +197,13 @@ class PgOutputDecoder:
         )
         info = RelationInfo(oid, schema, replica_identity, tuple(m for *_, m in raw))
         previous = self.relations.get(oid)
-        if previous != info:
-            if previous is None or previous.schema != schema:
-                self.schema_changes.append((previous.schema if previous else None, schema))
-            self.relations[oid] = info
+        if previous == info:  # resent per session and after cache invalidations
+            return
+        self.relations[oid] = info
+        if previous is None:  # the first sighting in this process is not a change
+            return
+        change = SchemaChange(previous.schema, schema)
+        # A new typmod (varchar(10) -> varchar(20)), key or replica identity only refreshes
+        # the cache: it is not a change of the columns' names or types.
+        if change.is_change:
+            self.schema_changes.append(change)

@@ -1,7 +1,25 @@
 """The PostgreSQL sink: row upserts by primary key (or a change log), idempotent by position.
 
 Each source table ``schema.table`` lands as ``<target_schema>.<table>``, created from the
-event's columns when absent (missing columns are added later: simple schema evolution).
+event's columns when absent. The target follows the shape of the events (schema evolution):
+
+* a column the events have and the target lacks is added (``ADD COLUMN``, no default: rows
+  already stored read NULL until a change for them arrives; a source ``ADD COLUMN ...
+  DEFAULT`` does not send its existing rows again, so re-read the table with a backfill);
+* a column the source dropped is kept, never dropped: the data in it stays, rows inserted
+  afterwards get NULL in it, and updated rows keep the value they had;
+* a column the source retyped (``int`` -> ``bigint``, ``varchar(10)`` -> ``text``, a new
+  typmod) is changed with ``ALTER COLUMN .. TYPE new USING col::new``. The sink records in
+  ``<target_schema>._cdc_columns`` the source type each column follows (the columns it
+  created, and existing columns whose type matches the source's); a column whose recorded
+  source type differs from the events' is changed. Columns whose type an operator chose
+  (no record, or a type other than the source's) are left alone: values that do not fit
+  them are dead-lettered. Only the newest shape of a table in a batch, among events not yet
+  applied, may change types, so a replay of older changes does not turn a column back. If
+  PostgreSQL refuses (values that do not convert, a view on the column), the column is
+  kept as it is, the refusal is logged as ``postgres_sink.retype_failed`` and not tried
+  again by this process; the events are still written, and those whose values do not fit
+  the old type go to the dead letters.
 
 One transaction per batch (per ``batch_size`` events of it) does all of this:
 
@@ -51,15 +69,24 @@ from adapters.postgres.dead_letter import (
     insert_dead_letters,
 )
 from domain.errors import PermanentError, SinkUnavailableError
-from domain.events import UNCHANGED, Operation, Position, SourceEvent, TableSchema, TextRow
+from domain.events import (
+    UNCHANGED,
+    Column,
+    Operation,
+    Position,
+    SourceEvent,
+    TableSchema,
+    TextRow,
+)
 from domain.health import ComponentHealth, Status
 from domain.ports import SinkBatch, WriteResult
 
-__all__ = ["OFFSETS_TABLE", "PostgresSinkWriter"]
+__all__ = ["COLUMNS_TABLE", "OFFSETS_TABLE", "PostgresSinkWriter"]
 
 log = structlog.get_logger(__name__)
 
 OFFSETS_TABLE: Final = "_cdc_offsets"
+COLUMNS_TABLE: Final = "_cdc_columns"
 CHANGES_SUFFIX: Final = "_changes"
 _MAX_IDENTIFIER_BYTES: Final = 63
 
@@ -130,6 +157,24 @@ class _Target:
     relname: str
     casts: dict[str, str]  # column -> its base type, qualified and quoted (no typmod)
     key: frozenset[str]  # primary key columns (empty: no primary key)
+    types: dict[str, tuple[int, int]] = field(default_factory=dict)  # (type oid, typmod)
+    declared: dict[str, str] = field(default_factory=dict)  # format_type() for messages
+    followed: dict[str, str] = field(default_factory=dict)  # column -> recorded source type
+
+
+@dataclass(frozen=True, slots=True)
+class _SinkType:
+    """How a source type name is stored in this database: the DDL to declare a column of it
+    (the name itself, or text when the database does not know it), the type and typmod a
+    column declared so has, and the base type to cast to (qualified, quoted, no typmod)."""
+
+    ddl: str
+    oid: int
+    typmod: int
+    base: str
+
+
+_TEXT_TYPE: Final = _SinkType("text", 25, -1, "pg_catalog.text")
 
 
 @dataclass(slots=True)
@@ -243,7 +288,9 @@ class PostgresSinkWriter:
         self._meta_ready = False
         self._targets: dict[str, _Target] = {}
         self._plans: dict[TableSchema, _Plan] = {}
-        self._type_ok: dict[str, bool] = {}
+        self._types: dict[str, _SinkType] = {}
+        # (relname, column, ddl) of column type changes PostgreSQL refused: not tried again.
+        self._retype_failed: set[tuple[str, str, str]] = set()
         self._staged: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], set[str]] = (
             weakref.WeakKeyDictionary()
         )
@@ -251,6 +298,7 @@ class PostgresSinkWriter:
         digest = hashlib.blake2b(f"cdc-sink-ddl:{self._schema}".encode(), digest_size=8)
         self._ddl_lock_key = int.from_bytes(digest.digest(), "big", signed=True)
         self._offsets = sql.Identifier(self._schema, OFFSETS_TABLE)
+        self._columns = sql.Identifier(self._schema, COLUMNS_TABLE)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -417,8 +465,10 @@ class PostgresSinkWriter:
         events: Sequence[SourceEvent],
     ) -> WriteResult:
         async with pool.connection() as conn:
+            await self._meta(conn)
+            newest = _newest_schemas(events, await self._applied_hint(conn, batch.partition))
             schemas = _distinct_schemas(events)
-            plans = await self._prepare(conn, schemas)
+            plans = await self._prepare(conn, schemas, newest)
             invalid = self._invalid
             if all(invalid(ev, plans[id(ev.table)]) is None for ev in events):
                 try:
@@ -438,7 +488,7 @@ class PostgresSinkWriter:
                 # The target may have changed under us (dropped, altered): look again.
                 self._targets.clear()
                 self._plans.clear()
-                plans = await self._prepare(conn, schemas)
+                plans = await self._prepare(conn, schemas, newest)
             return await self._apply_isolating(conn, batch, events, plans)
 
     async def _apply_batch(
@@ -740,22 +790,55 @@ class PostgresSinkWriter:
 
     # -- preparing targets -----------------------------------------------------------------
 
-    async def _prepare(
-        self, conn: psycopg.AsyncConnection[Any], schemas: Sequence[TableSchema]
-    ) -> _Plans:
-        """Make sure the bookkeeping tables, the target tables and this connection's staging
-        tables exist; return a plan per schema. DDL commits on its own (before the data)."""
+    async def _meta(self, conn: psycopg.AsyncConnection[Any]) -> None:
         if not self._meta_ready:
             await self._ensure_meta(conn)
             self._meta_ready = True
+
+    async def _applied_hint(
+        self, conn: psycopg.AsyncConnection[Any], partition: str
+    ) -> Position | None:
+        """The applied position as last seen (read once per partition, without a lock): only
+        used to leave events that are certainly replays out of column type changes."""
+        known = self._applied.get(partition)
+        if known is not None:
+            return known
+        cur = await conn.execute(
+            sql.SQL(
+                "SELECT major, minor FROM {} WHERE pipeline_id = %s AND sink_id = %s"
+                " AND partition = %s"
+            ).format(self._offsets),
+            (self._pipeline_id, self._sink_id, partition),
+        )
+        row = await cur.fetchone()
+        if row is None or row[0] is None:
+            return None
+        position = Position(int(row[0]), int(row[1] or 0))
+        self._applied[partition] = position
+        return position
+
+    async def _prepare(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        schemas: Sequence[TableSchema],
+        newest: frozenset[int] = frozenset(),
+    ) -> _Plans:
+        """Make sure the bookkeeping tables, the target tables and this connection's staging
+        tables exist; return a plan per schema. DDL commits on its own (before the data).
+
+        `newest` holds the id() of each table's newest schema among the events to apply:
+        only those may change column types. They are prepared first, so the plans of older
+        schemas of the same table are built against the changed columns."""
+        await self._meta(conn)
         plans: _Plans = {}
         staged = self._staged.get(conn)
         if staged is None:
             staged = self._staged[conn] = set()
-        for schema in schemas:
+        ordered = sorted(schemas, key=lambda sc: id(sc) not in newest)  # stable: newest first
+        for schema in ordered:
             plan = self._plans.get(schema)
             if plan is None:
-                plan = await self._build_plan(conn, schema)
+                plan = await self._build_plan(conn, schema, retype=id(schema) in newest)
                 if plan.error is None:
                     self._plans[schema] = plan
             if plan.error is None and not plan.append and plan.stage not in staged:
@@ -790,6 +873,17 @@ class PostgresSinkWriter:
                 )
             if not await self._relation_exists(conn, DEAD_LETTER_TABLE):
                 await conn.execute(create_dead_letter_table_sql(self._schema))
+            if not await self._relation_exists(conn, COLUMNS_TABLE):
+                await conn.execute(
+                    sql.SQL(
+                        "CREATE TABLE IF NOT EXISTS {} ("
+                        " table_name text NOT NULL,"
+                        " column_name text NOT NULL,"
+                        " source_type text NOT NULL,"
+                        " updated_at timestamptz NOT NULL DEFAULT now(),"
+                        " PRIMARY KEY (table_name, column_name))"
+                    ).format(self._columns)
+                )
 
     async def _ddl_lock(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Serialize DDL on the target schema among all writers (other sinks, replicas)."""
@@ -803,7 +897,11 @@ class PostgresSinkWriter:
         )
         return await cur.fetchone() is not None
 
-    async def _build_plan(self, conn: psycopg.AsyncConnection[Any], schema: TableSchema) -> _Plan:
+    async def _build_plan(
+        self, conn: psycopg.AsyncConnection[Any], schema: TableSchema, retype: bool = False
+    ) -> _Plan:
+        """The plan for `schema`, creating or extending the target table first; with `retype`
+        also changing the target's column types to the schema's."""
         key_columns = schema.key_columns
         append = self._settings.write_mode == "append" or not key_columns
         relname = _truncate_identifier(schema.table + CHANGES_SUFFIX if append else schema.table)
@@ -818,10 +916,14 @@ class PostgresSinkWriter:
             ncols=len(schema.columns),
         )
         target = self._targets.get(relname)
-        if target is None or any(name not in target.casts for name, _ in wanted):
+        if (
+            target is None
+            or any(name not in target.casts for name, _ in wanted)
+            or (retype and await self._retypes(conn, target, schema.columns))
+        ):
             try:
                 target = await self._ensure_table(
-                    conn, relname, wanted, () if append else key_columns
+                    conn, relname, wanted, () if append else key_columns, schema.columns, retype
                 )
             except Exception as exc:
                 if not _is_data_error(exc):
@@ -829,6 +931,11 @@ class PostgresSinkWriter:
                 plan.error = f"cannot prepare {self._schema}.{relname}: {_describe(exc)}"
                 log.error("postgres_sink.target_table_failed", table=relname, error=plan.error)
                 return plan
+            previous = self._targets.get(relname)
+            if previous is not None and previous.types != target.types:
+                # Plans of other schemas of this table cast to the old column types.
+                for stale in [k for k, p in self._plans.items() if p.relname == relname]:
+                    del self._plans[stale]
             self._targets[relname] = target
         if append:
             self._plan_append(plan)
@@ -850,8 +957,12 @@ class PostgresSinkWriter:
         relname: str,
         wanted: Sequence[tuple[str, str]],
         key: Sequence[str],
+        source: Sequence[Column] = (),
+        retype: bool = False,
     ) -> _Target:
-        """Create the table, or add the columns it lacks; return what the catalog says."""
+        """Create the table, or add the columns it lacks, and with `retype` change the types
+        of the columns the source retyped; record the source types the columns follow.
+        Return what the catalog says. Columns are never dropped."""
         async with conn.transaction():
             await self._ddl_lock(conn)
             target = await self._read_target(conn, relname)
@@ -859,7 +970,7 @@ class PostgresSinkWriter:
             if target is None:
                 columns = [
                     sql.SQL("{} {}").format(
-                        sql.Identifier(name), sql.SQL(await self._column_type(conn, type_name))
+                        sql.Identifier(name), sql.SQL((await self._sink_type(conn, type_name)).ddl)
                     )
                     for name, type_name in wanted
                 ]
@@ -874,13 +985,14 @@ class PostgresSinkWriter:
                         ident, sql.SQL(", ").join(columns)
                     )
                 )
+                await self._follow(conn, relname, [(c.name, c.type_name) for c in source])
                 target = await self._read_target(conn, relname)
                 assert target is not None
             missing = [(n, t) for n, t in wanted if n not in target.casts]
             if missing:
                 additions = [
                     sql.SQL("ADD COLUMN IF NOT EXISTS {} {}").format(
-                        sql.Identifier(name), sql.SQL(await self._column_type(conn, type_name))
+                        sql.Identifier(name), sql.SQL((await self._sink_type(conn, type_name)).ddl)
                     )
                     for name, type_name in missing
                 ]
@@ -892,34 +1004,159 @@ class PostgresSinkWriter:
                     table=f"{self._schema}.{relname}",
                     columns=[n for n, _ in missing],
                 )
+                added = {n for n, _ in missing}
+                await self._follow(
+                    conn, relname, [(c.name, c.type_name) for c in source if c.name in added]
+                )
+                target = await self._read_target(conn, relname)
+                assert target is not None
+            changes = await self._retypes(conn, target, source) if retype else []
+            if changes:
+                followed = [
+                    (name, type_name)
+                    for name, type_name, want, alter in changes
+                    if not alter or await self._retype(conn, target, name, want)
+                ]
+                await self._follow(conn, relname, followed)
                 target = await self._read_target(conn, relname)
                 assert target is not None
             return target
 
-    async def _column_type(self, conn: psycopg.AsyncConnection[Any], type_name: str) -> str:
-        """`type_name` if this database knows it (it then parses as exactly one type name, so
-        it is safe to splice into DDL), else text: the value is kept, in its text form."""
-        known = self._type_ok.get(type_name)
-        if known is None:
-            known = False
-            if type_name.strip():
-                try:
-                    async with conn.transaction():  # a savepoint: a parse error must not abort
-                        cur = await conn.execute("SELECT to_regtype(%s) IS NOT NULL", (type_name,))
-                        row = await cur.fetchone()
-                    known = bool(row and row[0])
-                except Exception as exc:
-                    if not _is_data_error(exc):
-                        raise
-            self._type_ok[type_name] = known
-        return type_name if known else "text"
+    async def _follow(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        relname: str,
+        columns: Sequence[tuple[str, str]],
+    ) -> None:
+        """Record the source type each of `columns` follows (inside the DDL transaction)."""
+        if not columns:
+            return
+        async with conn.cursor() as cur:
+            await cur.executemany(
+                sql.SQL(
+                    "INSERT INTO {} (table_name, column_name, source_type) VALUES (%s, %s, %s)"
+                    " ON CONFLICT (table_name, column_name) DO UPDATE"
+                    " SET source_type = EXCLUDED.source_type, updated_at = now()"
+                ).format(self._columns),
+                [(relname, name, type_name) for name, type_name in columns],
+            )
+
+    async def _retypes(
+        self, conn: psycopg.AsyncConnection[Any], target: _Target, columns: Sequence[Column]
+    ) -> list[tuple[str, str, _SinkType, bool]]:
+        """What to do for the source `columns` whose type differs from the one recorded for
+        them: (column, source type, its type here, whether the column must be altered). A
+        column without a record is adopted (recorded, not altered) when its type is the
+        source's; otherwise an operator chose it and it is left alone. Changes PostgreSQL
+        refused earlier are left out."""
+        out: list[tuple[str, str, _SinkType, bool]] = []
+        for col in columns:
+            have = target.types.get(col.name)
+            recorded = target.followed.get(col.name)
+            if have is None or recorded == col.type_name:
+                continue
+            want = await self._sink_type(conn, col.type_name)
+            same = (want.oid, want.typmod) == have
+            if recorded is None and not same:
+                continue
+            if not same and (target.relname, col.name, want.ddl) in self._retype_failed:
+                continue
+            out.append((col.name, col.type_name, want, not same))
+        return out
+
+    async def _retype(
+        self, conn: psycopg.AsyncConnection[Any], target: _Target, name: str, want: _SinkType
+    ) -> bool:
+        """ALTER COLUMN .. TYPE, inside the caller's DDL transaction. USING casts to the
+        base type: the typmod is then checked on assignment (a value too long for the new
+        varchar fails the change instead of being cut); without a cast between the types,
+        through text. A refusal is logged, remembered and answered with False."""
+        table = f"{self._schema}.{target.relname}"
+        ident = sql.Identifier(self._schema, target.relname)
+        col = sql.Identifier(name)
+        alter = "ALTER TABLE {} ALTER COLUMN {} TYPE {} USING {}::{}"
+        attempts = [
+            sql.SQL(alter).format(ident, col, sql.SQL(want.ddl), col, sql.SQL(want.base)),
+            sql.SQL(alter + "::text::{}").format(
+                ident, col, sql.SQL(want.ddl), col, sql.SQL("pg_catalog.text"), sql.SQL(want.base)
+            ),
+        ]
+        error = ""
+        for statement in attempts:
+            try:
+                async with conn.transaction():  # a savepoint: a refusal must not abort
+                    await conn.execute(statement)
+            except Exception as exc:
+                if not _is_data_error(exc):
+                    raise
+                error = _describe(exc)
+                if not isinstance(
+                    exc, (psycopg.errors.CannotCoerce, psycopg.errors.DatatypeMismatch)
+                ):
+                    break
+                continue
+            log.info(
+                "postgres_sink.column_retyped",
+                table=table,
+                column=name,
+                from_type=target.declared.get(name),
+                to_type=want.ddl,
+            )
+            return True
+        self._retype_failed.add((target.relname, name, want.ddl))
+        log.error(
+            "postgres_sink.retype_failed",
+            table=table,
+            column=name,
+            from_type=target.declared.get(name),
+            to_type=want.ddl,
+            error=error,
+            action="column kept as it is; events whose values do not fit it are dead-lettered",
+        )
+        return False
+
+    async def _sink_type(self, conn: psycopg.AsyncConnection[Any], type_name: str) -> _SinkType:
+        """How `type_name` is stored here: itself if this database knows it (it then parses as
+        exactly one type name, so it is safe to splice into DDL), else text: the value is
+        kept, in its text form. Cached per name."""
+        known = self._types.get(type_name)
+        if known is not None:
+            return known
+        found = _TEXT_TYPE
+        if type_name.strip():
+            try:
+                async with conn.transaction():  # a savepoint: a parse error must not abort
+                    cur = await conn.execute(
+                        "SELECT t.oid, quote_ident(n.nspname) || '.' || quote_ident(t.typname)"
+                        " FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace"
+                        " WHERE t.oid = to_regtype(%s)",
+                        (type_name,),
+                    )
+                    row = await cur.fetchone()
+                    if row is not None:
+                        # The typmod a column declared with this name gets, as the server
+                        # computes it (varchar(10) -> 14); a domain reports its base type.
+                        cur = await conn.execute(
+                            sql.SQL("SELECT NULL::{} LIMIT 0").format(sql.SQL(type_name))
+                        )
+                        result = cur.pgresult
+                        assert result is not None
+                        oid = int(row[0])
+                        typmod = result.fmod(0) if result.ftype(0) == oid else -1
+                        found = _SinkType(type_name, oid, typmod, str(row[1]))
+            except Exception as exc:
+                if not _is_data_error(exc):
+                    raise
+        self._types[type_name] = found
+        return found
 
     async def _read_target(
         self, conn: psycopg.AsyncConnection[Any], relname: str
     ) -> _Target | None:
         cur = await conn.execute(
             "SELECT a.attname, quote_ident(tn.nspname) || '.' || quote_ident(t.typname),"
-            " coalesce(a.attnum = ANY(i.indkey), false)"
+            " coalesce(a.attnum = ANY(i.indkey), false), a.atttypid, a.atttypmod,"
+            " format_type(a.atttypid, a.atttypmod)"
             " FROM pg_class c"
             " JOIN pg_namespace n ON n.oid = c.relnamespace"
             " JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped"
@@ -933,10 +1170,20 @@ class PostgresSinkWriter:
         rows = await cur.fetchall()
         if not rows:
             return None
+        cur = await conn.execute(
+            sql.SQL("SELECT column_name, source_type FROM {} WHERE table_name = %s").format(
+                self._columns
+            ),
+            (relname,),
+        )
+        followed = {str(r[0]): str(r[1]) for r in await cur.fetchall()}
         return _Target(
             relname=relname,
-            casts={name: cast for name, cast, _ in rows},
-            key=frozenset(name for name, _, is_key in rows if is_key),
+            casts={r[0]: r[1] for r in rows},
+            key=frozenset(r[0] for r in rows if r[2]),
+            types={r[0]: (int(r[3]), int(r[4])) for r in rows},
+            declared={r[0]: r[5] for r in rows},
+            followed=followed,
         )
 
     # -- statements ------------------------------------------------------------------------
@@ -1029,6 +1276,21 @@ def _distinct_schemas(events: Sequence[SourceEvent]) -> list[TableSchema]:
             if id(table) not in seen:
                 seen[id(table)] = table
     return list(seen.values())
+
+
+def _newest_schemas(events: Sequence[SourceEvent], applied: Position | None) -> frozenset[int]:
+    """id() of each table's last TableSchema among the events after `applied`: the shape a
+    target may be changed to. Events at or below `applied` are replays of older shapes."""
+    newest: dict[str, int] = {}
+    last: TableSchema | None = None
+    for ev in reversed(events):
+        if applied is not None and ev.position <= applied:
+            break
+        table = ev.table
+        if table is not last:
+            last = table
+            newest.setdefault(table.qualified_name, id(table))
+    return frozenset(newest.values())
 
 
 def _after(events: Sequence[SourceEvent], applied: Position | None) -> list[SourceEvent]:

@@ -453,6 +453,187 @@ def test_schema_evolution_adds_columns(target: Target) -> None:
     ]
 
 
+def _shape(*columns: tuple[str, int, str]) -> TableSchema:
+    """shop.items with `columns` after the key."""
+    return TableSchema(
+        "shop", "items", (Column("id", 23, "integer", is_key=True), *(Column(*c) for c in columns))
+    )
+
+
+def column_types(conn: psycopg.Connection[Any], table: str = "items") -> dict[str, str]:
+    return dict(
+        rows(
+            conn,
+            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
+            " WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
+            f"sink.{table}",
+        )
+    )
+
+
+def test_retyped_source_columns_are_altered_and_replays_do_not_turn_them_back(
+    target: Target,
+) -> None:
+    dsn, conn = target
+    v1 = _shape(("qty", 23, "integer"), ("label", 1043, "character varying(10)"))
+    wider = _shape(("qty", 23, "integer"), ("label", 1043, "character varying(20)"))
+    v2 = _shape(("qty", 20, "bigint"), ("label", 25, "text"))
+    s = Stream()
+    first = [s.ins(v1, "1", "10", "short"), s.ins(v1, "2", "20", "two")]
+    second = [
+        s.tx().upd(v1, "2", "21", "two"),  # older shape first in the batch
+        s.ins(wider, "3", "30", "fifteen chars!!"),
+    ]
+    third = [
+        s.tx().ins(v2, "4", str(2**40), "a label far longer than ten characters"),
+        s.upd(v2, "1", str(-(2**35)), "short"),
+    ]
+
+    async def scenario() -> list[WriteResult]:
+        results = []
+        async with open_writer(dsn) as writer:
+            for n, events in enumerate((first, second, third), start=1):
+                results.append(await writer.write(batch(events, batch_id=n)))
+                if n == 2:
+                    assert column_types(conn)["label"] == "character varying(20)"
+            # A replay of everything (the slot resends after a restart): old shapes first.
+            results.append(await writer.write(batch([*first, *second, *third], batch_id=4)))
+        # A new process (nothing in memory) that sees the old shapes replayed again.
+        async with open_writer(dsn) as writer:
+            results.append(await writer.write(batch([*first, *second], batch_id=5)))
+        return results
+
+    results = run(scenario())
+    assert [(r.written, r.skipped, r.dead_lettered) for r in results] == [
+        (2, 0, 0),
+        (2, 0, 0),
+        (2, 0, 0),
+        (0, 6, 0),
+        (0, 4, 0),
+    ]
+    assert column_types(conn) == {"id": "integer", "qty": "bigint", "label": "text"}
+    assert rows(conn, "SELECT id, qty, label FROM sink.items ORDER BY id") == [
+        (1, -(2**35), "short"),
+        (2, 21, "two"),
+        (3, 30, "fifteen chars!!"),
+        (4, 2**40, "a label far longer than ten characters"),
+    ]
+    assert rows(conn, "SELECT count(*) FROM sink._cdc_dead_letters") == [(0,)]
+    assert rows(
+        conn, "SELECT column_name, source_type FROM sink._cdc_columns ORDER BY column_name"
+    ) == [("id", "integer"), ("label", "text"), ("qty", "bigint")]
+
+
+def test_retype_seen_first_by_a_new_process_is_applied(target: Target) -> None:
+    """The source changed while the sink was down: the new process sees only the new shape
+    and learns from the recorded source types that the column must change."""
+    dsn, conn = target
+    v1 = _shape(("qty", 23, "integer"), ("label", 25, "text"))
+    v2 = _shape(("qty", 1700, "numeric(14,3)"), ("label", 25, "text"))
+    s = Stream()
+
+    async def write(events: list[SourceEvent], batch_id: int) -> WriteResult:
+        async with open_writer(dsn) as writer:
+            return await writer.write(batch(events, batch_id=batch_id))
+
+    assert run(write([s.ins(v1, "1", "7", "a")], 1)).written == 1
+    assert run(write([s.tx().ins(v2, "2", "2.125", "b")], 2)).written == 1
+    assert column_types(conn)["qty"] == "numeric(14,3)"
+    assert rows(conn, "SELECT id, qty FROM sink.items ORDER BY id") == [
+        (1, Decimal("7.000")),
+        (2, Decimal("2.125")),
+    ]
+
+
+def test_column_types_chosen_by_an_operator_are_left_alone(target: Target) -> None:
+    """A target column the sink did not create, of another type than the source's, is the
+    operator's choice: never altered (values that do not fit it are dead-lettered)."""
+    dsn, conn = target
+    conn.execute("CREATE SCHEMA sink")
+    conn.execute("CREATE TABLE sink.items (id integer PRIMARY KEY, qty bigint, label varchar(5))")
+    v1 = _shape(("qty", 23, "integer"), ("label", 25, "text"))
+    v2 = _shape(("qty", 20, "bigint"), ("label", 25, "text"))
+    s = Stream()
+    events = [s.ins(v1, "1", "1", "ok"), s.tx().ins(v2, "2", "2", "much too long")]
+
+    async def scenario() -> WriteResult:
+        async with open_writer(dsn) as writer:
+            return await writer.write(batch(events))
+
+    assert (run(scenario()).written, run(scenario()).skipped) == (1, 2)
+    assert column_types(conn) == {"id": "integer", "qty": "bigint", "label": "character varying(5)"}
+    assert rows(conn, "SELECT id, qty, label FROM sink.items") == [(1, 1, "ok")]
+    assert rows(conn, "SELECT minor, error LIKE '%%too long%%' FROM sink._cdc_dead_letters") == [
+        (0, True)
+    ]
+    # id and qty matched the source's types: adopted, so they follow later changes.
+    assert rows(
+        conn, "SELECT column_name, source_type FROM sink._cdc_columns ORDER BY column_name"
+    ) == [("id", "integer"), ("qty", "bigint")]
+
+
+def test_refused_retype_is_logged_once_and_the_rest_is_written(
+    target: Target, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dsn, conn = target
+    v1 = _shape(("qty", 25, "text"), ("label", 25, "text"))
+    v2 = _shape(("qty", 23, "integer"), ("label", 25, "text"))
+    s = Stream()
+    first = [s.ins(v1, "1", "not a number", "a"), s.ins(v1, "2", "2", "b")]
+    second = [s.tx().ins(v2, "3", "3", "c"), s.upd(v2, "2", "22", "b")]
+    third = [s.tx().ins(v2, "4", "4", "d")]
+
+    async def scenario() -> list[WriteResult]:
+        async with open_writer(dsn) as writer:
+            out = [await writer.write(batch(first))]
+            out.append(await asyncio.wait_for(writer.write(batch(second, batch_id=2)), 30))
+            out.append(await asyncio.wait_for(writer.write(batch(third, batch_id=3)), 30))
+            return out
+
+    results = run(scenario())
+    assert [(r.written, r.dead_lettered) for r in results] == [(2, 0), (2, 0), (1, 0)]
+    # 'not a number' cannot become an integer: the column stays text and keeps every value.
+    assert column_types(conn)["qty"] == "text"
+    assert rows(conn, "SELECT id, qty FROM sink.items ORDER BY id") == [
+        (1, "not a number"),
+        (2, "22"),
+        (3, "3"),
+        (4, "4"),
+    ]
+    captured = capsys.readouterr()
+    refused = [
+        line for line in (captured.out + captured.err).splitlines() if "retype_failed" in line
+    ]
+    assert len(refused) == 1, captured
+    assert "column=qty" in refused[0] and "to_type=integer" in refused[0], refused
+
+
+def test_dropped_source_column_is_kept_and_null_for_new_rows(target: Target) -> None:
+    dsn, conn = target
+    v1 = _shape(("qty", 23, "integer"), ("label", 25, "text"))
+    v2 = _shape(("qty", 23, "integer"))  # ALTER TABLE ... DROP COLUMN label
+    s = Stream()
+    events = [
+        s.ins(v1, "1", "1", "one"),
+        s.ins(v1, "2", "2", "two"),
+        s.tx().upd(v2, "1", "11"),
+        s.ins(v2, "3", "3"),
+        s.delete(v2, "2"),
+    ]
+
+    async def scenario() -> WriteResult:
+        async with open_writer(dsn) as writer:
+            await writer.write(batch(events[:2]))
+            return await writer.write(batch(events[2:], batch_id=2))
+
+    assert run(scenario()).written == 3
+    assert column_types(conn) == {"id": "integer", "qty": "integer", "label": "text"}
+    assert rows(conn, "SELECT id, qty, label FROM sink.items ORDER BY id") == [
+        (1, 11, "one"),
+        (3, 3, None),
+    ]
+
+
 def test_unknown_source_type_becomes_text(target: Target) -> None:
     dsn, conn = target
     moods = TableSchema(

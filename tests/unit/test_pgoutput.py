@@ -20,7 +20,15 @@ from adapters.postgres.pgoutput import (
     PgOutputDecoder,
     ProtocolError,
 )
-from domain.events import UNCHANGED, Column, Operation, Position, SourceEvent, TableSchema
+from domain.events import (
+    UNCHANGED,
+    Column,
+    Operation,
+    Position,
+    SchemaChange,
+    SourceEvent,
+    TableSchema,
+)
 
 # --- message builders ------------------------------------------------------------------------
 
@@ -256,7 +264,7 @@ def test_commit_time_converted_from_2000_epoch() -> None:
     assert marker.commit_time_us == 946_684_799_000_000
 
 
-def test_relation_builds_schema_and_records_schema_changes() -> None:
+def test_relation_builds_schema_and_first_sighting_is_not_a_change() -> None:
     decoder = PgOutputDecoder("shop")
     feed(decoder, relation(ORDERS_OID, "public", "orders", ORDERS_COLS))
     expected = TableSchema(
@@ -268,7 +276,7 @@ def test_relation_builds_schema_and_records_schema_changes() -> None:
             Column("total", NUMERIC, "", False),
         ),
     )
-    assert decoder.schema_changes == [(None, expected)]
+    assert decoder.schema_changes == []
     info = decoder.relations[ORDERS_OID]
     assert info.schema == expected
     assert info.replica_identity == "d"
@@ -276,9 +284,13 @@ def test_relation_builds_schema_and_records_schema_changes() -> None:
 
     # The same relation again (pgoutput resends it per session / after invalidation): no change.
     feed(decoder, relation(ORDERS_OID, "public", "orders", ORDERS_COLS))
-    assert len(decoder.schema_changes) == 1
+    assert decoder.schema_changes == []
+    assert decoder.relations[ORDERS_OID] is info
 
-    # A new column: recorded as (old, new), and later changes use the new shape.
+
+def test_added_column_is_a_schema_change_and_later_changes_use_the_new_shape() -> None:
+    decoder = ready_decoder()
+    old = decoder.relations[ORDERS_OID].schema
     altered = [*ORDERS_COLS, (0, "status", TEXT, -1)]
     events, _ = feed(
         decoder,
@@ -286,11 +298,134 @@ def test_relation_builds_schema_and_records_schema_changes() -> None:
         begin(10, TS_PG_US, 2),
         insert(ORDERS_OID, [1, "n", "1", "new"]),
     )
-    assert len(decoder.schema_changes) == 2
-    old, new = decoder.schema_changes[1]
-    assert old == expected
-    assert new.column_names == ("id", "note", "total", "status")
-    assert events[0].table == new
+    [change] = decoder.schema_changes
+    assert isinstance(change, SchemaChange)
+    assert change.previous == old
+    assert change.current.column_names == ("id", "note", "total", "status")
+    assert (change.added, change.dropped, change.retyped) == (("status",), (), ())
+    assert change.is_change
+    assert events[0].table == change.current
+    assert events[0].table is decoder.relations[ORDERS_OID].schema
+
+
+@pytest.mark.parametrize(
+    ("columns", "added", "dropped", "retyped"),
+    [
+        ([(1, "id", INT8, -1), (0, "total", NUMERIC, 655366)], (), ("note",), ()),
+        # ALTER COLUMN total TYPE bigint: same name, new type OID.
+        ([(1, "id", INT8, -1), (0, "note", TEXT, -1), (0, "total", INT8, -1)], (), (), ("total",)),
+        # int8 -> int4 on the key column.
+        (
+            [(1, "id", INT4, -1), (0, "note", TEXT, -1), (0, "total", NUMERIC, 655366)],
+            (),
+            (),
+            ("id",),
+        ),
+        # A rename reads as one column dropped and one added.
+        (
+            [(1, "id", INT8, -1), (0, "remark", TEXT, -1), (0, "total", NUMERIC, 655366)],
+            ("remark",),
+            ("note",),
+            (),
+        ),
+        # Everything at once.
+        (
+            [(1, "id", INT8, -1), (0, "total", TEXT, -1), (0, "a", INT4, -1), (0, "b", TEXT, -1)],
+            ("a", "b"),
+            ("note",),
+            ("total",),
+        ),
+    ],
+    ids=["drop", "retype", "retype-key", "rename", "all"],
+)
+def test_dropped_retyped_and_renamed_columns_are_schema_changes(
+    columns: list[tuple[int, str, int, int]],
+    added: tuple[str, ...],
+    dropped: tuple[str, ...],
+    retyped: tuple[str, ...],
+) -> None:
+    decoder = ready_decoder()
+    old = decoder.relations[ORDERS_OID].schema
+    events, _ = feed(
+        decoder,
+        relation(ORDERS_OID, "public", "orders", columns),
+        begin(20, TS_PG_US, 3),
+        insert(ORDERS_OID, ["1"] * len(columns)),
+        commit(20, 30, TS_PG_US),
+    )
+    assert decoder.schema_changes == [SchemaChange(old, decoder.relations[ORDERS_OID].schema)]
+    change = decoder.schema_changes[0]
+    assert (change.added, change.dropped, change.retyped) == (added, dropped, retyped)
+    assert events[0].table.column_names == tuple(name for _, name, _, _ in columns)
+
+
+@pytest.mark.parametrize(
+    ("columns", "identity"),
+    [
+        # varchar(36) -> varchar(68): a new typmod, same type.
+        ([(1, "order_id", INT8, -1), (1, "sku", VARCHAR, 68), (0, "qty", INT4, -1)], b"f"),
+        # REPLICA IDENTITY DEFAULT instead of FULL.
+        (ITEMS_COLS, b"d"),
+        # A different replica identity index: other key flags.
+        ([(1, "order_id", INT8, -1), (0, "sku", VARCHAR, 36), (1, "qty", INT4, -1)], b"i"),
+    ],
+    ids=["typmod", "identity", "key-flags"],
+)
+def test_typmod_key_or_identity_only_refresh_the_cache_without_a_change(
+    columns: list[tuple[int, str, int, int]], identity: bytes
+) -> None:
+    decoder = ready_decoder()
+    before = decoder.relations[ITEMS_OID]
+    feed(decoder, relation(ITEMS_OID, "sales", "items", columns, identity))
+    after = decoder.relations[ITEMS_OID]
+    assert after != before
+    assert after.replica_identity == identity.decode()
+    assert after.type_modifiers == tuple(m for *_, m in columns)
+    assert decoder.schema_changes == []
+
+
+def test_schema_changes_accumulate_in_stream_order_until_drained() -> None:
+    decoder = ready_decoder()
+    v1 = decoder.relations[ORDERS_OID].schema
+    v2_cols = [*ORDERS_COLS, (0, "a", TEXT, -1)]
+    v3_cols = [*v2_cols, (0, "b", TEXT, -1)]
+    items_v2 = [(1, "order_id", INT8, -1), (1, "sku", VARCHAR, 36)]
+    feed(
+        decoder,
+        relation(ORDERS_OID, "public", "orders", v2_cols),
+        relation(ITEMS_OID, "sales", "items", items_v2, b"f"),
+        relation(ORDERS_OID, "public", "orders", v3_cols),
+        relation(ORDERS_OID, "public", "orders", v3_cols),  # resent: nothing new
+    )
+    changes = decoder.schema_changes
+    assert [(c.current.qualified_name, c.added, c.dropped) for c in changes] == [
+        ("public.orders", ("a",), ()),
+        ("sales.items", (), ("qty",)),
+        ("public.orders", ("b",), ()),
+    ]
+    assert changes[0].previous == v1
+    assert changes[2].previous == changes[0].current
+    # The reader takes the list and puts a new one in place (wal_reader._stream).
+    decoder.schema_changes = []
+    feed(decoder, relation(ORDERS_OID, "public", "orders", ORDERS_COLS))
+    assert [c.dropped for c in decoder.schema_changes] == [("a", "b")]
+
+
+def test_schema_change_uses_described_type_names() -> None:
+    names = {INT4: "integer", INT8: "bigint", TEXT: "text", NUMERIC: "numeric(12,2)"}
+
+    def describe(oid: int, columns: list[tuple[bool, str, int, int]]) -> list[tuple[str, bool]]:
+        return [(names[type_oid], is_key) for is_key, _, type_oid, _ in columns]
+
+    decoder = PgOutputDecoder("shop", describe=describe)
+    cols = [(1, "id", INT4, -1), (0, "total", NUMERIC, 786438)]
+    feed(decoder, relation(ORDERS_OID, "public", "orders", cols))
+    feed(decoder, relation(ORDERS_OID, "public", "orders", [(1, "id", INT8, -1), cols[1]]))
+    [change] = decoder.schema_changes
+    assert change.retyped == ("id",)
+    assert change.previous is not None
+    assert [c.type_name for c in change.previous.columns] == ["integer", "numeric(12,2)"]
+    assert [c.type_name for c in change.current.columns] == ["bigint", "numeric(12,2)"]
 
 
 def test_relation_resent_with_new_identity_or_typmod_updates_cache() -> None:
