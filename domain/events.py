@@ -73,6 +73,14 @@ class TableSchema:
         return tuple(c.name for c in self.columns)
 
 
+def _type_differs(old: Column, new: Column) -> bool:
+    """Another type, or the same type with another modifier (varchar(10) -> varchar(20))
+    when both names are known."""
+    if old.type_oid != new.type_oid:
+        return True
+    return bool(old.type_name and new.type_name and old.type_name != new.type_name)
+
+
 @dataclass(frozen=True, slots=True)
 class SchemaChange:
     """A table's shape differs from the one last seen: columns added, dropped or retyped.
@@ -102,11 +110,9 @@ class SchemaChange:
     def retyped(self) -> tuple[str, ...]:
         if self.previous is None:
             return ()
-        old = {c.name: c.type_oid for c in self.previous.columns}
+        old = {c.name: c for c in self.previous.columns}
         return tuple(
-            c.name
-            for c in self.current.columns
-            if c.name in old and old[c.name] != c.type_oid
+            c.name for c in self.current.columns if c.name in old and _type_differs(old[c.name], c)
         )
 
     @property

@@ -156,3 +156,34 @@ def test_unchanged_survives_copy_and_deepcopy() -> None:
     event = SourceEvent(Operation.UPDATE, ORDERS, Position(1), after=("acme", UNCHANGED, "7", "1"))
     assert copy.deepcopy(event).after[1] is UNCHANGED  # type: ignore[index]
     assert pickle.loads(pickle.dumps(event)).after[1] is UNCHANGED
+
+
+def test_a_schema_change_names_added_dropped_and_retyped_columns() -> None:
+    from domain.events import Column, SchemaChange, TableSchema
+
+    old = TableSchema(
+        "public",
+        "t",
+        (
+            Column("id", 23, "integer", True),
+            Column("code", 1043, "character varying(10)"),
+            Column("gone", 25, "text"),
+            Column("n", 23, "integer"),
+        ),
+    )
+    new = TableSchema(
+        "public",
+        "t",
+        (
+            Column("id", 23, "integer", True),
+            Column("code", 1043, "character varying(20)"),  # same type, new modifier
+            Column("n", 20, "bigint"),
+            Column("added", 25, "text"),
+        ),
+    )
+    change = SchemaChange(old, new)
+    assert (change.added, change.dropped, change.retyped) == (("added",), ("gone",), ("code", "n"))
+    assert change.is_change
+    assert not SchemaChange(None, new).is_change  # first sighting
+    unnamed = TableSchema("public", "t", tuple(Column(c.name, c.type_oid, "") for c in old.columns))
+    assert not SchemaChange(unnamed, old).is_change  # names unknown: only OIDs compare
