@@ -216,6 +216,22 @@ class WalReaderConfig(ConfigModel):
     batch_timeout_seconds: PositiveFloat = 1.0
     status_interval_seconds: PositiveFloat = 10.0
     slot_lag_degraded_bytes: PositiveInt = 1_073_741_824
+    reconnect_initial_seconds: PositiveFloat = 0.5
+    reconnect_max_seconds: PositiveFloat = 30.0
+
+    @model_validator(mode="after")
+    def _check_backoff(self) -> Self:
+        if self.reconnect_max_seconds < self.reconnect_initial_seconds:
+            raise_if(
+                [
+                    (
+                        ("reconnect_max_seconds",),
+                        f"reconnect_max_seconds {self.reconnect_max_seconds:g} is below"
+                        f" reconnect_initial_seconds {self.reconnect_initial_seconds:g}",
+                    )
+                ]
+            )
+        return self
 
 
 class IngestConfig(ConfigModel):

@@ -48,7 +48,14 @@ from adapters.postgres.snapshot import (
     save_progress,
 )
 from adapters.postgres.watermark import WATERMARK_PREFIX, WatermarkChunker
-from domain.events import Operation, Position, SourceEvent, TableSchema, TextRow
+from domain.events import (
+    Operation,
+    Position,
+    SchemaChange,
+    SourceEvent,
+    TableSchema,
+    TextRow,
+)
 from domain.health import ComponentHealth, Status
 from domain.ports import SourceChunk
 
@@ -130,6 +137,7 @@ class PostgresWalSource:
         self._jobs_added = asyncio.Event()
         self._chunker: WatermarkChunker | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._added_columns: list[SchemaChange] = []
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -298,6 +306,7 @@ class PostgresWalSource:
             changes = decoder.schema_changes
             if changes:
                 decoder.schema_changes = []
+                self._added_columns += [c for c in changes if c.added]
             if events or checkpoint is not None or changes:
                 if checkpoint is not None:
                     lsn = checkpoint.lsn if isinstance(checkpoint, ReaderCheckpoint) else checkpoint
@@ -614,17 +623,52 @@ class PostgresWalSource:
         """Heartbeats every `heartbeat_interval_seconds`; the signal table every second."""
         s = self.settings
         next_beat = 0.0
+        failing = False
         while not self._stopping.is_set():
             try:
                 admin = await self._admin_conn()
                 await self._poll_signals(admin)
+                await self._backfill_added_defaults(admin)
                 if s.heartbeat_mode != "none" and time.monotonic() >= next_beat:
                     await self._heartbeat(admin)
                     next_beat = time.monotonic() + s.heartbeat_interval_seconds
+                if failing:
+                    log.info("source.maintenance_recovered")
+                    failing = False
             except (psycopg.Error, OSError) as exc:
-                log.warning("source.maintenance_failed", error=str(exc).strip())
+                if not failing:  # once per outage, not every second
+                    log.warning("source.maintenance_failed", error=str(exc).strip())
+                    failing = True
                 self._admin = None
             await self._sleep_or_stop(SIGNAL_POLL_SECONDS)
+
+    async def _backfill_added_defaults(self, admin: psycopg.AsyncConnection[Any]) -> None:
+        """ADD COLUMN with a default fills existing rows without sending them: re-read the
+        table so the sinks get the value too (only for pipelines that snapshot at all)."""
+        while self._added_columns:
+            change = self._added_columns[0]
+            table = change.current.qualified_name
+            rows = await (
+                await admin.execute(
+                    "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s)"
+                    " AND attname = ANY(%s) AND (atthasdef OR atthasmissing)"
+                    " AND NOT attisdropped",
+                    (table, list(change.added)),
+                )
+            ).fetchall()
+            self._added_columns.pop(0)
+            if not rows or self.settings.snapshot_mode not in ("initial", "when_needed"):
+                continue
+            running = self._progress.get((BACKFILL, table))
+            if running is not None and not running.done:
+                log.warning("schema.default_backfill_skipped", table=table, reason="in progress")
+                continue
+            progress = TableProgress(table, BACKFILL)
+            await save_progress(admin, self.settings.slot_name, [progress])
+            self._progress[(BACKFILL, table)] = progress
+            self._committed_progress[(BACKFILL, table)] = progress
+            self._queue_job(progress)
+            log.info("schema.default_backfill", table=table, columns=[r[0] for r in rows])
 
     async def _heartbeat(self, admin: psycopg.AsyncConnection[Any]) -> None:
         if self.settings.heartbeat_mode == "table":

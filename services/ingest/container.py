@@ -45,6 +45,8 @@ def build_wal_source(pipeline: PipelineConfig, platform: PlatformConfig) -> Post
             heartbeat_interval_seconds=s.heartbeat_interval_seconds,
             snapshot_chunk_size=s.snapshot_chunk_size,
             snapshot_parallelism=s.snapshot_parallelism,
+            reconnect_initial_seconds=wal.reconnect_initial_seconds,
+            reconnect_max_seconds=wal.reconnect_max_seconds,
         )
     )
 

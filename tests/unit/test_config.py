@@ -646,3 +646,18 @@ def test_invalid_utf8(tmp_path: Path) -> None:
     path.write_bytes(MINIMAL.encode() + b"# \xff\n")
     with pytest.raises(ConfigError, match="not valid UTF-8"):
         load_pipeline(path, env={})
+
+
+def test_reconnect_backoff_must_not_shrink(tmp_path: Path) -> None:
+    err = platform_error(
+        tmp_path,
+        """\
+        wal_reader:
+          reconnect_initial_seconds: 5
+          reconnect_max_seconds: 1
+        """,
+    )
+    problem = only(err)
+    assert problem.path == "wal_reader.reconnect_max_seconds"
+    assert problem.line == 3
+    assert "below reconnect_initial_seconds 5" in problem.message
