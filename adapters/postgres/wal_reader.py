@@ -596,11 +596,16 @@ class PostgresWalSource:
             try:
                 await action()
                 return
-            except (psycopg.OperationalError, OSError) as exc:
+            except (psycopg.OperationalError, OSError, SlotLostError) as exc:
+                # A lost slot is reported (unhealthy) and re-checked, not a crash loop:
+                # the operator may undeploy, or switch to snapshot_mode when_needed.
                 if self._stopping.is_set():
                     raise
                 self._last_error = f"{what}: {exc}".strip()
-                log.warning("source.unreachable", step=what, error=str(exc), retry_in=backoff)
+                event = (
+                    "source.slot_lost" if isinstance(exc, SlotLostError) else "source.unreachable"
+                )
+                log.warning(event, step=what, error=str(exc), retry_in=backoff)
                 await self._close_repl()
                 await self._sleep_or_stop(backoff)
                 backoff = min(backoff * 2, self.settings.reconnect_max_seconds)

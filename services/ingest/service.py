@@ -70,7 +70,20 @@ class IngestService:
         self.started_at = time.monotonic()
 
     async def run(self) -> None:
-        await self.source.start()
+        # The source retries while its database is unreachable; a stop request must not
+        # wait for it.
+        starting = asyncio.create_task(self.source.start(), name="source-start")
+        stopper = asyncio.create_task(self._stop.wait())
+        await asyncio.wait({starting, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            await self.source.stop()
+            log.info("ingest.stopped", events_read=0)
+            return
+        starting.result()
         # Started once the source has created what it watches (the slot).
         if self.monitor is not None:
             await self.monitor.start()
