@@ -26,43 +26,20 @@ from adapters.postgres.pgoutput import PgOutputDecoder
 from domain.events import UNCHANGED, Operation, SourceEvent
 from tests.support.pipeline import (
     REPO,
+    Background,
     PipelineFiles,
     Stage,
     assert_tables_equal,
     cdc_argv,
-    free_port,
     http_status,
-    ingest_stage,
-    sink_stage,
+    pipeline_with_ddl,
+    running_stages,
+    stage_logs,
     table_rows,
     tables_equal,
     wait_until,
     write_configs,
 )
-
-
-def _logs(*stages: Stage) -> str:
-    return "\n".join(f"--- {s.name}\n{s.log_tail(40)}" for s in stages)
-
-
-def _setup(
-    pg: Any, tmp_path: Path, ddl: str, tables: Sequence[str], **config: Any
-) -> tuple[str, str, PipelineFiles]:
-    """A source database with `ddl` run in it, an empty replica, and the pipeline's files."""
-    source_db, replica_db = pg.new_database("src"), pg.new_database("replica")
-    source_dsn, replica_dsn = pg.dsn(source_db), pg.dsn(replica_db)
-    with psycopg.connect(source_dsn, autocommit=True) as conn:
-        conn.execute(ddl)
-    files = write_configs(
-        tmp_path,
-        host=pg.host,
-        port=pg.port,
-        source_db=source_db,
-        replica_db=replica_db,
-        tables=tables,
-        **config,
-    )
-    return source_dsn, replica_dsn, files
 
 
 def _add_sink(files: PipelineFiles, sink_id: str, **postgres: Any) -> None:
@@ -75,45 +52,13 @@ def _add_sink(files: PipelineFiles, sink_id: str, **postgres: Any) -> None:
     files.pipeline.write_text(yaml.safe_dump(pipeline, sort_keys=False))
 
 
-@contextlib.contextmanager
-def _stages(
-    files: PipelineFiles, tmp_path: Path, sink_ids: Sequence[str] = ("replica",)
-) -> Iterator[tuple[Stage, dict[str, Stage]]]:
-    """Sink stage(s) and the ingest stage, running until the block ends; they must then stop
-    cleanly (exit 0 on SIGTERM)."""
-    ports = {sink_id: free_port() for sink_id in sink_ids}
-    sinks = {
-        sink_id: sink_stage(files, tmp_path, port, sink_id).start()
-        for sink_id, port in ports.items()
-    }
-    ingest = ingest_stage(files, tmp_path, ports).start()
-    stages = [ingest, *sinks.values()]
-    try:
-        wait_until(
-            lambda: (
-                not all(s.alive() for s in stages)
-                or http_status(files.health_port, "/readyz") == 200
-            ),
-            90,
-            "pipeline ready",
-        )
-        assert all(s.alive() for s in stages), "a stage exited\n" + _logs(*stages)
-        yield ingest, sinks
-    except BaseException:
-        print(_logs(*stages))
-        raise
-    finally:
-        codes = {s.name: s.terminate() for s in stages if s.alive()}
-    assert all(code == 0 for code in codes.values()), (codes, _logs(*stages))
-
-
 def _wait_equal(
     source_dsn: str, replica_dsn: str, tables: Sequence[str], timeout: float, *stages: Stage
 ) -> None:
     wait_until(
         lambda: tables_equal(source_dsn, replica_dsn, tables),
         timeout,
-        "sink = source\n" + _logs(*stages),
+        "sink = source\n" + stage_logs(*stages),
         interval=0.5,
     )
     assert_tables_equal(source_dsn, replica_dsn, tables)
@@ -136,7 +81,7 @@ ALTER TABLE public.docs REPLICA IDENTITY DEFAULT;
 
 def test_unchanged_toasted_value_survives_updates_and_a_sink_kill_9(pg, tmp_path: Path) -> None:
     tables = ["public.docs"]
-    source_dsn, replica_dsn, files = _setup(pg, tmp_path, TOAST_DDL, tables)
+    source_dsn, replica_dsn, files = pipeline_with_ddl(pg, tmp_path, TOAST_DDL, tables)
     rng = random.Random(11)
     with psycopg.connect(source_dsn, autocommit=True) as src:
         # Rows of the initial snapshot, with big values.
@@ -147,7 +92,7 @@ def test_unchanged_toasted_value_survives_updates_and_a_sink_kill_9(pg, tmp_path
             )
         stored = src.execute("SELECT min(pg_column_size(body)) FROM public.docs").fetchone()
         assert stored is not None and stored[0] > 8_000, "the body must stay uncompressed"
-        with _stages(files, tmp_path) as (ingest, sinks):
+        with running_stages(files, tmp_path) as (ingest, sinks):
             sink = sinks["replica"]
             # A second slot on the pipeline's publication shows what pgoutput really sent.
             src.execute("SELECT pg_create_logical_replication_slot('toast_audit', 'pgoutput')")
@@ -231,12 +176,12 @@ INSERT INTO public.tags SELECT g, g, 't' || g FROM generate_series(1, 100) g;
 
 def test_truncate_mid_stream(pg, tmp_path: Path) -> None:
     tables = ["public.tasks", "public.tags"]
-    source_dsn, replica_dsn, files = _setup(pg, tmp_path, TRUNCATE_DDL, tables)
+    source_dsn, replica_dsn, files = pipeline_with_ddl(pg, tmp_path, TRUNCATE_DDL, tables)
     # A second sink writes a change log (append mode): it shows the truncates as operation 't'.
     _add_sink(files, "log", target_schema="changelog", write_mode="append")
     with (
         psycopg.connect(source_dsn, autocommit=True) as src,
-        _stages(files, tmp_path, ("replica", "log")) as (ingest, sinks),
+        running_stages(files, tmp_path, ("replica", "log")) as (ingest, sinks),
     ):
         stages = (ingest, *sinks.values())
         src.execute("INSERT INTO public.tasks SELECT g, 'before' FROM generate_series(201, 400) g")
@@ -315,10 +260,10 @@ def _source_columns_equal(source_dsn: str, replica_dsn: str, table: str) -> bool
 
 def test_columns_added_dropped_and_retyped_mid_stream(pg, tmp_path: Path) -> None:
     table = "public.parts"
-    source_dsn, replica_dsn, files = _setup(pg, tmp_path, COLUMNS_DDL, [table])
+    source_dsn, replica_dsn, files = pipeline_with_ddl(pg, tmp_path, COLUMNS_DDL, [table])
     with (
         psycopg.connect(source_dsn, autocommit=True) as src,
-        _stages(files, tmp_path) as (ingest, sinks),
+        running_stages(files, tmp_path) as (ingest, sinks),
     ):
         stages = (ingest, sinks["replica"])
 
@@ -326,7 +271,7 @@ def test_columns_added_dropped_and_retyped_mid_stream(pg, tmp_path: Path) -> Non
             wait_until(
                 lambda: _source_columns_equal(source_dsn, replica_dsn, table),
                 60,
-                what + "\n" + _logs(*stages),
+                what + "\n" + stage_logs(*stages),
                 interval=0.5,
             )
 
@@ -367,7 +312,7 @@ def test_columns_added_dropped_and_retyped_mid_stream(pg, tmp_path: Path) -> Non
         wait_until(
             lambda: summary(replica_dsn) == summary(source_dsn) == (294, 5_000_000_000),
             60,
-            "all changes applied\n" + _logs(*stages),
+            "all changes applied\n" + stage_logs(*stages),
             interval=0.5,
         )
         # The rows that existed before ADD COLUMN ... DEFAULT and did not change afterwards
@@ -421,31 +366,22 @@ CREATE TABLE public.bulk (
 BIG_ROWS = 1_000_000
 
 
-class _RssSampler:
+class _RssSampler(Background):
     """Peak resident set size of processes, sampled every 100 ms by a thread."""
 
+    interval = 0.1
+
     def __init__(self, stages: dict[str, Stage]) -> None:
+        super().__init__()
         self.stages = stages
         self.peak_mb: dict[str, float] = dict.fromkeys(stages, 0.0)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> _RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for name, stage in self.stages.items():
-                assert stage.process is not None
-                with contextlib.suppress(psutil.Error):
-                    rss = psutil.Process(stage.process.pid).memory_info().rss / 2**20
-                    self.peak_mb[name] = max(self.peak_mb[name], rss)
-            time.sleep(0.1)
+    def step(self) -> None:
+        for name, stage in self.stages.items():
+            assert stage.process is not None
+            with contextlib.suppress(psutil.Error):
+                rss = psutil.Process(stage.process.pid).memory_info().rss / 2**20
+                self.peak_mb[name] = max(self.peak_mb[name], rss)
 
 
 def _chunk_digests(dsn: str, table: str, chunk: int = 50_000) -> list[tuple[Any, ...]]:
@@ -460,11 +396,11 @@ def _chunk_digests(dsn: str, table: str, chunk: int = 50_000) -> list[tuple[Any,
 
 def test_one_million_row_transaction_with_bounded_memory(pg, tmp_path: Path) -> None:
     table = "public.bulk"
-    source_dsn, replica_dsn, files = _setup(
+    source_dsn, replica_dsn, files = pipeline_with_ddl(
         pg, tmp_path, BIG_DDL, [table], snapshot_mode="never", batch_max_events=2000
     )
     started = time.monotonic()
-    with _stages(files, tmp_path) as (ingest, sinks):
+    with running_stages(files, tmp_path) as (ingest, sinks):
         sink = sinks["replica"]
         with _RssSampler({"ingest": ingest, "sink": sink}) as rss:
             time.sleep(0.3)
@@ -493,7 +429,7 @@ def test_one_million_row_transaction_with_bounded_memory(pg, tmp_path: Path) -> 
             wait_until(
                 lambda: count() == BIG_ROWS,
                 300,
-                "1M rows in the sink\n" + _logs(ingest, sink),
+                "1M rows in the sink\n" + stage_logs(ingest, sink),
                 interval=1.0,
             )
             done = time.monotonic()
@@ -519,66 +455,61 @@ INSERT INTO public.ledger SELECT g, 0, 'seed' FROM generate_series(1, 100) g;
 """
 
 
-class _Writer:
+class _Writer(Background):
     """Small transactions (inserts, updates, deletes) that keep going through a server
     restart: a failed transaction is retried on a new connection. Whatever committed is in
     the source; the comparison needs nothing else."""
 
     def __init__(self, dsn: str) -> None:
+        super().__init__()
         self.dsn = dsn
         self.commits = 0
         self.failures = 0
-        self.stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> _Writer:
-        self._thread.start()
-        return self
+        self._rng = random.Random(5)
+        self._next_id = 1000
+        self._conn: psycopg.Connection[Any] | None = None
 
     def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self._thread.join(60)
+        super().__exit__(*exc)
+        if self._conn is not None:
+            self._conn.close()
 
-    def _run(self) -> None:
-        rng = random.Random(5)
-        next_id = 1000
-        conn: psycopg.Connection[Any] | None = None
-        while not self.stop.is_set():
-            try:
-                if conn is None or conn.closed:
-                    conn = psycopg.connect(self.dsn, connect_timeout=3)
-                with conn.transaction():
-                    for _ in range(rng.randint(1, 5)):
-                        r = rng.random()
-                        if r < 0.4:
-                            next_id += 1
-                            conn.execute(
-                                "INSERT INTO public.ledger VALUES (%s, 0, 'new')"
-                                " ON CONFLICT (id) DO NOTHING",
-                                (next_id,),
-                            )
-                        elif r < 0.9:
-                            conn.execute(
-                                "UPDATE public.ledger SET balance = balance + 1, note = %s"
-                                " WHERE id = %s",
-                                (f"c{self.commits}", rng.randint(1, 100)),
-                            )
-                        else:
-                            conn.execute(
-                                "DELETE FROM public.ledger WHERE id = %s",
-                                (rng.randint(1001, max(1001, next_id)),),
-                            )
-                self.commits += 1
-                time.sleep(0.005)
-            except psycopg.Error:
-                self.failures += 1
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        conn.close()
-                conn = None
-                time.sleep(0.2)
-        if conn is not None:
-            conn.close()
+    def step(self) -> None:
+        rng = self._rng
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = psycopg.connect(self.dsn, connect_timeout=3)
+            conn = self._conn
+            with conn.transaction():
+                for _ in range(rng.randint(1, 5)):
+                    r = rng.random()
+                    if r < 0.4:
+                        self._next_id += 1
+                        conn.execute(
+                            "INSERT INTO public.ledger VALUES (%s, 0, 'new')"
+                            " ON CONFLICT (id) DO NOTHING",
+                            (self._next_id,),
+                        )
+                    elif r < 0.9:
+                        conn.execute(
+                            "UPDATE public.ledger SET balance = balance + 1, note = %s"
+                            " WHERE id = %s",
+                            (f"c{self.commits}", rng.randint(1, 100)),
+                        )
+                    else:
+                        conn.execute(
+                            "DELETE FROM public.ledger WHERE id = %s",
+                            (rng.randint(1001, max(1001, self._next_id)),),
+                        )
+            self.commits += 1
+            time.sleep(0.005)
+        except psycopg.Error:
+            self.failures += 1
+            if self._conn is not None:
+                with contextlib.suppress(Exception):
+                    self._conn.close()
+            self._conn = None
+            time.sleep(0.2)
 
 
 def test_source_restart_mid_stream_reconnects_and_loses_nothing(
@@ -606,7 +537,7 @@ def test_source_restart_mid_stream_reconnects_and_loses_nothing(
     pipeline = yaml.safe_load(files.pipeline.read_text())
     pipeline["sinks"][0]["postgres"].update(host=pg.host, port=pg.port)
     files.pipeline.write_text(yaml.safe_dump(pipeline, sort_keys=False))
-    with _stages(files, tmp_path) as (ingest, sinks):
+    with running_stages(files, tmp_path) as (ingest, sinks):
         sink = sinks["replica"]
         with _Writer(source_dsn) as writer:
             wait_until(lambda: writer.commits > 200, 60, "writer running")
@@ -670,7 +601,7 @@ def test_undeploy_drops_slot_and_publication_keeps_data_and_run_recreates_them(
     pg, tmp_path: Path
 ) -> None:
     tables = ["public.notes"]
-    source_dsn, replica_dsn, files = _setup(pg, tmp_path, UNDEPLOY_DDL, tables)
+    source_dsn, replica_dsn, files = pipeline_with_ddl(pg, tmp_path, UNDEPLOY_DDL, tables)
     log_path = tmp_path / "run.log"
     with psycopg.connect(source_dsn, autocommit=True) as src:
         with _cdc_run(files, log_path):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import random
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import psycopg
 import pytest
 
 from tests.support.pipeline import (
+    Background,
     PipelineFiles,
     assert_tables_equal,
     cdc_argv,
@@ -23,11 +23,12 @@ from tests.support.pipeline import (
     http_json,
     http_status,
     ingest_stage,
+    pipeline_with_ddl,
     sink_stage,
+    stage_logs,
     table_rows,
     tables_equal,
     wait_until,
-    write_configs,
 )
 from tests.support.postgres import PgTestContext
 
@@ -51,77 +52,53 @@ INSERT INTO public.accounts SELECT t, i, (t * i) / 100.0
 
 
 def _setup(pg: Any, tmp_path: Path, **source: Any) -> tuple[str, str, PipelineFiles]:
-    source_db, replica_db = pg.new_database("src"), pg.new_database("replica")
-    source_dsn, replica_dsn = pg.dsn(source_db), pg.dsn(replica_db)
-    with psycopg.connect(source_dsn, autocommit=True) as conn:
-        conn.execute(DDL)
-        conn.execute(SEED)
-    files = write_configs(
-        tmp_path,
-        host=pg.host,
-        port=pg.port,
-        source_db=source_db,
-        replica_db=replica_db,
-        tables=TABLES,
-        extra_source=source,
-        extra_platform={"wal_reader": {"status_interval_seconds": 1.0}},
-    )
-    return source_dsn, replica_dsn, files
+    return pipeline_with_ddl(pg, tmp_path, DDL + SEED, TABLES, extra_source=source)
 
 
-class Storm:
+class Storm(Background):
     """Small transactions of inserts, updates and deletes on all three tables."""
 
-    def __init__(self, dsn: str, seed: int = 3) -> None:
-        self.dsn = dsn
-        self.rng = random.Random(seed)
-        self.stop = threading.Event()
-        self.changes = 0
-        self.thread = threading.Thread(target=self._run, daemon=True)
+    interval = 0.002
 
-    def __enter__(self) -> Storm:
-        self.thread.start()
-        return self
+    def __init__(self, dsn: str, seed: int = 3) -> None:
+        super().__init__()
+        self.conn = psycopg.connect(dsn)
+        self.rng = random.Random(seed)
+        self.changes = 0
+        self.next_id = 100_000
 
     def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(30)
+        super().__exit__(*exc)
+        self.conn.close()
 
-    def _run(self) -> None:
-        rng = self.rng
-        next_id = 100_000
-        with psycopg.connect(self.dsn) as conn:
-            while not self.stop.is_set():
-                with conn.transaction():
-                    for _ in range(rng.randint(1, 10)):
-                        r = rng.random()
-                        if r < 0.35:
-                            conn.execute(
-                                "UPDATE public.items SET qty = qty + 1, note = %s WHERE id = %s",
-                                (f"n{self.changes}", rng.randint(1, 20000)),
-                            )
-                        elif r < 0.55:
-                            conn.execute(
-                                "UPDATE public.accounts SET balance = balance + 1"
-                                " WHERE tenant = %s AND id = %s",
-                                (rng.randint(1, 10), rng.randint(1, 1000)),
-                            )
-                        elif r < 0.7:
-                            next_id += 1
-                            conn.execute(
-                                "INSERT INTO public.events VALUES (%s, 'new', '{}')", (next_id,)
-                            )
-                        elif r < 0.85:
-                            conn.execute(
-                                "DELETE FROM public.items WHERE id = %s", (rng.randint(1, 20000),)
-                            )
-                        else:
-                            conn.execute(
-                                "DELETE FROM public.events WHERE id = %s",
-                                (rng.randint(1, 20000),),
-                            )
-                        self.changes += 1
-                time.sleep(0.002)
+    def step(self) -> None:
+        rng, conn = self.rng, self.conn
+        with conn.transaction():
+            for _ in range(rng.randint(1, 10)):
+                r = rng.random()
+                if r < 0.35:
+                    conn.execute(
+                        "UPDATE public.items SET qty = qty + 1, note = %s WHERE id = %s",
+                        (f"n{self.changes}", rng.randint(1, 20000)),
+                    )
+                elif r < 0.55:
+                    conn.execute(
+                        "UPDATE public.accounts SET balance = balance + 1"
+                        " WHERE tenant = %s AND id = %s",
+                        (rng.randint(1, 10), rng.randint(1, 1000)),
+                    )
+                elif r < 0.7:
+                    self.next_id += 1
+                    conn.execute(
+                        "INSERT INTO public.events VALUES (%s, 'new', '{}')", (self.next_id,)
+                    )
+                elif r < 0.85:
+                    conn.execute("DELETE FROM public.items WHERE id = %s", (rng.randint(1, 20000),))
+                else:
+                    conn.execute(
+                        "DELETE FROM public.events WHERE id = %s", (rng.randint(1, 20000),)
+                    )
+                self.changes += 1
 
 
 def _snapshot_state(dsn: str, slot: str) -> tuple[str, str] | None:
@@ -160,11 +137,7 @@ def _wait_equal(source_dsn: str, replica_dsn: str, *stages: Any) -> None:
                 f"{table}: only in source {sorted(src - dst)[:5]},"
                 f" only in sink {sorted(dst - src)[:5]}"
             )
-        raise AssertionError("\n".join(lines) + "\n" + _logs(*stages)) from None
-
-
-def _logs(*stages: Any) -> str:
-    return "\n".join(f"--- {s.name}\n{s.log_tail(30)}" for s in stages)
+        raise AssertionError("\n".join(lines) + "\n" + stage_logs(*stages)) from None
 
 
 def test_snapshot_is_chunked_parallel_and_resumes_after_kill_9(pg, tmp_path: Path) -> None:
@@ -181,7 +154,7 @@ def test_snapshot_is_chunked_parallel_and_resumes_after_kill_9(pg, tmp_path: Pat
                 progress = _progress(source_dsn, files.slot)
                 return any(rows > 0 for rows, _ in progress.values())
 
-            wait_until(partly_done, 60, "first snapshot chunks committed\n" + _logs(ingest))
+            wait_until(partly_done, 60, "first snapshot chunks committed\n" + stage_logs(ingest))
             ingest.kill9()
             at_kill = _progress(source_dsn, files.slot)
             state_at_kill = _snapshot_state(source_dsn, files.slot)
@@ -194,7 +167,7 @@ def test_snapshot_is_chunked_parallel_and_resumes_after_kill_9(pg, tmp_path: Pat
             wait_until(
                 lambda: (_snapshot_state(source_dsn, files.slot) or ("",))[0] == "done",
                 120,
-                "snapshot done after restart\n" + _logs(ingest, sink),
+                "snapshot done after restart\n" + stage_logs(ingest, sink),
             )
             time.sleep(0.5)
         assert storm.changes > 0
@@ -223,7 +196,7 @@ def test_backfill_during_update_storm_repairs_the_sink(pg, tmp_path: Path) -> No
         wait_until(
             lambda: tables_equal(source_dsn, replica_dsn, TABLES),
             120,
-            "snapshot replicated\n" + _logs(ingest, sink),
+            "snapshot replicated\n" + stage_logs(ingest, sink),
         )
         # Damage the sink behind the pipeline's back: the backfill must repair it.
         with psycopg.connect(replica_dsn, autocommit=True) as conn:
@@ -248,7 +221,7 @@ def test_backfill_during_update_storm_repairs_the_sink(pg, tmp_path: Path) -> No
                 text=True,
                 timeout=180,
             )
-            assert result.returncode == 0, result.stdout + result.stderr + _logs(ingest)
+            assert result.returncode == 0, result.stdout + result.stderr + stage_logs(ingest)
             assert "done" in result.stdout, result.stdout
         assert storm.changes > 100
         _wait_equal(source_dsn, replica_dsn, ingest, sink)
@@ -411,7 +384,7 @@ def test_a_lost_slot_resnapshots_with_when_needed_and_is_reported_otherwise(
                 body = http_json(files.health_port, "/readyz")
                 return "is lost" in str(body["components"]["source"])
 
-            wait_until(reported, 60, _logs(ingest))
+            wait_until(reported, 60, stage_logs(ingest))
             assert http_status(files.health_port, "/readyz") == 503
             time.sleep(2)
             assert ingest.alive(), "a lost slot is reported, not a crash loop"

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -333,3 +335,88 @@ def new_pipeline(
         **config,
     )
     return source_dsn, replica_dsn, files
+
+
+def pipeline_with_ddl(
+    pg: Any, tmp_path: Path, ddl: str, tables: Sequence[str], **config: Any
+) -> tuple[str, str, PipelineFiles]:
+    """A source database with `ddl` run in it, an empty replica, and the pipeline's files:
+    (source dsn, replica dsn, files). `config` goes to write_configs."""
+    source_db, replica_db = pg.new_database("src"), pg.new_database("replica")
+    source_dsn, replica_dsn = pg.dsn(source_db), pg.dsn(replica_db)
+    with psycopg.connect(source_dsn, autocommit=True) as conn:
+        conn.execute(ddl)
+    files = write_configs(
+        tmp_path,
+        host=pg.host,
+        port=pg.port,
+        source_db=source_db,
+        replica_db=replica_db,
+        tables=tables,
+        **config,
+    )
+    return source_dsn, replica_dsn, files
+
+
+def stage_logs(*stages: Stage, lines: int = 40) -> str:
+    return "\n".join(f"--- {s.name}\n{s.log_tail(lines)}" for s in stages)
+
+
+@contextlib.contextmanager
+def running_stages(
+    files: PipelineFiles, tmp_path: Path, sink_ids: Sequence[str] = ("replica",)
+) -> Iterator[tuple[Stage, dict[str, Stage]]]:
+    """Sink stage(s) and the ingest stage, running until the block ends; they must then stop
+    cleanly (exit 0 on SIGTERM). Yields (ingest, {sink id: sink})."""
+    ports = {sink_id: free_port() for sink_id in sink_ids}
+    sinks = {
+        sink_id: sink_stage(files, tmp_path, port, sink_id).start()
+        for sink_id, port in ports.items()
+    }
+    ingest = ingest_stage(files, tmp_path, ports).start()
+    stages = [ingest, *sinks.values()]
+    try:
+        wait_until(
+            lambda: (
+                not all(s.alive() for s in stages)
+                or http_status(files.health_port, "/readyz") == 200
+            ),
+            90,
+            "pipeline ready",
+        )
+        assert all(s.alive() for s in stages), "a stage exited\n" + stage_logs(*stages)
+        yield ingest, sinks
+    except BaseException:
+        print(stage_logs(*stages))
+        raise
+    finally:
+        codes = {s.name: s.terminate() for s in stages if s.alive()}
+    assert all(code == 0 for code in codes.values()), (codes, stage_logs(*stages))
+
+
+class Background:
+    """A loop on a thread for the length of a `with` block: `step()` runs until the block
+    ends (writers, samplers)."""
+
+    interval = 0.0
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Any:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.step()
+            if self.interval:
+                time.sleep(self.interval)
+
+    def step(self) -> None:
+        raise NotImplementedError
