@@ -24,6 +24,7 @@ from tests.support.pipeline import (
     http_status,
     ingest_stage,
     pipeline_with_ddl,
+    running_stages,
     sink_stage,
     stage_logs,
     table_rows,
@@ -189,10 +190,8 @@ def test_snapshot_is_chunked_parallel_and_resumes_after_kill_9(pg, tmp_path: Pat
 
 def test_backfill_during_update_storm_repairs_the_sink(pg, tmp_path: Path) -> None:
     source_dsn, replica_dsn, files = _setup(pg, tmp_path, snapshot_chunk_size=1000)
-    sink_port = free_port()
-    sink = sink_stage(files, tmp_path, sink_port).start()
-    ingest = ingest_stage(files, tmp_path, {"replica": sink_port}).start()
-    try:
+    with running_stages(files, tmp_path) as (ingest, sinks):
+        sink = sinks["replica"]
         wait_until(
             lambda: tables_equal(source_dsn, replica_dsn, TABLES),
             120,
@@ -226,10 +225,6 @@ def test_backfill_during_update_storm_repairs_the_sink(pg, tmp_path: Path) -> No
         assert storm.changes > 100
         _wait_equal(source_dsn, replica_dsn, ingest, sink)
         assert_tables_equal(source_dsn, replica_dsn, TABLES)
-    finally:
-        for stage in (ingest, sink):
-            if stage.alive():
-                stage.terminate()
     backfilled = _progress(source_dsn, files.slot, kind="backfill")
     assert set(backfilled) == {"public.items", "public.accounts"}
     assert all(done for _, done in backfilled.values()), backfilled

@@ -320,20 +320,11 @@ def new_pipeline(
 ) -> tuple[str, str, PipelineFiles]:
     """A source database with the workload's tables, an empty replica database, and the
     config files of a pipeline between them: (source dsn, replica dsn, files)."""
-    from tests.support.workload import TABLES, create_tables
+    from tests.support.workload import DDL, TABLES, seed_customers
 
-    source_db, replica_db = pg.new_database("src"), pg.new_database("replica")
-    source_dsn, replica_dsn = pg.dsn(source_db), pg.dsn(replica_db)
-    create_tables(source_dsn, seed_rows=seed_rows)
-    files = write_configs(
-        tmp_path,
-        host=pg.host,
-        port=pg.port,
-        source_db=source_db,
-        replica_db=replica_db,
-        tables=TABLES,
-        **config,
-    )
+    source_dsn, replica_dsn, files = pipeline_with_ddl(pg, tmp_path, DDL, TABLES, **config)
+    if seed_rows:
+        seed_customers(source_dsn, seed_rows)
     return source_dsn, replica_dsn, files
 
 

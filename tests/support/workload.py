@@ -32,12 +32,17 @@ CREATE TABLE public.customers (
 def create_tables(dsn: str, seed_rows: int = 0) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(DDL)
-        if seed_rows:
-            conn.execute(
-                "INSERT INTO public.customers (id, name, profile)"
-                " SELECT g, 'seed ' || g, jsonb_build_object('n', g) FROM generate_series(1, %s) g",
-                (seed_rows,),
-            )
+    if seed_rows:
+        seed_customers(dsn, seed_rows)
+
+
+def seed_customers(dsn: str, rows: int) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO public.customers (id, name, profile)"
+            " SELECT g, 'seed ' || g, jsonb_build_object('n', g) FROM generate_series(1, %s) g",
+            (rows,),
+        )
 
 
 def run_workload(
