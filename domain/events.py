@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 
 class Operation(enum.Enum):
@@ -137,7 +137,6 @@ class Position:
         return f"{self.major}:{self.minor}"
 
 
-@dataclass(slots=True)
 class SourceEvent:
     """One row change.
 
@@ -145,25 +144,148 @@ class SourceEvent:
     `domain.pgtypes.row_to_python` converts them to Python values by type. Keeping the
     text form lets the hot path avoid per-value conversion when the destination accepts
     text (COPY into PostgreSQL).
+
+    A row may instead be given in its wire encoding (`before_wire` / `after_wire`: the
+    TupleData bytes of `domain.rows`, as the WAL reader receives them); it is then decoded
+    on first access of `before` / `after` only, so a stage that just passes the row on
+    never decodes it (`before_wire` / `after_wire` stay available for that). Assigning
+    `before` / `after` drops the wire form. Equality, repr and pickling see the decoded
+    rows, as for any other event.
     """
 
-    operation: Operation
-    table: TableSchema
-    position: Position
-    partition: str = "0"
-    before: TextRow | None = None
-    after: TextRow | None = None
-    commit_time_us: int = 0
-    transaction_id: int = 0
-    source_database: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    __slots__ = (
+        "_after",
+        "_after_wire",
+        "_before",
+        "_before_wire",
+        "commit_time_us",
+        "extra",
+        "operation",
+        "partition",
+        "position",
+        "source_database",
+        "table",
+        "transaction_id",
+    )
+
+    _FIELDS: ClassVar[tuple[str, ...]] = (
+        "operation",
+        "table",
+        "position",
+        "partition",
+        "before",
+        "after",
+        "commit_time_us",
+        "transaction_id",
+        "source_database",
+        "extra",
+    )
+
+    def __init__(
+        self,
+        operation: Operation,
+        table: TableSchema,
+        position: Position,
+        partition: str = "0",
+        before: TextRow | None = None,
+        after: TextRow | None = None,
+        commit_time_us: int = 0,
+        transaction_id: int = 0,
+        source_database: str = "",
+        extra: dict[str, Any] | None = None,
+        *,
+        before_wire: bytes | None = None,
+        after_wire: bytes | None = None,
+    ) -> None:
+        if (before is not None and before_wire is not None) or (
+            after is not None and after_wire is not None
+        ):
+            raise ValueError("give a row either decoded or in its wire form, not both")
+        self.operation = operation
+        self.table = table
+        self.position = position
+        self.partition = partition
+        self._before = before
+        self._after = after
+        self._before_wire = before_wire
+        self._after_wire = after_wire
+        self.commit_time_us = commit_time_us
+        self.transaction_id = transaction_id
+        self.source_database = source_database
+        self.extra: dict[str, Any] = {} if extra is None else extra
+
+    @property
+    def before(self) -> TextRow | None:
+        row = self._before
+        if row is None and self._before_wire is not None:
+            row = self._before = _decode_wire(self._before_wire)
+        return row
+
+    @before.setter
+    def before(self, row: TextRow | None) -> None:
+        self._before = row
+        self._before_wire = None
+
+    @property
+    def after(self) -> TextRow | None:
+        row = self._after
+        if row is None and self._after_wire is not None:
+            row = self._after = _decode_wire(self._after_wire)
+        return row
+
+    @after.setter
+    def after(self, row: TextRow | None) -> None:
+        self._after = row
+        self._after_wire = None
+
+    @property
+    def before_wire(self) -> bytes | None:
+        """The `before` row's wire encoding if the event was made from it, else None."""
+        return self._before_wire
+
+    @property
+    def after_wire(self) -> bytes | None:
+        """The `after` row's wire encoding if the event was made from it, else None."""
+        return self._after_wire
+
+    @property
+    def has_before(self) -> bool:
+        return self._before is not None or self._before_wire is not None
+
+    @property
+    def has_after(self) -> bool:
+        return self._after is not None or self._after_wire is not None
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self._FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, SourceEvent)
+        return self._values() == other._values()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it replaced
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={v!r}" for n, v in zip(self._FIELDS, self._values(), strict=True))
+        return f"SourceEvent({fields})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (SourceEvent, self._values())
 
     @property
     def key(self) -> dict[str, str | None]:
         """The key columns of the row (from `after`, or `before` for deletes)."""
-        row = self.after if self.after is not None else self.before
+        row = self.after if self.has_after else self.before
         if row is None:
             return {}
         return {
             c.name: row[i] for i, c in enumerate(self.table.columns) if c.is_key and i < len(row)
         }
+
+
+def _decode_wire(data: bytes) -> TextRow:
+    from domain.rows import decode_row  # rows.py imports this module
+
+    return decode_row(data)[0]

@@ -13,6 +13,7 @@ from domain.events import UNCHANGED, TextRow
 
 _I16 = Struct("!h")
 _I32 = Struct("!i")
+_U32 = Struct("!I")
 _NULL = b"n"
 _UNCHANGED = b"u"
 
@@ -38,6 +39,8 @@ def encode_row(row: TextRow) -> bytes:
 
 def decode_row(buf: bytes | memoryview, offset: int = 0) -> tuple[TextRow, int]:
     """Decode one row starting at `offset`; returns the row and the offset after it."""
+    if type(buf) is not bytes:
+        buf = bytes(buf)
     try:
         (count,) = _I16.unpack_from(buf, offset)
         if count < 0:
@@ -45,28 +48,28 @@ def decode_row(buf: bytes | memoryview, offset: int = 0) -> tuple[TextRow, int]:
         pos = offset + 2
         values: list[str | None] = []
         append = values.append
-        unpack = _I32.unpack_from
+        unpack = _U32.unpack_from
         for _ in range(count):
             kind = buf[pos]
-            pos += 1
             if kind == 116:  # 't'
-                (length,) = unpack(buf, pos)
-                if length < 0:
-                    raise RowFormatError(f"negative value length {length}")
-                pos += 4
-                end = pos + length
-                if end > len(buf):
-                    raise RowFormatError("value runs past the end of the row")
-                append(bytes(buf[pos:end]).decode())
-                pos = end
+                # Unsigned: a negative length reads as > 2 GiB and runs past the end.
+                start = pos + 5
+                pos = start + unpack(buf, pos + 1)[0]
+                append(buf[start:pos].decode())
             elif kind == 110:  # 'n'
+                pos += 1
                 append(None)
             elif kind == 117:  # 'u'
+                pos += 1
                 append(UNCHANGED)
             elif kind == 98:  # 'b' binary values are never requested
                 raise RowFormatError("binary tuple values are not supported")
             else:
-                raise RowFormatError(f"unknown column kind {kind!r} at byte {pos - 1}")
+                raise RowFormatError(f"unknown column kind {kind!r} at byte {pos}")
+        # Positions only grow, and a value cut short by the end of `buf` leaves `pos` past
+        # it, so one check at the end catches every value that ran past the end.
+        if pos > len(buf):
+            raise RowFormatError("value runs past the end of the row")
         return tuple(values), pos
     except (IndexError, UnicodeDecodeError) as exc:
         raise RowFormatError(f"malformed row: {exc}") from exc

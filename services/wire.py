@@ -30,52 +30,56 @@ def encode_batch(
     events: Sequence[SourceEvent],
     trace_context: Mapping[str, str] | None = None,
 ) -> pb.EventBatch:
+    message = pb.EventBatch(
+        batch_id=batch_id,
+        pipeline_id=pipeline_id,
+        partition=partition,
+        trace_context=dict(trace_context or {}),
+    )
+    add_table = message.tables.add
+    add_event = message.events.add  # fills the repeated field in place: no Event copies
+    to_pb = _TO_PB
     refs: dict[int, int] = {}
-    tables: list[pb.TableSchema] = []
-    out: list[pb.Event] = []
-    make_event = pb.Event
     source_database = ""
     for event in events:
         schema = event.table
         ref = refs.get(id(schema))
         if ref is None:
-            ref = len(tables)
-            refs[id(schema)] = ref
-            tables.append(
-                pb.TableSchema(
-                    ref=ref,
-                    schema=schema.schema,
-                    table=schema.table,
-                    columns=[
-                        pb.Column(
-                            name=c.name, type_oid=c.type_oid, type_name=c.type_name, is_key=c.is_key
-                        )
-                        for c in schema.columns
-                    ],
-                )
+            ref = refs[id(schema)] = len(refs)
+            add_table(
+                ref=ref,
+                schema=schema.schema,
+                table=schema.table,
+                columns=[
+                    pb.Column(
+                        name=c.name, type_oid=c.type_oid, type_name=c.type_name, is_key=c.is_key
+                    )
+                    for c in schema.columns
+                ],
             )
         source_database = event.source_database
-        out.append(
-            make_event(
-                operation=_TO_PB[event.operation],
-                table_ref=ref,
-                position=event.position.major,
-                sequence=event.position.minor,
-                commit_time_us=event.commit_time_us,
-                transaction_id=event.transaction_id,
-                before=b"" if event.before is None else encode_row(event.before),
-                after=b"" if event.after is None else encode_row(event.after),
-            )
+        # Rows read from the WAL are still in their wire encoding: passed on as they are.
+        before = event.before_wire
+        if before is None:
+            row = event.before
+            before = b"" if row is None else encode_row(row)
+        after = event.after_wire
+        if after is None:
+            row = event.after
+            after = b"" if row is None else encode_row(row)
+        position = event.position
+        add_event(
+            operation=to_pb[event.operation],
+            table_ref=ref,
+            position=position.major,
+            sequence=position.minor,
+            commit_time_us=event.commit_time_us,
+            transaction_id=event.transaction_id,
+            before=before,
+            after=after,
         )
-    return pb.EventBatch(
-        batch_id=batch_id,
-        pipeline_id=pipeline_id,
-        partition=partition,
-        tables=tables,
-        events=out,
-        trace_context=dict(trace_context or {}),
-        source_database=source_database,
-    )
+    message.source_database = source_database
+    return message
 
 
 def decode_batch(message: pb.EventBatch) -> SinkBatch:
@@ -90,24 +94,28 @@ def decode_batch(message: pb.EventBatch) -> SinkBatch:
     partition = message.partition
     database = message.source_database
     events: list[SourceEvent] = []
+    append = events.append
+    from_pb = _FROM_PB
     for e in message.events:
         schema = schemas.get(e.table_ref)
-        operation = _FROM_PB.get(e.operation)
+        operation = from_pb.get(e.operation)
         if schema is None or operation is None:
             raise WireFormatError(
                 f"batch {message.batch_id}: event with unknown table or operation"
             )
-        events.append(
+        before = e.before
+        after = e.after
+        append(
             SourceEvent(
-                operation=operation,
-                table=schema,
-                position=Position(e.position, e.sequence),
-                partition=partition,
-                before=decode_row(e.before)[0] if e.before else None,
-                after=decode_row(e.after)[0] if e.after else None,
-                commit_time_us=e.commit_time_us,
-                transaction_id=e.transaction_id,
-                source_database=database,
+                operation,
+                schema,
+                Position(e.position, e.sequence),
+                partition,
+                decode_row(before)[0] if before else None,
+                decode_row(after)[0] if after else None,
+                e.commit_time_us,
+                e.transaction_id,
+                database,
             )
         )
     return SinkBatch(message.pipeline_id, partition, message.batch_id, events)

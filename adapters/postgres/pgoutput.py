@@ -84,12 +84,14 @@ class PgOutputDecoder:
     def decode(self, data: bytes, out: list[SourceEvent]) -> CommitMarker | LogicalMessage | None:
         """Append any change in `data` to `out`; return a marker for commits and messages."""
         kind = data[0]
+        # New and old tuples stay in their TupleData bytes (the wire encoding of
+        # domain.rows): they are decoded only if something reads them (a backfill window,
+        # a sink), not to be passed on. A message ends with its last tuple.
         if kind == 73:  # 'I'
             rel = self._relation(data, 1)
             if data[5] != 78:  # 'N'
                 raise ProtocolError("insert without new tuple")
-            row, _ = decode_row(data, 6)
-            out.append(self._event(Operation.CREATE, rel, None, row))
+            out.append(self._event(Operation.CREATE, rel, None, None, None, data[6:]))
         elif kind == 85:  # 'U'
             rel = self._relation(data, 1)
             pos = 5
@@ -98,12 +100,10 @@ class PgOutputDecoder:
                 before, pos = decode_row(data, pos + 1)
             if data[pos] != 78:
                 raise ProtocolError("update without new tuple")
-            after, _ = decode_row(data, pos + 1)
-            out.append(self._event(Operation.UPDATE, rel, before, after))
+            out.append(self._event(Operation.UPDATE, rel, before, None, None, data[pos + 1 :]))
         elif kind == 68:  # 'D'
             rel = self._relation(data, 1)
-            before, _ = decode_row(data, 6)
-            out.append(self._event(Operation.DELETE, rel, before, None))
+            out.append(self._event(Operation.DELETE, rel, None, None, data[6:], None))
         elif kind == 66:  # 'B'
             final_lsn, ts, xid = _BEGIN.unpack_from(data, 1)
             self.in_transaction = True
@@ -140,18 +140,23 @@ class PgOutputDecoder:
         rel: RelationInfo,
         before: tuple[str | None, ...] | None,
         after: tuple[str | None, ...] | None,
+        before_wire: bytes | None = None,
+        after_wire: bytes | None = None,
     ) -> SourceEvent:
         seq = self._seq
         self._seq = seq + 1
         return SourceEvent(
-            operation=op,
-            table=rel.schema,
-            position=Position(self._commit_lsn, seq),
-            before=before,
-            after=after,
-            commit_time_us=self._commit_time_us,
-            transaction_id=self._xid,
-            source_database=self.source_database,
+            op,
+            rel.schema,
+            Position(self._commit_lsn, seq),
+            "0",
+            before,
+            after,
+            self._commit_time_us,
+            self._xid,
+            self.source_database,
+            before_wire=before_wire,
+            after_wire=after_wire,
         )
 
     def _relation(self, data: bytes, pos: int) -> RelationInfo:

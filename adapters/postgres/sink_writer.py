@@ -50,6 +50,7 @@ import asyncio
 import contextlib
 import hashlib
 import random
+import time
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -103,6 +104,7 @@ _APPEND_META: Final[tuple[tuple[str, str], ...]] = (
 _RETRY_INITIAL_SECONDS: Final = 0.2
 _RETRY_MAX_SECONDS: Final = 10.0
 _HEALTH_TIMEOUT_SECONDS: Final = 2.0
+_CHECK_IDLE_SECONDS: Final = 1.0  # a connection idle longer is checked before a write
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _DELETED: Final = ("d", None, None)  # a key whose last change in the segment is a delete
@@ -233,16 +235,17 @@ class _Segment:
         if ev.operation is Operation.DELETE:
             row = ev.before if ev.before is not None else ev.after
             assert row is not None  # validated
-            key = tuple([row[i] for i in kidx])
+            key = (row[kidx[0]],) if len(kidx) == 1 else tuple([row[i] for i in kidx])
             state.pop(key, None)
             state[key] = _DELETED
             return
         after = ev.after
         assert after is not None  # validated
-        key = tuple([after[i] for i in kidx])
+        key = (after[kidx[0]],) if len(kidx) == 1 else tuple([after[i] for i in kidx])
         origin: _Key | None = None
-        if ev.operation is Operation.UPDATE and ev.before is not None:
-            old = tuple([ev.before[i] for i in kidx])
+        before = ev.before
+        if before is not None and ev.operation is Operation.UPDATE:
+            old = tuple([before[i] for i in kidx])
             if old != key:  # primary key change: the old key goes away
                 origin = old
         if origin is not None:
@@ -295,6 +298,10 @@ class PostgresSinkWriter:
             weakref.WeakKeyDictionary()
         )
         self._commit_time_cache: tuple[int, str | None] = (0, None)
+        # When each pooled connection last completed a write (see _check_connection).
+        self._used_ok: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = (
+            weakref.WeakKeyDictionary()
+        )
         digest = hashlib.blake2b(f"cdc-sink-ddl:{self._schema}".encode(), digest_size=8)
         self._ddl_lock_key = int.from_bytes(digest.digest(), "big", signed=True)
         self._offsets = sql.Identifier(self._schema, OFFSETS_TABLE)
@@ -314,7 +321,7 @@ class PostgresSinkWriter:
             min_size=1,
             max_size=max(1, self._settings.pool_max_size),
             kwargs={"autocommit": True},
-            check=AsyncConnectionPool.check_connection,
+            check=self._check_connection,
             timeout=timeout,
             # Give up a reconnection series soon: the next request starts a fresh one, so the
             # pool notices a database that came back within about our own retry interval.
@@ -323,6 +330,15 @@ class PostgresSinkWriter:
             open=False,
         )
         await self._pool.open(wait=False)
+
+    async def _check_connection(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """The pool's check before lending a connection, skipped for one that just completed a
+        write: a round trip less per batch. One that broke since fails the write, which is
+        retried (and the pool drops the broken connection)."""
+        used = self._used_ok.get(conn)
+        if used is not None and time.monotonic() - used < _CHECK_IDLE_SECONDS:
+            return
+        await AsyncConnectionPool.check_connection(conn)
 
     async def stop(self) -> None:
         """Stop retrying (a write in its retry loop raises SinkUnavailableError), let a write
@@ -472,7 +488,9 @@ class PostgresSinkWriter:
             invalid = self._invalid
             if all(invalid(ev, plans[id(ev.table)]) is None for ev in events):
                 try:
-                    return await self._apply_batch(conn, batch, events, plans)
+                    result = await self._apply_batch(conn, batch, events, plans)
+                    self._used_ok[conn] = time.monotonic()
+                    return result
                 except Exception as exc:
                     if not _is_data_error(exc):
                         raise
@@ -498,15 +516,24 @@ class PostgresSinkWriter:
         events: Sequence[SourceEvent],
         plans: _Plans,
     ) -> WriteResult:
-        """The fast path: the whole batch in one transaction."""
-        async with conn.transaction():
-            applied = await self._lock_position(conn, batch.partition)
+        """The fast path: the whole batch in one transaction. BEGIN goes with the offsets
+        lock and the new position with COMMIT (simple-query statements sent together), so
+        a batch costs few round trips besides its COPY and merge statements."""
+        try:
+            cur = await conn.execute(self._begin_lock_sql(batch.partition), prepare=False)
+            cur.nextset()  # the first result is BEGIN's
+            applied = _position(await cur.fetchone())
             todo = _after(events, applied)
             if todo:
                 await self._apply(conn, todo, plans, batch.partition, _TxState())
                 last = max(ev.position for ev in todo)
-                await self._save_position(conn, batch.partition, last)
+                await conn.execute(self._save_commit_sql(batch.partition, last), prepare=False)
                 applied = last
+            else:
+                await conn.execute("COMMIT", prepare=False)
+        except BaseException:
+            await _rollback(conn)
+            raise
         self._remember(batch.partition, applied)
         return WriteResult(written=len(todo), skipped=len(events) - len(todo))
 
@@ -596,20 +623,43 @@ class PostgresSinkWriter:
         self, conn: psycopg.AsyncConnection[Any], partition: str
     ) -> Position | None:
         """Create-or-lock this partition's offsets row and return its applied position."""
-        cur = await conn.execute(
-            sql.SQL(
-                "INSERT INTO {} AS o (pipeline_id, sink_id, partition, updated_at)"
-                " VALUES (%s, %s, %s, now())"
-                " ON CONFLICT (pipeline_id, sink_id, partition)"
-                " DO UPDATE SET updated_at = o.updated_at"
-                " RETURNING major, minor"
-            ).format(self._offsets),
-            (self._pipeline_id, self._sink_id, partition),
+        cur = await conn.execute(self._lock_sql, (self._pipeline_id, self._sink_id, partition))
+        return _position(await cur.fetchone())
+
+    @property
+    def _lock_sql(self) -> sql.Composed:
+        return self._lock_statement(sql.Placeholder(), sql.Placeholder(), sql.Placeholder())
+
+    def _lock_statement(self, *values: sql.Composable) -> sql.Composed:
+        return sql.SQL(
+            "INSERT INTO {} AS o (pipeline_id, sink_id, partition, updated_at)"
+            " VALUES ({}, {}, {}, now())"
+            " ON CONFLICT (pipeline_id, sink_id, partition)"
+            " DO UPDATE SET updated_at = o.updated_at"
+            " RETURNING major, minor"
+        ).format(self._offsets, *values)
+
+    def _begin_lock_sql(self, partition: str) -> sql.Composed:
+        """BEGIN, then the lock statement with its values inlined (one simple query)."""
+        return sql.SQL("BEGIN; {}").format(
+            self._lock_statement(
+                sql.Literal(self._pipeline_id), sql.Literal(self._sink_id), sql.Literal(partition)
+            )
         )
-        row = await cur.fetchone()
-        if row is None or row[0] is None:
-            return None
-        return Position(int(row[0]), int(row[1] or 0))
+
+    def _save_commit_sql(self, partition: str, position: Position) -> sql.Composed:
+        """`_save_position`'s UPDATE with its values inlined, then COMMIT."""
+        return sql.SQL(
+            "UPDATE {} SET major = {}, minor = {}, updated_at = now()"
+            " WHERE pipeline_id = {} AND sink_id = {} AND partition = {}; COMMIT"
+        ).format(
+            self._offsets,
+            sql.Literal(position.major),
+            sql.Literal(position.minor),
+            sql.Literal(self._pipeline_id),
+            sql.Literal(self._sink_id),
+            sql.Literal(partition),
+        )
 
     async def _save_position(
         self, conn: psycopg.AsyncConnection[Any], partition: str, position: Position
@@ -633,9 +683,10 @@ class PostgresSinkWriter:
             return None
         before, after = ev.before, ev.after
         n = plan.ncols
-        for label, row in (("before", before), ("after", after)):
-            if row is not None and len(row) != n:
-                return f"{label} row has {len(row)} values but the table schema has {n} columns"
+        if before is not None and len(before) != n:
+            return f"before row has {len(before)} values but the table schema has {n} columns"
+        if after is not None and len(after) != n:
+            return f"after row has {len(after)} values but the table schema has {n} columns"
         if op is Operation.DELETE:
             keyed = before if before is not None else after
             if keyed is None:
@@ -648,11 +699,13 @@ class PostgresSinkWriter:
             other = before if op is Operation.UPDATE else None
         if plan.append:
             return None
-        for row in (keyed, other):
-            if row is None:
-                continue
+        for i in plan.key_idx:
+            value = keyed[i]
+            if value is None or value is UNCHANGED:
+                return f"key column {plan.schema.columns[i].name!r} has no value"
+        if other is not None:
             for i in plan.key_idx:
-                value = row[i]
+                value = other[i]
                 if value is None or value is UNCHANGED:
                     return f"key column {plan.schema.columns[i].name!r} has no value"
         return None
@@ -734,14 +787,16 @@ class PostgresSinkWriter:
                     await copy.write_row((seq, op, literal, *row, *(origin or no_origin)))
                 else:
                     await copy.write_row((seq, op, None, *row, *no_origin))
-        if unchanged_cols:
-            await conn.execute(plan.fill_sql(frozenset(unchanged_cols)))
-        if deletes:
-            assert plan.delete_sql is not None
-            await conn.execute(plan.delete_sql)
-        if upserts:
-            assert plan.insert_sql is not None
-            await conn.execute(plan.insert_sql)
+        # Sent together (pipeline mode), still prepared statements: one round trip.
+        async with conn.pipeline():
+            if unchanged_cols:
+                await conn.execute(plan.fill_sql(frozenset(unchanged_cols)))
+            if deletes:
+                assert plan.delete_sql is not None
+                await conn.execute(plan.delete_sql)
+            if upserts:
+                assert plan.insert_sql is not None
+                await conn.execute(plan.insert_sql)
 
     async def _append(
         self,
@@ -1263,6 +1318,22 @@ class PostgresSinkWriter:
         plan.copy_append = sql.SQL("COPY {} ({}) FROM STDIN").format(
             plan.target, sql.SQL(", ").join(columns)
         )
+
+
+def _position(row: Sequence[Any] | None) -> Position | None:
+    """The applied position of an offsets row (major, minor); None when nothing is applied."""
+    if row is None or row[0] is None:
+        return None
+    return Position(int(row[0]), int(row[1] or 0))
+
+
+async def _rollback(conn: psycopg.AsyncConnection[Any]) -> None:
+    """End a transaction the fast path left open (after an error). A connection still busy
+    with a query (cancelled mid-way) is left to the pool, which discards it."""
+    status = conn.info.transaction_status
+    if status in (psycopg.pq.TransactionStatus.INTRANS, psycopg.pq.TransactionStatus.INERROR):
+        with contextlib.suppress(Exception):
+            await conn.execute("ROLLBACK", prepare=False)
 
 
 def _distinct_schemas(events: Sequence[SourceEvent]) -> list[TableSchema]:

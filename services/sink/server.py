@@ -14,13 +14,18 @@ from adapters.config import PipelineConfig, PlatformConfig
 from cdc_proto.v1 import events_pb2, sink_pb2, sink_pb2_grpc
 from domain.errors import CdcError
 from domain.health import Status
-from domain.ports import SinkWriter
+from domain.ports import SinkBatch, SinkWriter
 from services import tracing
 from services.grpc_health import add_health, set_status
 from services.sink.container import SinkContainer
 from services.wire import WireFormatError, decode_batch
 
 log = structlog.get_logger(__name__)
+
+# Batches read and decoded ahead of the one being written (per stream). The ingest service
+# bounds what is in flight anyway (`max_in_flight_batches`).
+_DECODE_AHEAD = 2
+_Decoded = tuple[events_pb2.EventBatch, SinkBatch | None, str | None]
 
 
 class SinkServicer(sink_pb2_grpc.SinkServiceServicer):
@@ -35,17 +40,59 @@ class SinkServicer(sink_pb2_grpc.SinkServiceServicer):
     async def Deliver(
         self, request_iterator: AsyncIterator[events_pb2.EventBatch], context: object
     ) -> AsyncIterator[sink_pb2.BatchAck]:
-        async for message in request_iterator:
-            yield await self._handle(message)
-
-    async def _handle(self, message: events_pb2.EventBatch) -> sink_pb2.BatchAck:
+        """Acks in order, one per batch. The next batches are read and decoded while the
+        current one is written (the writer mostly waits on the destination then); writes
+        stay one at a time, in stream order."""
+        decoded: asyncio.Queue[_Decoded | None] = asyncio.Queue(maxsize=_DECODE_AHEAD)
+        reader = asyncio.create_task(self._read_ahead(request_iterator, decoded))
+        rejected: str | None = None
         try:
-            batch = decode_batch(message)
-        except (WireFormatError, ValueError) as exc:
-            log.error("sink.bad_batch", batch_id=message.batch_id, error=str(exc))
-            return sink_pb2.BatchAck(
-                batch_id=message.batch_id, status=sink_pb2.ACK_STATUS_REJECTED, error=str(exc)
-            )
+            while True:
+                item = await decoded.get()
+                if item is None:
+                    break
+                message, batch, error = item
+                if rejected is not None:
+                    # A batch of this stream was not written: writing later ones would
+                    # apply changes past a gap; the ingest service resends them all.
+                    yield _rejected(message.batch_id, rejected)
+                    continue
+                ack = await self._handle(message, batch, error)
+                if ack.status != sink_pb2.ACK_STATUS_WRITTEN:
+                    rejected = f"not written: batch {message.batch_id} before it was rejected"
+                yield ack
+            await reader  # done; a broken request stream propagates
+        finally:
+            if not reader.done():
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+
+    @staticmethod
+    async def _read_ahead(
+        request_iterator: AsyncIterator[events_pb2.EventBatch],
+        decoded: asyncio.Queue[_Decoded | None],
+    ) -> None:
+        try:
+            async for message in request_iterator:
+                try:
+                    item: _Decoded = (message, decode_batch(message), None)
+                except (WireFormatError, ValueError) as exc:
+                    item = (message, None, str(exc))
+                await decoded.put(item)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            await decoded.put(None)  # the writer loop then re-raises this through result()
+            raise
+        await decoded.put(None)
+
+    async def _handle(
+        self, message: events_pb2.EventBatch, batch: SinkBatch | None, error: str | None
+    ) -> sink_pb2.BatchAck:
+        if batch is None:
+            log.error("sink.bad_batch", batch_id=message.batch_id, error=error)
+            return _rejected(message.batch_id, error or "undecodable batch")
         parent = tracing.extract(message.trace_context)
         with self._tracer.start_as_current_span(
             "sink.write",
@@ -62,11 +109,7 @@ class SinkServicer(sink_pb2_grpc.SinkServiceServicer):
                 except CdcError as exc:
                     # Not written: the ingest service keeps the batch and resends it later.
                     log.error("sink.write_failed", batch_id=message.batch_id, error=str(exc))
-                    return sink_pb2.BatchAck(
-                        batch_id=message.batch_id,
-                        status=sink_pb2.ACK_STATUS_REJECTED,
-                        error=str(exc),
-                    )
+                    return _rejected(message.batch_id, str(exc))
         return sink_pb2.BatchAck(
             batch_id=message.batch_id,
             status=sink_pb2.ACK_STATUS_WRITTEN,
@@ -74,6 +117,10 @@ class SinkServicer(sink_pb2_grpc.SinkServiceServicer):
             skipped=result.skipped,
             dead_lettered=result.dead_lettered,
         )
+
+
+def _rejected(batch_id: int, error: str) -> sink_pb2.BatchAck:
+    return sink_pb2.BatchAck(batch_id=batch_id, status=sink_pb2.ACK_STATUS_REJECTED, error=error)
 
 
 async def run_sink(
