@@ -179,7 +179,7 @@ class PostgresSinkConfig(ConfigModel):
     dsn: str | None = Field(default=None, repr=False)
     target_schema: PgIdentifier = "public"
     write_mode: PostgresWriteMode = "upsert"
-    batch_size: PositiveInt = 1000
+    batch_size: PositiveInt = 2000
     pool_max_size: PositiveInt = 4
     connect_timeout_seconds: PositiveFloat = 10.0
 

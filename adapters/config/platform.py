@@ -237,7 +237,7 @@ class WalReaderConfig(ConfigModel):
 class IngestConfig(ConfigModel):
     """The ingest stage: batching towards the sinks and its gRPC port."""
 
-    batch_max_events: PositiveInt = 500
+    batch_max_events: PositiveInt = 2000
     batch_max_delay_ms: NonNegativeInt = 20
     max_in_flight_batches: PositiveInt = 8
     grpc_port: Port = 50050

@@ -93,7 +93,7 @@ def test_platform_defaults_match_the_guide() -> None:
     assert (p.health_port, p.health_enabled) == (8080, True)
     i = p.ingest
     assert (i.batch_max_events, i.batch_max_delay_ms, i.max_in_flight_batches, i.grpc_port) == (
-        500,
+        2000,
         20,
         8,
         50050,
@@ -155,7 +155,7 @@ def test_sink_defaults() -> None:
         "postgres",
         "",
     )
-    assert (pg.target_schema, pg.write_mode, pg.batch_size) == ("public", "upsert", 1000)
+    assert (pg.target_schema, pg.write_mode, pg.batch_size) == ("public", "upsert", 2000)
     assert (pg.pool_max_size, pg.connect_timeout_seconds, pg.dsn) == (4, 10, None)
     assert hook is p.sinks[1].webhook and hook is not None
     assert (hook.method, hook.headers, hook.timeout_seconds, hook.batch_size) == (
