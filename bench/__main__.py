@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -64,6 +65,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "working tree, e.g. HEAD while others edit the tree",
     )
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs, configs)")
+    p.add_argument(
+        "--batch-max-events",
+        type=int,
+        help="ingest.batch_max_events for our pipeline (default: the platform default)",
+    )
+    p.add_argument(
+        "--sink-batch-size",
+        type=int,
+        help="the PostgreSQL sink's batch_size (default: the pipeline default)",
+    )
     return p.parse_args(argv)
 
 
@@ -146,6 +157,23 @@ def main(argv: list[str] | None = None) -> int:
         results.machine = machine.describe(server)
         ws = runners.Workspace(server, workdir, args.timeout, product_root(args, workdir))
         results.machine.append(f"product measured: {describe_product(args)}")
+        # Read by runners._write_configs (also usable as environment variables).
+        for flag, var in (
+            (args.batch_max_events, "BENCH_BATCH_MAX_EVENTS"),
+            (args.sink_batch_size, "BENCH_SINK_BATCH_SIZE"),
+        ):
+            if flag:
+                os.environ[var] = str(flag)
+        settings = [
+            f"{name} {os.environ[var]}"
+            for name, var in (
+                ("ingest.batch_max_events", "BENCH_BATCH_MAX_EVENTS"),
+                ("sink batch_size", "BENCH_SINK_BATCH_SIZE"),
+            )
+            if os.environ.get(var)
+        ]
+        if settings:
+            results.machine.append("non-default settings of ours: " + ", ".join(settings))
 
         def measure(
             table: dict[str, runners.Measurement], key: str, run: Callable[[], runners.Measurement]

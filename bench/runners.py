@@ -317,7 +317,7 @@ def _write_configs(
     ws: Workspace, tag: str, source: str, sink: str, slot: str
 ) -> tuple[Path, Path, int]:
     health_port = find_free_port()
-    pipeline = {
+    pipeline: dict[str, Any] = {
         "pipeline_id": "bench",
         "source": {
             "host": ws.server.host,
@@ -344,11 +344,16 @@ def _write_configs(
             }
         ],
     }
-    platform = {
+    platform: dict[str, Any] = {
         "transport_mode": "direct",
         "health_port": health_port,
         "ingest": {"grpc_port": find_free_port()},
     }
+    # Experiments only (e.g. batch sizes); a measured run uses the defaults.
+    if os.environ.get("BENCH_BATCH_MAX_EVENTS"):
+        platform["ingest"]["batch_max_events"] = int(os.environ["BENCH_BATCH_MAX_EVENTS"])
+    if os.environ.get("BENCH_SINK_BATCH_SIZE"):
+        pipeline["sinks"][0]["postgres"]["batch_size"] = int(os.environ["BENCH_SINK_BATCH_SIZE"])
     pipeline_path = ws.workdir / f"{tag}-pipeline.yaml"
     platform_path = ws.workdir / f"{tag}-platform.yaml"
     pipeline_path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
