@@ -181,6 +181,22 @@ def recvlogical(ws: Workspace, spec: workload.BacklogSpec) -> Measurement:
     )
 
 
+def _drain(
+    ws: Workspace, name: str, argv: list[str], result: Path, root: Path, poll: float
+) -> tuple[dict[str, Any], dict[str, ProcessStats]]:
+    """Run a consumer process until it writes its JSON result; (result, process stats)."""
+    log = result.with_suffix(".log")
+    sampler = ws.sampler()
+    proc = _spawn(argv, log, root)
+    sampler.watch(name, proc.pid)
+    try:
+        _wait_for(f"{name} to drain", result.exists, ws.timeout, {name: (proc, log)}, poll)
+        proc.wait(30)
+    finally:
+        _stop(proc)
+    return _read_json(result), sampler.stop()
+
+
 # ----------------------------------------------------------------------------- our reader
 
 
@@ -190,21 +206,11 @@ def reader_alone(ws: Workspace, spec: workload.BacklogSpec) -> Measurement:
     dsn = ws.server.dsn(source)
     changes = workload.backlog(dsn, spec)
     result = ws.workdir / "reader.json"
-    log = ws.workdir / "reader.log"
     argv = [sys.executable, "-m", "bench.reader_drain", "--dsn", dsn, "--db", source]
     argv += ["--slot", slot, "--publication", pub, "--table", workload.TABLE]
     argv += ["--result", str(result), "--expect", str(changes)]
-    sampler = ws.sampler()
-    proc = _spawn(argv, log, ws.product_root)
-    sampler.watch("WAL reader", proc.pid)
-    try:
-        _wait_for("the reader to drain", result.exists, ws.timeout, {"reader": (proc, log)}, 0.05)
-        proc.wait(30)
-    finally:
-        _stop(proc)
-    stats = sampler.stop()
+    data, stats = _drain(ws, "WAL reader", argv, result, ws.product_root, 0.05)
     ws.drop(source, sink)
-    data = _read_json(result)
     if data["count"] != changes:
         raise MeasurementError(f"the reader produced {data['count']} events, expected {changes}")
     return Measurement("our WAL reader alone", changes, data["first"], data["last"], stats)
@@ -225,18 +231,9 @@ def debezium(ws: Workspace, spec: workload.BacklogSpec) -> Measurement:
     source, sink, slot, _pub = ws.fresh("debezium")
     changes = workload.backlog(ws.server.dsn(source), spec)
     result = ws.workdir / "debezium-backlog.json"
-    log = ws.workdir / "debezium-backlog.log"
-    sampler = ws.sampler()
-    proc = _spawn(_debezium_argv(ws, source, slot, result, latency=False), log)
-    sampler.watch("debezium (JVM + Python)", proc.pid)
-    try:
-        _wait_for("Debezium to drain", result.exists, ws.timeout, {"debezium": (proc, log)}, 0.1)
-        proc.wait(30)
-    finally:
-        _stop(proc)
-    stats = sampler.stop()
+    argv = _debezium_argv(ws, source, slot, result, latency=False)
+    data, stats = _drain(ws, "debezium (JVM + Python)", argv, result, REPO, 0.1)
     ws.drop(source, sink)
-    data = _read_json(result)
     if data["count"] != changes:
         raise MeasurementError(f"Debezium delivered {data['count']} records, expected {changes}")
     return Measurement(
