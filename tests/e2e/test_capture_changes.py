@@ -30,7 +30,6 @@ from tests.support.pipeline import (
     PipelineFiles,
     Stage,
     assert_tables_equal,
-    cdc_argv,
     http_status,
     pipeline_with_ddl,
     running_stages,
@@ -583,7 +582,7 @@ def _slot_and_publication(dsn: str, files: PipelineFiles) -> tuple[bool, bool]:
 def _cdc_run(files: PipelineFiles, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     with log_path.open("ab") as log:
         run = subprocess.Popen(
-            cdc_argv("run", str(files.pipeline), "--platform-config", str(files.platform)),
+            files.argv("run"),
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=REPO,
@@ -613,9 +612,7 @@ def test_undeploy_drops_slot_and_publication_keeps_data_and_run_recreates_them(
         assert _slot_and_publication(source_dsn, files) == (True, True)
 
         undeploy = subprocess.run(
-            cdc_argv(
-                "undeploy", str(files.pipeline), "--platform-config", str(files.platform), "--yes"
-            ),
+            files.argv("undeploy", "--yes"),
             capture_output=True,
             text=True,
             cwd=REPO,

@@ -18,7 +18,6 @@ from tests.support.pipeline import (
     Background,
     PipelineFiles,
     assert_tables_equal,
-    cdc_argv,
     free_port,
     http_json,
     http_status,
@@ -204,17 +203,10 @@ def test_backfill_during_update_storm_repairs_the_sink(pg, tmp_path: Path) -> No
         with Storm(source_dsn, seed=11) as storm:
             time.sleep(0.5)
             result = subprocess.run(
-                cdc_argv(
+                files.argv(
                     "backfill",
-                    str(files.pipeline),
-                    "--platform-config",
-                    str(files.platform),
-                    "--table",
-                    "public.items",
-                    "--table",
-                    "public.accounts",
-                    "--timeout",
-                    "120",
+                    *("--table", "public.items", "--table", "public.accounts"),
+                    *("--timeout", "120"),
                 ),
                 capture_output=True,
                 text=True,
@@ -239,14 +231,7 @@ def test_backfill_during_update_storm_repairs_the_sink(pg, tmp_path: Path) -> No
 def test_backfill_of_a_table_the_pipeline_does_not_capture_exits_2(pg, tmp_path: Path) -> None:
     _source_dsn, _replica_dsn, files = _setup(pg, tmp_path)
     result = subprocess.run(
-        cdc_argv(
-            "backfill",
-            str(files.pipeline),
-            "--platform-config",
-            str(files.platform),
-            "--table",
-            "public.nope",
-        ),
+        files.argv("backfill", "--table", "public.nope"),
         capture_output=True,
         text=True,
         timeout=60,

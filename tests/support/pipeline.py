@@ -38,6 +38,10 @@ class PipelineFiles:
     publication: str
     health_port: int
 
+    def argv(self, command: str, *args: str) -> list[str]:
+        """`cdc COMMAND pipeline.yaml --platform-config platform.yaml ARGS...`"""
+        return cdc_argv(command, str(self.pipeline), "--platform-config", str(self.platform), *args)
+
 
 def write_configs(
     directory: Path,
@@ -147,16 +151,7 @@ def sink_stage(
     sink_id: str = "replica",
     env: dict[str, str] | None = None,
 ) -> Stage:
-    argv = cdc_argv(
-        "sink",
-        str(files.pipeline),
-        "--platform-config",
-        str(files.platform),
-        "--sink-id",
-        sink_id,
-        "--port",
-        str(port),
-    )
+    argv = files.argv("sink", "--sink-id", sink_id, "--port", str(port))
     return Stage(f"sink-{sink_id}", argv, log_dir, env)
 
 
@@ -166,7 +161,7 @@ def ingest_stage(
     endpoints: dict[str, int],
     env: dict[str, str] | None = None,
 ) -> Stage:
-    argv = cdc_argv("ingest", str(files.pipeline), "--platform-config", str(files.platform))
+    argv = files.argv("ingest")
     for sink_id, port in endpoints.items():
         argv += ["--sink-endpoint", f"{sink_id}=127.0.0.1:{port}"]
     return Stage("ingest", argv, log_dir, env)
