@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -60,20 +61,35 @@ async def published_tables(conn: psycopg.AsyncConnection[Any], name: str) -> set
 async def ensure_publication(
     conn: psycopg.AsyncConnection[Any], name: str, tables: Sequence[str]
 ) -> None:
-    """Create the publication, or make its table list exactly `tables`."""
+    """Create the publication, or make its table list exactly `tables`. On PostgreSQL 18
+    it publishes stored generated columns too (`snapshot_schema` reads them then)."""
     if not tables:
         raise ValueError("a publication needs at least one table")
     table_list = sql.SQL(", ").join(sql.Identifier(*split_table(t)) for t in tables)
+    generated = publishes_generated_columns(conn.info.server_version)
     current = await published_tables(conn, name)
     if current is None:
+        options = sql.SQL(" WITH (publish_generated_columns = stored)" if generated else "")
         await conn.execute(
-            sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(sql.Identifier(name), table_list)
+            sql.SQL("CREATE PUBLICATION {} FOR TABLE {}{}").format(
+                sql.Identifier(name), table_list, options
+            )
         )
         return
     if current != set(tables):
         await conn.execute(
             sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(sql.Identifier(name), table_list)
         )
+    if generated:
+        row = await (
+            await conn.execute("SELECT pubgencols FROM pg_publication WHERE pubname = %s", (name,))
+        ).fetchone()
+        if row is not None and row[0] != "s":  # created by an older release
+            await conn.execute(
+                sql.SQL("ALTER PUBLICATION {} SET (publish_generated_columns = stored)").format(
+                    sql.Identifier(name)
+                )
+            )
 
 
 _STATE_DDL = """
@@ -122,21 +138,43 @@ async def forget_slot_state(conn: psycopg.AsyncConnection[Any], slot: str) -> No
         await conn.execute("DELETE FROM cdc_platform.snapshot_state WHERE slot_name = %s", (slot,))
 
 
-_PK_COLUMNS = """
-SELECT a.attname FROM pg_index i
-JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
-WHERE i.indrelid = %s AND i.indisprimary
+# The key of a table, one definition for the snapshot, backfills and the stream: the
+# columns of the index REPLICA IDENTITY USING INDEX names, when the table has one (pgoutput
+# identifies old rows by exactly those columns), otherwise the primary key. A table with
+# neither has no key: sinks keep a change log of it. With REPLICA IDENTITY FULL pgoutput
+# flags every column as part of the identity; that is not a key (rows may repeat).
+_KEY_COLUMNS = """
+SELECT a.attname FROM pg_class c
+JOIN pg_index i ON i.indrelid = c.oid AND CASE
+    WHEN c.relreplident = 'i'
+        AND EXISTS (SELECT 1 FROM pg_index r WHERE r.indrelid = c.oid AND r.indisreplident)
+    THEN i.indisreplident ELSE i.indisprimary END
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY(i.indkey) AND a.attnum > 0
+WHERE c.oid = %s
 """
+
+
+async def key_columns(conn: psycopg.AsyncConnection[Any], oid: int) -> set[str]:
+    """Names of the key columns of table `oid` (see _KEY_COLUMNS); empty: no key."""
+    return {str(r[0]) for r in await (await conn.execute(_KEY_COLUMNS, (oid,))).fetchall()}
+
+
+def publishes_generated_columns(server_version: int) -> bool:
+    """PostgreSQL 18 publishes stored generated columns (publication option
+    `publish_generated_columns = stored`); earlier servers never send them."""
+    return server_version >= 180000
 
 
 async def describe_relation(
     conn: psycopg.AsyncConnection[Any], oid: int, raw: Sequence[tuple[bool, str, int, int]]
 ) -> list[tuple[str, bool]]:
-    """(type name, is primary key column) for each column of a Relation message.
+    """(type name, is key column) for each column of a Relation message.
 
     Type names come from format_type() of the message's own OID and typmod, so they
-    describe the row as sent even if the table changed since. Without a primary key the
-    replica identity flags of the message mark the key.
+    describe the row as sent even if the table changed since. The key is the catalog's
+    (`key_columns`), never the replica identity flags of the message: with REPLICA
+    IDENTITY FULL those flag every column, and a table whose rows may repeat would be
+    upserted on all its columns (identical rows merged) instead of kept as a change log.
     """
     names = await (
         await conn.execute(
@@ -145,27 +183,107 @@ async def describe_relation(
             ([r[2] for r in raw], [r[3] for r in raw]),
         )
     ).fetchall()
-    pk = {r[0] for r in await (await conn.execute(_PK_COLUMNS, (oid,))).fetchall()}
-    return [(n[0], (c[1] in pk) if pk else c[0]) for n, c in zip(names, raw, strict=True)]
+    key = await key_columns(conn, oid)
+    return [(n[0], c[1] in key) for n, c in zip(names, raw, strict=True)]
 
 
 async def snapshot_schema(conn: psycopg.AsyncConnection[Any], qualified: str) -> TableSchema:
-    """The table's columns as pgoutput would send them (no dropped or generated columns)."""
+    """The table's columns as pgoutput sends them: no dropped columns; stored generated
+    columns only where the server publishes them (PostgreSQL 18), virtual ones never. The
+    key is `key_columns`, the same the stream's relations get."""
     schema, table = split_table(qualified)
+    generated = "'', 's'" if publishes_generated_columns(conn.info.server_version) else "''"
+    found = await (
+        await conn.execute(
+            "SELECT (quote_ident(%s) || '.' || quote_ident(%s))::regclass::oid", (schema, table)
+        )
+    ).fetchone()
+    assert found is not None
+    oid = int(found[0])
     rows = await (
         await conn.execute(
-            "SELECT a.attname, a.atttypid, format_type(a.atttypid, a.atttypmod),"
-            " coalesce(a.attnum = ANY(i.indkey), false)"
-            " FROM pg_attribute a"
-            " LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary"
-            " WHERE a.attrelid = (quote_ident(%s) || '.' || quote_ident(%s))::regclass"
-            " AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''"
+            "SELECT a.attname, a.atttypid, format_type(a.atttypid, a.atttypmod)"
+            " FROM pg_attribute a WHERE a.attrelid = %s"
+            " AND a.attnum > 0 AND NOT a.attisdropped"
+            f" AND a.attgenerated IN ({generated})"
             " ORDER BY a.attnum",
-            (schema, table),
+            (oid,),
         )
     ).fetchall()
     if not rows:
         raise ValueError(f"table {qualified} has no columns or does not exist")
+    key = await key_columns(conn, oid)
     return TableSchema(
-        schema, table, tuple(Column(r[0], int(r[1]), r[2], bool(r[3])) for r in rows)
+        schema, table, tuple(Column(r[0], int(r[1]), r[2], r[0] in key) for r in rows)
     )
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityProblem:
+    """A captured table whose UPDATEs and DELETEs PostgreSQL refuses while it is published
+    (it has no replica identity to send), and the statement that fixes it."""
+
+    table: str
+    replica_identity: str  # default | nothing | index (its index is gone)
+    has_key: bool
+
+    @property
+    def fix(self) -> str:
+        return f"ALTER TABLE {self.table} REPLICA IDENTITY FULL"
+
+    def describe(self) -> str:
+        what = "has no primary key and " if not self.has_key else ""
+        return (
+            f"table {self.table} {what}has REPLICA IDENTITY {self.replica_identity.upper()}:"
+            " PostgreSQL refuses UPDATE and DELETE on it while it is published, so only"
+            f" inserts can be captured; fix: {self.fix}"
+            + (" (or add a primary key)" if not self.has_key else "")
+        )
+
+
+_IDENTITY = """
+SELECT c.relreplident::text,
+    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
+    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident)
+FROM pg_class c WHERE c.oid = to_regclass(quote_ident(%s) || '.' || quote_ident(%s))
+"""
+_IDENTITY_NAMES = {"d": "default", "n": "nothing", "i": "index", "f": "full"}
+
+
+async def identity_problems(
+    conn: psycopg.AsyncConnection[Any], tables: Sequence[str]
+) -> list[IdentityProblem]:
+    """The tables among `tables` whose updates and deletes cannot be captured: REPLICA
+    IDENTITY DEFAULT without a primary key, NOTHING, or USING INDEX whose index is gone.
+    Tables that do not exist are left out (other checks report them)."""
+    out: list[IdentityProblem] = []
+    for table in tables:
+        row = await (await conn.execute(_IDENTITY, split_table(table))).fetchone()
+        if row is None:
+            continue
+        ident, has_pk, has_index = str(row[0]), bool(row[1]), bool(row[2])
+        if (ident == "d" and not has_pk) or ident == "n" or (ident == "i" and not has_index):
+            out.append(IdentityProblem(table, _IDENTITY_NAMES[ident], has_pk or has_index))
+    return out
+
+
+async def missing_generated_columns(
+    conn: psycopg.AsyncConnection[Any], tables: Sequence[str]
+) -> dict[str, list[str]]:
+    """Generated columns of `tables` that pgoutput will not send, per table: virtual ones
+    always, stored ones before PostgreSQL 18. Sinks never get these columns."""
+    kinds = "'v'" if publishes_generated_columns(conn.info.server_version) else "'s', 'v'"
+    out: dict[str, list[str]] = {}
+    for table in tables:
+        rows = await (
+            await conn.execute(
+                "SELECT attname FROM pg_attribute"
+                " WHERE attrelid = to_regclass(quote_ident(%s) || '.' || quote_ident(%s))"
+                f" AND attnum > 0 AND NOT attisdropped AND attgenerated IN ({kinds})"
+                " ORDER BY attnum",
+                split_table(table),
+            )
+        ).fetchall()
+        if rows:
+            out[table] = [str(r[0]) for r in rows]
+    return out

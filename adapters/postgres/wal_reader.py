@@ -26,6 +26,8 @@ from adapters.postgres.catalog import (
     ensure_publication,
     ensure_state_table,
     format_lsn,
+    identity_problems,
+    missing_generated_columns,
     parse_lsn,
     published_tables,
     reader_conninfo,
@@ -138,6 +140,7 @@ class PostgresWalSource:
         self._chunker: WatermarkChunker | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._added_columns: list[SchemaChange] = []
+        self._source_checked = False
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -424,6 +427,9 @@ class PostgresWalSource:
         previously_published = await published_tables(admin, s.publication_name) or set()
         await ensure_publication(admin, s.publication_name, s.tables)
         await ensure_state_table(admin)
+        if not self._source_checked:
+            await self._warn_about_tables(admin)
+            self._source_checked = True
         self._chunker = WatermarkChunker(
             self._conninfo, s.slot_name, s.snapshot_chunk_size, admin.info.server_version >= 170000
         )
@@ -518,6 +524,31 @@ class PostgresWalSource:
         else:
             await self._mark_snapshot("skipped", consistent_lsn, conn=admin)
         self._last_error = None
+
+    async def _warn_about_tables(self, admin: psycopg.AsyncConnection[Any]) -> None:
+        """Log, once per start, what the captured tables will not deliver: updates and
+        deletes of tables without a replica identity, generated columns pgoutput omits."""
+        for problem in await identity_problems(admin, self.settings.tables):
+            log.warning(
+                "source.keyless_table_no_identity"
+                if not problem.has_key
+                else "source.table_no_identity",
+                table=problem.table,
+                replica_identity=problem.replica_identity,
+                fix=problem.fix,
+                detail=problem.describe(),
+            )
+        for table, columns in (
+            await missing_generated_columns(admin, self.settings.tables)
+        ).items():
+            log.warning(
+                "source.generated_columns_not_replicated",
+                table=table,
+                columns=columns,
+                server_version=admin.info.server_version,
+                detail="pgoutput does not send virtual generated columns, nor stored ones before"
+                " PostgreSQL 18; sinks will not have these columns",
+            )
 
     async def _start_snapshot_jobs(
         self, admin: psycopg.AsyncConnection[Any], tables: Sequence[str]
