@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+import string
 from typing import Any, Literal, Self
 
 from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
@@ -46,6 +47,21 @@ ALL_OPERATIONS: tuple[Operation, ...] = ("c", "u", "d", "r", "t")
 _QUALIFIED_RE = re.compile(r"^[^.\s]+\.[^.\s]+$")  # schema.table
 _MONGO_QUALIFIED_RE = re.compile(r"^[^.\s]+\.\S+$")  # db.collection (collections may hold '.')
 _WILDCARD_CHARS = set("*?[],")
+
+# A change-log table (append mode, tables without a key) is named <target table>_changes.
+CHANGE_LOG_SUFFIX = "_changes"
+_MAX_IDENTIFIER_BYTES = 63
+_TEMPLATE_FIELDS = frozenset({"schema", "table"})
+
+
+def truncate_identifier(name: str) -> str:
+    """PostgreSQL cuts identifiers at 63 bytes; do it ourselves so names compare as the
+    server will store them."""
+    data = name.encode()
+    if len(data) <= _MAX_IDENTIFIER_BYTES:
+        return name
+    return data[:_MAX_IDENTIFIER_BYTES].decode(errors="ignore")
+
 
 # Fields that only one source type reads; given for another type they are an error.
 _SOURCE_SPECIFIC: dict[str, SourceType] = {
@@ -165,7 +181,9 @@ class SourceConfig(ConfigModel):
 
 
 class PostgresSinkConfig(ConfigModel):
-    """PostgreSQL sink: each source table ``schema.table`` lands as ``<target_schema>.<table>``.
+    """PostgreSQL sink: each source table ``schema.table`` lands as
+    ``<target_schema>.<table_name_template>`` (``{table}`` by default; ``{schema}`` is the
+    source schema), its change log as that name plus ``_changes``.
 
     Connect either with host/port/database/username/password or with one ``dsn`` (libpq
     conninfo or URL); not both. Use :meth:`conninfo` for either form.
@@ -178,6 +196,7 @@ class PostgresSinkConfig(ConfigModel):
     password: str = Field(default="", repr=False)
     dsn: str | None = Field(default=None, repr=False)
     target_schema: PgIdentifier = "public"
+    table_name_template: NonEmptyStr = "{table}"
     write_mode: PostgresWriteMode = "upsert"
     batch_size: PositiveInt = 2000
     pool_max_size: PositiveInt = 4
@@ -194,6 +213,47 @@ class PostgresSinkConfig(ConfigModel):
                 problems.append(((name,), f"{name} cannot be combined with dsn; put it in the dsn"))
         raise_if(problems)
         return self
+
+    @field_validator("table_name_template")
+    @classmethod
+    def _check_template(cls, template: str) -> str:
+        try:
+            parsed = list(string.Formatter().parse(template))
+        except ValueError as exc:
+            raise ValueError(f"{template!r} is not a valid template ({exc})") from None
+        for _, name, spec, conversion in parsed:
+            if name is None:
+                continue
+            if name not in _TEMPLATE_FIELDS:
+                raise ValueError(
+                    f"unknown placeholder {{{name}}} in {template!r}; use {{schema}} and {{table}}"
+                )
+            if spec or conversion:
+                raise ValueError(f"placeholders take no format spec or conversion: {template!r}")
+        if not template.format(schema="s", table="t").strip():
+            raise ValueError(f"{template!r} gives an empty table name")
+        return template
+
+    def target_table(self, schema: str, table: str, *, change_log: bool = False) -> str:
+        """The table (in ``target_schema``) that source table ``schema.table`` is written to;
+        with ``change_log`` its change-log table. Cut to 63 bytes as PostgreSQL would."""
+        name = self.table_name_template.format(schema=schema, table=table)
+        return truncate_identifier(name + CHANGE_LOG_SUFFIX if change_log else name)
+
+    def target_collisions(self, tables: list[str]) -> list[tuple[str, str, str]]:
+        """Pairs of source tables (``schema.table``) that this sink would write to one
+        target table: (first, second, target table)."""
+        seen: dict[tuple[bool, str], str] = {}
+        out: list[tuple[str, str, str]] = []
+        for qualified in tables:
+            schema, _, table = qualified.partition(".")
+            for change_log in (False, True):  # names cut at 63 bytes may meet in one only
+                name = self.target_table(schema, table, change_log=change_log)
+                other = seen.setdefault((change_log, name), qualified)
+                if other != qualified:
+                    out.append((other, qualified, name))
+                    break
+        return out
 
     def conninfo(self) -> str:
         """libpq connection string: the dsn, or one built from the separate fields."""
@@ -365,6 +425,18 @@ class PipelineConfig(ConfigModel):
                             ("sinks", i, "tables", j),
                             f"pattern {pattern!r} matches none of the source tables "
                             f"({', '.join(self.source.tables)})",
+                        )
+                    )
+            if sink.sink_type == "postgres" and sink.postgres is not None:
+                accepted = [t for t in self.source.tables if sink.accepts_table(t)]
+                for first_table, second, name in sink.postgres.target_collisions(accepted):
+                    problems.append(
+                        (
+                            ("sinks", i, "postgres", "table_name_template"),
+                            f"{first_table} and {second} would both be written to"
+                            f" {sink.postgres.target_schema}.{name} (template"
+                            f" {sink.postgres.table_name_template!r}); tell them apart, e.g."
+                            " table_name_template: '{schema}_{table}'",
                         )
                     )
         raise_if(problems)

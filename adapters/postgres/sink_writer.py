@@ -1,7 +1,10 @@
 """The PostgreSQL sink: row upserts by primary key (or a change log), idempotent by position.
 
-Each source table ``schema.table`` lands as ``<target_schema>.<table>``, created from the
-event's columns when absent. The target follows the shape of the events (schema evolution):
+Each source table ``schema.table`` lands as ``<target_schema>.<name>``, ``name`` being the
+sink's ``table_name_template`` (``{table}`` by default; ``{schema}`` and ``{table}`` are the
+source's), created from the event's columns when absent. Config validation refuses two
+source tables with one target name. The target follows the shape of the events (schema
+evolution):
 
 * a column the events have and the target lacks is added (``ADD COLUMN``, no default: rows
   already stored read NULL until a change for them arrives; a source ``ADD COLUMN ...
@@ -33,8 +36,13 @@ One transaction per batch (per ``batch_size`` events of it) does all of this:
    last change is a delete (including the old key of a primary key change), and
    ``INSERT ... SELECT ... ON CONFLICT DO UPDATE`` the rest, casting text to the column types
    in SQL. A truncate flushes what came before it for that table, then TRUNCATEs it.
-   Append mode, and tables without a primary key: every change becomes one row of
-   ``<target_schema>.<table>_changes`` (COPY straight into it).
+   Append mode, and tables without a key (the events' key columns: the source's primary
+   key or REPLICA IDENTITY USING INDEX index): every change becomes one row of
+   ``<target_schema>.<name>_changes`` (COPY straight into it): ``_op``, position, commit
+   time, ``_unchanged`` (columns the source did not send), ``_before`` (an update's old
+   row as the source sent it, jsonb column -> text value; complete with REPLICA IDENTITY
+   FULL, else NULL or the key only), then the row's columns: the new row, or for a delete
+   the old row.
 3. Store the last applied position; COMMIT. ``write()`` returns only after the commit.
 
 If a batch fails on its data (a value that does not fit its column, a constraint), it is
@@ -49,6 +57,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import random
 import time
 import weakref
@@ -62,7 +71,7 @@ import structlog
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from adapters.config.pipeline import PostgresSinkConfig
+from adapters.config.pipeline import CHANGE_LOG_SUFFIX, PostgresSinkConfig
 from adapters.postgres.dead_letter import (
     DEAD_LETTER_TABLE,
     FailedEvent,
@@ -88,8 +97,7 @@ log = structlog.get_logger(__name__)
 
 OFFSETS_TABLE: Final = "_cdc_offsets"
 COLUMNS_TABLE: Final = "_cdc_columns"
-CHANGES_SUFFIX: Final = "_changes"
-_MAX_IDENTIFIER_BYTES: Final = 63
+CHANGES_SUFFIX: Final = CHANGE_LOG_SUFFIX
 
 # Leading columns of a change-log table (append mode), before the row's own columns.
 _APPEND_META: Final[tuple[tuple[str, str], ...]] = (
@@ -99,6 +107,7 @@ _APPEND_META: Final[tuple[tuple[str, str], ...]] = (
     ("_position_minor", "bigint"),
     ("_commit_time", "timestamp with time zone"),
     ("_unchanged", "text[]"),
+    ("_before", "jsonb"),
 )
 
 _RETRY_INITIAL_SECONDS: Final = 0.2
@@ -139,12 +148,14 @@ def _describe(exc: BaseException) -> str:
     return f"{name} [{sqlstate}]: {text}" if sqlstate else f"{name}: {text}"
 
 
-def _truncate_identifier(name: str) -> str:
-    """PostgreSQL cuts identifiers at 63 bytes; do it ourselves so catalog lookups match."""
-    data = name.encode()
-    if len(data) <= _MAX_IDENTIFIER_BYTES:
-        return name
-    return data[:_MAX_IDENTIFIER_BYTES].decode(errors="ignore")
+def _before_json(names: Sequence[str], row: TextRow) -> str:
+    """The old row of an update as a JSON object: column -> its text value (null for SQL
+    NULL). A value the source did not send (unchanged TOAST) is left out."""
+    return json.dumps(
+        {name: value for name, value in zip(names, row, strict=True) if value is not UNCHANGED},
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
 
 
 def _array_literal(items: Iterable[str]) -> str:
@@ -287,6 +298,7 @@ class PostgresSinkWriter:
         self._lock = asyncio.Lock()  # one batch at a time: batches of a partition apply in order
         self._stopping = asyncio.Event()
         self._last_error: str | None = None
+        self.retries = 0  # write attempts retried after a transient error (sink metrics)
         self._applied: dict[str, Position] = {}
         self._meta_ready = False
         self._targets: dict[str, _Target] = {}
@@ -436,6 +448,7 @@ class PostgresSinkWriter:
                     self._last_error = _describe(exc)
                     if self._stopping.is_set():
                         raise SinkUnavailableError(self._unavailable_message()) from exc
+                    self.retries += 1
                     delay = backoff * random.uniform(0.75, 1.25)
                     log.warning(
                         "postgres_sink.write_retry",
@@ -823,6 +836,9 @@ class PostgresSinkWriter:
                         names[i] for i, v in enumerate(row) if v is UNCHANGED
                     )
                     row = tuple([None if v is UNCHANGED else v for v in row])
+                before = None
+                if op is Operation.UPDATE and ev.before is not None:
+                    before = _before_json(names, ev.before)
                 await copy.write_row(
                     (
                         op.value,
@@ -831,6 +847,7 @@ class PostgresSinkWriter:
                         ev.position.minor,
                         self._commit_time(ev.commit_time_us),
                         unchanged,
+                        before,
                         *row,
                     )
                 )
@@ -959,7 +976,7 @@ class PostgresSinkWriter:
         also changing the target's column types to the schema's."""
         key_columns = schema.key_columns
         append = self._settings.write_mode == "append" or not key_columns
-        relname = _truncate_identifier(schema.table + CHANGES_SUFFIX if append else schema.table)
+        relname = self._settings.target_table(schema.schema, schema.table, change_log=append)
         wanted = [(c.name, c.type_name) for c in schema.columns]
         if append:
             wanted = [*_APPEND_META, *wanted]

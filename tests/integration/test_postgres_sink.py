@@ -801,6 +801,105 @@ def test_table_without_key_is_appended_in_upsert_mode(target: Target) -> None:
     assert list(orders_by_id(conn)) == [1]
 
 
+KEYLESS = TableSchema("shop", "t", (Column("a", 23, "integer"), Column("b", 25, "text")))
+
+
+def test_keyless_full_identity_change_log_keeps_duplicates_and_before_images(
+    target: Target,
+) -> None:
+    """A table without a key under REPLICA IDENTITY FULL, as the WAL reader delivers it:
+    snapshot rows, an update and a delete carrying the complete old row, a duplicate
+    insert. Every change is one row of the change log; an update keeps its old row."""
+    dsn, conn = target
+    s = Stream()
+    events = [
+        s.snap(KEYLESS, "1", "a"),
+        s.snap(KEYLESS, "1", "a"),
+        s.snap(KEYLESS, "2", "b"),
+        s.tx().upd(KEYLESS, "2", "upd", before=("2", "b")),
+        s.tx().event(Operation.DELETE, KEYLESS, before=("1", "a")),
+        s.tx().ins(KEYLESS, "7", "dup"),
+        s.tx().ins(KEYLESS, "7", "dup"),
+        # A TOASTed value the update did not change: not sent in the new row.
+        s.tx().upd(KEYLESS, "7", UNCHANGED, before=("7", "dup")),
+        s.tx().upd(KEYLESS, "8", None, before=("7", None)),
+    ]
+
+    async def scenario() -> tuple[WriteResult, WriteResult]:
+        async with open_writer(dsn) as writer:
+            first = await writer.write(batch(events))
+            return first, await writer.write(batch(events))
+
+    first, replay = run(scenario())
+    assert (first.written, first.skipped, first.dead_lettered) == (9, 0, 0)
+    assert (replay.written, replay.skipped) == (0, 9)
+    log = rows(
+        conn,
+        "SELECT _op, a, b, _unchanged, _before FROM sink.t_changes"
+        " ORDER BY _position_major, _position_minor",
+    )
+    assert log == [
+        ("r", 1, "a", None, None),
+        ("r", 1, "a", None, None),
+        ("r", 2, "b", None, None),
+        ("u", 2, "upd", None, {"a": "2", "b": "b"}),
+        ("d", 1, "a", None, None),
+        ("c", 7, "dup", None, None),
+        ("c", 7, "dup", None, None),
+        ("u", 7, None, ["b"], {"a": "7", "b": "dup"}),
+        ("u", 8, None, None, {"a": "7", "b": None}),
+    ]
+    # No upsert table beside the change log.
+    assert rows(conn, "SELECT to_regclass('sink.t')") == [(None,)]
+
+
+def test_change_log_of_an_older_release_gets_the_before_column(target: Target) -> None:
+    dsn, conn = target
+    conn.execute("CREATE SCHEMA sink")
+    conn.execute(
+        "CREATE TABLE sink.t_changes (_op text, _partition text, _position_major numeric(20,0),"
+        " _position_minor bigint, _commit_time timestamptz, _unchanged text[], a integer, b text)"
+    )
+    conn.execute("INSERT INTO sink.t_changes (_op, a, b) VALUES ('c', 1, 'old')")
+    s = Stream()
+
+    async def scenario() -> WriteResult:
+        async with open_writer(dsn) as writer:
+            return await writer.write(batch([s.upd(KEYLESS, "1", "new", before=("1", "old"))]))
+
+    assert run(scenario()).written == 1
+    assert rows(conn, "SELECT _op, a, b, _before FROM sink.t_changes ORDER BY _op") == [
+        ("c", 1, "old", None),
+        ("u", 1, "new", {"a": "1", "b": "old"}),
+    ]
+
+
+def test_table_name_template_keeps_same_named_tables_apart(target: Target) -> None:
+    dsn, conn = target
+    other_orders = TableSchema("archive", "orders", ORDERS.columns)
+    other_keyless = TableSchema("archive", "t", KEYLESS.columns)
+    s = Stream()
+    events = [
+        s.ins(ORDERS, *order(1, "1.00", "shop")),
+        s.ins(other_orders, *order(1, "2.00", "archive")),
+        s.ins(KEYLESS, "1", "shop"),
+        s.ins(other_keyless, "1", "archive"),
+    ]
+
+    async def scenario() -> WriteResult:
+        async with open_writer(dsn, table_name_template="{schema}_{table}") as writer:
+            return await writer.write(batch(events))
+
+    assert run(scenario()).written == 4
+    assert rows(conn, "SELECT id, note FROM sink.shop_orders") == [(1, "shop")]
+    assert rows(conn, "SELECT id, note FROM sink.archive_orders") == [(1, "archive")]
+    assert rows(conn, "SELECT b FROM sink.shop_t_changes") == [("shop",)]
+    assert rows(conn, "SELECT b FROM sink.archive_t_changes") == [("archive",)]
+    assert rows(conn, "SELECT to_regclass('sink.orders'), to_regclass('sink.t_changes')") == [
+        (None, None)
+    ]
+
+
 # --------------------------------------------------------------------------- bad data
 
 
