@@ -8,7 +8,11 @@ import psycopg
 from psycopg import sql
 
 from adapters.config import PipelineConfig, PlatformConfig
-from adapters.postgres.catalog import forget_slot_state
+from adapters.postgres.catalog import (
+    forget_slot_state,
+    identity_problems,
+    missing_generated_columns,
+)
 from adapters.postgres.slot_monitor import check_slot
 from domain.health import ComponentHealth, Status, overall
 from services.ingest.container import source_conninfo
@@ -84,3 +88,45 @@ async def undeploy(pipeline: PipelineConfig, platform: PlatformConfig) -> list[s
             done.append(f"publication {publication} did not exist")
         await forget_slot_state(conn, slot)
     return done
+
+
+class SourceChecksSkipped(Exception):
+    """The source database could not be asked (unreachable, refused); says why."""
+
+
+async def source_warnings(
+    pipeline: PipelineConfig, platform: PlatformConfig, *, connect_timeout: int = 5
+) -> list[str]:
+    """What `cdc validate` warns about on a reachable PostgreSQL source: captured tables
+    that do not exist, tables whose UPDATEs and DELETEs cannot be captured (no replica
+    identity), generated columns pgoutput will not send. Raises SourceChecksSkipped when
+    the source cannot be asked; other source types get no checks."""
+    if pipeline.source.source_type != "postgres":
+        return []
+    tables = pipeline.source.tables
+    try:
+        conn = await psycopg.AsyncConnection.connect(
+            source_conninfo(pipeline), connect_timeout=connect_timeout, autocommit=True
+        )
+    except (psycopg.Error, OSError) as exc:
+        raise SourceChecksSkipped(" ".join(str(exc).split()) or type(exc).__name__) from exc
+    warnings: list[str] = []
+    async with conn:
+        for table in tables:
+            schema, _, name = table.partition(".")
+            row = await (
+                await conn.execute(
+                    "SELECT to_regclass(quote_ident(%s) || '.' || quote_ident(%s))",
+                    (schema, name),
+                )
+            ).fetchone()
+            if row is None or row[0] is None:
+                warnings.append(f"table {table} does not exist in database {conn.info.dbname}")
+        warnings += [p.describe() for p in await identity_problems(conn, tables)]
+        for table, columns in (await missing_generated_columns(conn, tables)).items():
+            warnings.append(
+                f"table {table}: generated column(s) {', '.join(columns)} will be missing in"
+                " the sinks (pgoutput sends stored generated columns only from PostgreSQL 18,"
+                " virtual ones never)"
+            )
+    return warnings

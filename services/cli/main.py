@@ -35,11 +35,19 @@ def _parse_endpoints(values: Sequence[str]) -> dict[str, str]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from services.ops import SourceChecksSkipped, source_warnings
+
     pipeline, platform = _load(args)
     print(
         f"ok: pipeline '{pipeline.pipeline_id}' ({len(pipeline.enabled_sinks)} enabled sink(s)),"
         f" transport_mode {platform.transport_mode}"
     )
+    # Checks against the source database: warnings only, never a failure.
+    try:
+        for warning in asyncio.run(source_warnings(pipeline, platform)):
+            print(f"warning: {warning}", file=sys.stderr)
+    except SourceChecksSkipped as exc:
+        print(f"note: source checks skipped, the source is not reachable: {exc}", file=sys.stderr)
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
@@ -22,6 +23,8 @@ from adapters.postgres.catalog import (
 )
 from adapters.postgres.pgoutput import PgOutputDecoder
 from domain.events import SourceEvent, TableSchema
+from services.cli.main import main
+from tests.support.pipeline import free_port, write_configs
 from tests.support.postgres import PgTestContext
 
 pytestmark = pytest.mark.integration
@@ -213,3 +216,66 @@ def test_a_publication_from_an_older_release_gets_generated_columns(pg: PgTestCo
     assert conn.execute(
         "SELECT pubgencols FROM pg_publication WHERE pubname = 'old_pub'"
     ).fetchone() == ("s",)
+
+
+# --------------------------------------------------------------------------- cdc validate
+
+
+def _validate_files(pg: PgTestContext, tmp_path: Path, ddl: str, tables: list[str]) -> Path:
+    db = pg.new_database("validate")
+    pg.connect(db).execute(ddl)
+    files = write_configs(
+        tmp_path,
+        host=pg.host,
+        port=pg.port,
+        source_db=db,
+        replica_db=db,
+        tables=tables,
+    )
+    return files.pipeline
+
+
+def test_cdc_validate_warns_about_the_source_and_still_exits_0(
+    pg: PgTestContext, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ddl = KEYS_DDL + GENERATED_DDL.replace(" VIRTUAL", "")
+    tables = ["public.default_keyless", "public.full_keyless", "public.priced", "public.gone"]
+    pipeline = _validate_files(pg, tmp_path, ddl, tables)
+    assert main(["validate", str(pipeline)]) == 0
+    out, err = capsys.readouterr()
+    assert "ok: pipeline" in out
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 3, err
+    assert "table public.gone does not exist" in warnings[0]
+    assert (
+        "public.default_keyless has no primary key and has REPLICA IDENTITY DEFAULT"
+        in (warnings[1])
+    )
+    assert "ALTER TABLE public.default_keyless REPLICA IDENTITY FULL" in warnings[1]
+    # PostgreSQL 18 publishes the stored column; the virtual one is never sent.
+    assert "public.priced: generated column(s) label will be missing" in warnings[2]
+
+
+def test_cdc_validate_without_problems_prints_no_warning(
+    pg: PgTestContext, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pipeline = _validate_files(pg, tmp_path, KEYS_DDL, ["public.full_keyless", "public.with_pk"])
+    assert main(["validate", str(pipeline)]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_cdc_validate_with_the_source_unreachable_skips_the_checks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = write_configs(
+        tmp_path,
+        host="127.0.0.1",
+        port=free_port(),  # nothing listens there
+        source_db="src",
+        replica_db="dst",
+        tables=["public.t"],
+    )
+    assert main(["validate", str(files.pipeline)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("note: source checks skipped, the source is not reachable:"), err
+    assert "warning" not in err
