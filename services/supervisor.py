@@ -60,13 +60,19 @@ def cdc_command() -> list[str]:
 
 
 class Supervisor:
-    def __init__(self, pipeline_path: str, platform_path: str | None, sink_ids: list[str]) -> None:
+    def __init__(
+        self,
+        pipeline_path: str,
+        platform_path: str | None,
+        sink_ids: list[str],
+        sink_host: str = "127.0.0.1",
+    ) -> None:
         common = [pipeline_path] + (["--platform-config", platform_path] if platform_path else [])
         self.sinks: list[Child] = []
         endpoints: list[str] = []
         for sink_id in sink_ids:
             port = find_free_port()
-            endpoints += ["--sink-endpoint", f"{sink_id}=127.0.0.1:{port}"]
+            endpoints += ["--sink-endpoint", f"{sink_id}={sink_host}:{port}"]
             self.sinks.append(
                 Child(
                     f"sink:{sink_id}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import types
 import typing
@@ -23,6 +24,8 @@ _SLOT_RE = re.compile(r"^[a-z0-9_]+$")
 _IDENT_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _TOPIC_PART_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
 
 
 def _check_slot_name(value: str) -> str:
@@ -82,12 +85,28 @@ def _check_host_port_list(value: str) -> str:
     return value
 
 
+def check_listen_host(value: str) -> str:
+    """An IPv4 address (``0.0.0.0``: every interface) or a host name to listen on."""
+    try:
+        ipaddress.IPv4Address(value)
+        return value
+    except ValueError:
+        pass
+    if ":" in value or not _HOSTNAME_RE.match(value):
+        raise ValueError(
+            f"{value!r} is not an IPv4 address or host name to listen on "
+            "(127.0.0.1: this machine only, 0.0.0.0: every interface)"
+        )
+    return value
+
+
 SlotName = Annotated[str, AfterValidator(_check_slot_name)]
 PgIdentifier = Annotated[str, AfterValidator(_check_identifier)]
 ResourceName = Annotated[str, AfterValidator(_check_name)]
 TopicPart = Annotated[str, AfterValidator(_check_topic_part)]
 HttpUrl = Annotated[str, AfterValidator(_check_http_url)]
 HostPortList = Annotated[str, AfterValidator(_check_host_port_list)]
+ListenHost = Annotated[str, AfterValidator(check_listen_host)]
 
 
 def _strip(tp: Any) -> Any:

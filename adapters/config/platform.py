@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal, Self
 
 from pydantic import Field, field_validator, model_validator
@@ -10,6 +11,7 @@ from .base import (
     ConfigModel,
     HostPortList,
     HttpUrl,
+    ListenHost,
     NonEmptyStr,
     NonNegativeFloat,
     NonNegativeInt,
@@ -19,8 +21,15 @@ from .base import (
     PositiveInt,
     SlotName,
     TopicPart,
+    check_listen_host,
 )
 from .errors import Loc, raise_if
+
+# Where the processes listen when neither `listen_host` nor CDC_LISTEN_HOST says otherwise:
+# this machine only. Containers set CDC_LISTEN_HOST=0.0.0.0 (the images and the Helm chart).
+DEFAULT_LISTEN_HOST = "127.0.0.1"
+LISTEN_HOST_ENV = "CDC_LISTEN_HOST"
+
 
 TransportMode = Literal["direct", "kafka", "pubsub", "kinesis"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -243,6 +252,42 @@ class IngestConfig(ConfigModel):
     grpc_port: Port = 50050
 
 
+class GrpcTlsConfig(ConfigModel):
+    """TLS (optionally mutual) on the gRPC streams from the ingest stage to the sinks.
+
+    One section serves both ends: a sink serves ``cert_file``/``key_file`` and, with
+    ``require_client_cert``, accepts only clients whose certificate ``ca_file`` signed; the
+    ingest checks each sink's certificate against ``ca_file`` (the system roots when unset)
+    and presents ``cert_file``/``key_file`` as its client certificate. The files are read at
+    process start, not when the configuration is loaded.
+    """
+
+    enabled: bool = False
+    cert_file: NonEmptyStr | None = None
+    key_file: NonEmptyStr | None = None
+    ca_file: NonEmptyStr | None = None
+    require_client_cert: bool = False
+    server_name: NonEmptyStr | None = None
+
+    @model_validator(mode="after")
+    def _check_files(self) -> Self:
+        problems: list[tuple[Loc, str]] = []
+        if self.enabled:
+            for name in ("cert_file", "key_file"):
+                if getattr(self, name) is None:
+                    problems.append(((name,), f"grpc_tls.enabled requires {name}"))
+            if self.require_client_cert and self.ca_file is None:
+                problems.append(
+                    (("ca_file",), "require_client_cert requires ca_file (the clients' CA)")
+                )
+        elif self.require_client_cert:
+            problems.append(
+                (("require_client_cert",), "require_client_cert needs grpc_tls.enabled: true")
+            )
+        raise_if(problems)
+        return self
+
+
 class TracingConfig(ConfigModel):
     """OpenTelemetry tracing. ``otlp_endpoint`` None: the caller falls back to the
     OTEL_EXPORTER_OTLP_ENDPOINT environment variable (or no export)."""
@@ -265,6 +310,8 @@ class PlatformConfig(ConfigModel):
     wal_reader: WalReaderConfig = Field(default_factory=WalReaderConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
+    grpc_tls: GrpcTlsConfig = Field(default_factory=GrpcTlsConfig)
+    listen_host: ListenHost | None = None
     max_buffered_messages: PositiveInt = 1000
     schema_monitor_interval_seconds: PositiveFloat = 30.0
     lag_monitor_interval_seconds: PositiveFloat = 15.0
@@ -303,6 +350,14 @@ class PlatformConfig(ConfigModel):
             )
         raise_if(problems)
         return self
+
+    def effective_listen_host(self, env: Mapping[str, str]) -> str:
+        """The address the health HTTP and gRPC servers bind to: ``listen_host``, else the
+        CDC_LISTEN_HOST variable of ``env``, else 127.0.0.1."""
+        if self.listen_host is not None:
+            return self.listen_host
+        value = env.get(LISTEN_HOST_ENV, "").strip()
+        return check_listen_host(value) if value else DEFAULT_LISTEN_HOST
 
     @property
     def reads_wal(self) -> bool:

@@ -76,13 +76,17 @@ def cmd_sink(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from services import security
     from services.logging import setup_logging
     from services.supervisor import Supervisor
 
-    pipeline, _platform = _load(args)
+    pipeline, platform = _load(args)
+    # A bad listen host or TLS file fails here once, not in every restarted stage.
+    security.check_startup(platform)
     setup_logging(f"run:{pipeline.pipeline_id}")
     sinks = [s.sink_id for s in pipeline.enabled_sinks]
-    return Supervisor(args.pipeline, args.platform_config, sinks).run()
+    sink_host = security.connect_host(security.listen_host(platform))
+    return Supervisor(args.pipeline, args.platform_config, sinks, sink_host).run()
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -167,12 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from adapters.config import ConfigError
+    from services.security import StartupSecurityError
 
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
     except ConfigError as exc:
         print(f"error: invalid configuration\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StartupSecurityError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130

@@ -11,7 +11,7 @@ import grpc
 import structlog
 
 from adapters.config import PipelineConfig, PlatformConfig
-from services import tracing
+from services import security, tracing
 from services.grpc_health import add_health, set_status
 from services.health_http import HealthState, serve_health
 from services.ingest.container import IngestContainer
@@ -38,6 +38,8 @@ async def run_ingest(
         f"{platform.tracing.service_name_prefix}-ingest", platform.tracing.otlp_endpoint
     )
 
+    host = security.listen_host(platform)
+    credentials = security.channel_credentials(platform.grpc_tls)
     service: IngestService
     channels = {
         sink_id: SinkChannel(
@@ -45,6 +47,8 @@ async def run_ingest(
             sink_endpoints[sink_id],
             platform.ingest.max_in_flight_batches,
             on_ack=lambda s, a: service.on_ack(s, a),
+            credentials=credentials,
+            options=security.channel_options(platform.grpc_tls),
         )
         for sink_id in router.sink_ids
     }
@@ -59,12 +63,15 @@ async def run_ingest(
 
     server = grpc.aio.server()
     health_servicer = add_health(server)
-    server.add_insecure_port(f"0.0.0.0:{grpc_port or platform.ingest.grpc_port}")
+    # Plaintext: this server answers only grpc.health.v1 (Kubernetes probes cannot do TLS).
+    server.add_insecure_port(
+        security.grpc_address(host, grpc_port or platform.ingest.grpc_port)
+    )
     await server.start()
     await set_status(health_servicer, True, "cdc.ingest")
 
     state = HealthState()
-    http = serve_health(state, platform.health_port) if platform.health_enabled else None
+    http = serve_health(state, platform.health_port, host) if platform.health_enabled else None
 
     async def refresh_health() -> None:
         while True:

@@ -12,7 +12,7 @@ import contextlib
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -28,9 +28,20 @@ AckHandler = Callable[[str, "sink_pb2.BatchAck"], Awaitable[None]]
 
 
 class SinkChannel:
-    def __init__(self, sink_id: str, target: str, max_in_flight: int, on_ack: AckHandler) -> None:
+    def __init__(
+        self,
+        sink_id: str,
+        target: str,
+        max_in_flight: int,
+        on_ack: AckHandler,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, str]] = (),
+    ) -> None:
         self.sink_id = sink_id
         self.target = target
+        # None: plaintext; else TLS (see services.security.channel_credentials).
+        self._credentials = credentials
+        self._options = list(options)
         self._credits = asyncio.Semaphore(max_in_flight)
         self._unacked: OrderedDict[int, events_pb2.EventBatch] = OrderedDict()
         self._outbox: asyncio.Queue[events_pb2.EventBatch] = asyncio.Queue()
@@ -108,13 +119,17 @@ class SinkChannel:
 
     async def _stream_once(self) -> None:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(
-                self.target,
-                options=[
-                    ("grpc.max_receive_message_length", 256 << 20),
-                    ("grpc.max_send_message_length", 256 << 20),
-                ],
-            )
+            options: list[tuple[str, Any]] = [
+                ("grpc.max_receive_message_length", 256 << 20),
+                ("grpc.max_send_message_length", 256 << 20),
+                *self._options,
+            ]
+            if self._credentials is None:
+                self._channel = grpc.aio.insecure_channel(self.target, options=options)
+            else:
+                self._channel = grpc.aio.secure_channel(
+                    self.target, self._credentials, options=options
+                )
         stub = sink_pb2_grpc.SinkServiceStub(self._channel)
         call = stub.Deliver(wait_for_ready=True)
         # Everything not yet acked goes again, in order, then new batches follow.

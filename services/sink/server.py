@@ -15,7 +15,7 @@ from cdc_proto.v1 import events_pb2, sink_pb2, sink_pb2_grpc
 from domain.errors import CdcError
 from domain.health import Status
 from domain.ports import SinkBatch, SinkWriter
-from services import tracing
+from services import security, tracing
 from services.grpc_health import add_health, set_status
 from services.sink.container import SinkContainer
 from services.wire import WireFormatError, decode_batch
@@ -127,6 +127,9 @@ async def run_sink(
     pipeline: PipelineConfig, platform: PlatformConfig, sink_id: str, port: int
 ) -> int:
     sink = pipeline.sink(sink_id)
+    # Before anything connects: a bad listen host or certificate file stops the start.
+    host = security.listen_host(platform)
+    credentials = security.server_credentials(platform.grpc_tls)
     container = SinkContainer(pipeline=pipeline, sink=sink)
     writer: SinkWriter = container.writer()
     tracing.setup_tracing(
@@ -141,9 +144,15 @@ async def run_sink(
     )
     sink_pb2_grpc.add_SinkServiceServicer_to_server(SinkServicer(writer, sink_id), server)
     health = add_health(server)
-    bound = server.add_insecure_port(f"0.0.0.0:{port}")
+    address = security.grpc_address(host, port)
+    if credentials is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, credentials)
     await server.start()
-    log.info("sink.listening", sink_id=sink_id, port=bound)
+    log.info(
+        "sink.listening", sink_id=sink_id, host=host, port=bound, tls=credentials is not None
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -14,6 +14,7 @@ from adapters.config import (
     ConfigError,
     ConnectorConfig,
     DlqConfig,
+    GrpcTlsConfig,
     IcebergMaintenanceConfig,
     IcebergSinkConfig,
     IngestConfig,
@@ -169,6 +170,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "`wal_reader`": WalReaderConfig,
     "`ingest`": IngestConfig,
     "`tracing`": TracingConfig,
+    "`grpc_tls`": GrpcTlsConfig,
 }
 
 # Documented defaults that are not a single literal.

@@ -238,6 +238,8 @@ dict value path
   valueFrom:
     fieldRef:
       fieldPath: metadata.namespace
+- name: CDC_LISTEN_HOST
+  value: "0.0.0.0"
 - name: OTEL_SERVICE_NAME
   value: {{ .serviceName | quote }}
 - name: OTEL_RESOURCE_ATTRIBUTES
