@@ -54,3 +54,11 @@ bench: $(BENCH_STAMP)
 
 bench-quick: $(BENCH_STAMP)
 	$(PY) -m bench --quick $(ARGS)
+
+# `make chaos`: the fault-injection scenarios in tests/chaos (kill -9 of each stage and of
+# `cdc run`, source restart, sink database down, network partition, sink write errors, poison
+# rows), one at a time, a few minutes in all. Not part of `make test`. Prints the results
+# table and writes it to build/chaos-results.md. ARGS: more pytest options (e.g. -k sink).
+.PHONY: chaos
+chaos: $(STAMP)
+	CDC_CHAOS=1 $(PY) -m pytest -q -p no:cacheprovider tests/chaos $(ARGS)
