@@ -11,7 +11,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
 
 class HealthState:
@@ -28,7 +28,15 @@ class HealthState:
             return dict(self._snapshot)
 
 
-def serve_health(state: HealthState, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
+def serve_health(
+    state: HealthState,
+    port: int,
+    host: str = "0.0.0.0",
+    registry: CollectorRegistry = REGISTRY,
+) -> ThreadingHTTPServer:
+    """Serve in a thread; `/metrics` is `registry` (each stage passes its own, see
+    services/metrics.py)."""
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path == "/healthz":
@@ -37,7 +45,7 @@ def serve_health(state: HealthState, port: int, host: str = "0.0.0.0") -> Thread
                 snapshot = state.get()
                 self._reply(200 if snapshot.get("ready") else 503, snapshot)
             elif self.path == "/metrics":
-                body = generate_latest()
+                body = generate_latest(registry)
                 self.send_response(200)
                 self.send_header("Content-Type", CONTENT_TYPE_LATEST)
                 self.send_header("Content-Length", str(len(body)))

@@ -73,12 +73,11 @@ class Supervisor:
         for sink_id in sink_ids:
             port = find_free_port()
             endpoints += ["--sink-endpoint", f"{sink_id}={sink_host}:{port}"]
-            self.sinks.append(
-                Child(
-                    f"sink:{sink_id}",
-                    [*cdc_command(), "sink", *common, "--sink-id", sink_id, "--port", str(port)],
-                )
-            )
+            # Each sink serves /metrics and /readyz; the ingest lists them for `cdc status`.
+            http_port = str(find_free_port())
+            endpoints += ["--sink-http-endpoint", f"{sink_id}={sink_host}:{http_port}"]
+            args = ["--sink-id", sink_id, "--port", str(port), "--http-port", http_port]
+            self.sinks.append(Child(f"sink:{sink_id}", [*cdc_command(), "sink", *common, *args]))
         self.ingest = Child(
             "ingest",
             [*cdc_command(), "ingest", *common, *endpoints, "--grpc-port", str(find_free_port())],

@@ -22,25 +22,10 @@ from typing import Any
 
 import psycopg
 import structlog
-from prometheus_client import Gauge
 
 from domain.health import ComponentHealth, Status
 
 log = structlog.get_logger(__name__)
-
-SLOT_LAG = Gauge(
-    "cdc_source_slot_lag_bytes",
-    "Bytes of WAL between the server's current position and the slot's confirmed flush LSN",
-    ["slot"],
-)
-SLOT_RETAINED = Gauge(
-    "cdc_source_slot_retained_wal_bytes",
-    "Bytes of WAL the slot keeps on the server (current position minus restart_lsn)",
-    ["slot"],
-)
-SLOT_ACTIVE = Gauge(
-    "cdc_source_slot_active", "1 while a walsender streams from the slot, else 0", ["slot"]
-)
 
 # On a standby (logical decoding from a standby, PostgreSQL 16+) pg_current_wal_lsn() fails;
 # the position replayed so far is the one the slot is measured against there.
@@ -219,7 +204,8 @@ class PostgresSlotMonitor:
         return self._health.as_dict()
 
     async def poll(self) -> ComponentHealth:
-        """One reading: updates health, gauges and the log. Never raises psycopg errors."""
+        """One reading: updates health and the log (the ingest exports the reading as
+        `cdc_source_slot_*` gauges, services/metrics.py). Never raises psycopg errors."""
         try:
             conn = await self._connection()
             state = await read_slot(conn, self.slot)
@@ -234,7 +220,6 @@ class PostgresSlotMonitor:
                 missing=Status.ERROR,
                 name=self.name,
             )
-            self._export(state)
         self.polls += 1
         self._health = health
         self._log(health)
@@ -272,16 +257,6 @@ class PostgresSlotMonitor:
         if conn is not None:
             with contextlib.suppress(Exception):
                 await conn.close()
-
-    def _export(self, state: SlotState | None) -> None:
-        if state is None:
-            SLOT_ACTIVE.labels(self.slot).set(0)
-            return
-        SLOT_ACTIVE.labels(self.slot).set(1 if state.active else 0)
-        if state.lag_bytes is not None:
-            SLOT_LAG.labels(self.slot).set(state.lag_bytes)
-        if state.retained_wal_bytes is not None:
-            SLOT_RETAINED.labels(self.slot).set(state.retained_wal_bytes)
 
     def _log(self, health: ComponentHealth) -> None:
         fields = _log_fields(health.detail)

@@ -21,9 +21,9 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     return pipeline, platform
 
 
-def _parse_endpoints(values: Sequence[str]) -> dict[str, str]:
+def _parse_endpoints(values: Sequence[str], env_var: str = "CDC_SINK_ENDPOINTS") -> dict[str, str]:
     items = list(values)
-    env = os.environ.get("CDC_SINK_ENDPOINTS", "")
+    env = os.environ.get(env_var, "")
     items += [v for v in env.split(",") if v.strip()]
     endpoints: dict[str, str] = {}
     for item in items:
@@ -58,7 +58,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     pipeline, platform = _load(args)
     setup_logging(f"ingest:{pipeline.pipeline_id}")
     endpoints = _parse_endpoints(args.sink_endpoint or [])
-    return asyncio.run(run_ingest(pipeline, platform, endpoints, args.grpc_port))
+    http = _parse_endpoints(args.sink_http_endpoint or [], "CDC_SINK_HTTP_ENDPOINTS")
+    return asyncio.run(run_ingest(pipeline, platform, endpoints, args.grpc_port, http))
 
 
 def cmd_sink(args: argparse.Namespace) -> int:
@@ -72,7 +73,7 @@ def cmd_sink(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(f"sink:{args.sink_id}")
-    return asyncio.run(run_sink(pipeline, platform, args.sink_id, args.port))
+    return asyncio.run(run_sink(pipeline, platform, args.sink_id, args.port, args.http_port))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -128,6 +129,12 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from services.status import run_status
+
+    return run_status(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdc", description="Change data capture pipelines.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,10 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = with_configs(sub.add_parser("ingest", help="run the ingest stage"))
     ingest.add_argument("--sink-endpoint", action="append", metavar="SINK_ID=HOST:PORT")
     ingest.add_argument("--grpc-port", type=int, default=None)
+    ingest.add_argument(
+        "--sink-http-endpoint",
+        action="append",
+        metavar="SINK_ID=HOST:PORT",
+        help="where a sink serves /metrics and /readyz; shown on /readyz for `cdc status`",
+    )
     ingest.set_defaults(func=cmd_ingest)
     sink = with_configs(sub.add_parser("sink", help="run one sink stage"))
     sink.add_argument("--sink-id", required=True)
     sink.add_argument("--port", type=int, default=50051)
+    sink.add_argument(
+        "--http-port", type=int, default=None, help="serve /healthz, /readyz, /metrics here"
+    )
     sink.set_defaults(func=cmd_sink)
     health = sub.add_parser("health", help="check the platform, or a pipeline's source and sinks")
     health.add_argument("pipeline", nargs="?", default=None, help="pipeline.yaml (optional)")
@@ -166,6 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--no-wait", action="store_true", help="queue it and return")
     backfill.add_argument("--timeout", type=float, default=3600.0, help="seconds to follow it")
     backfill.set_defaults(func=cmd_backfill)
+    status = with_configs(sub.add_parser("status", help="live view of a running pipeline"))
+    status.add_argument("--once", action="store_true", help="print one view and exit")
+    status.add_argument("--json", action="store_true", help="JSON instead of tables")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between scrapes")
+    status.add_argument(
+        "--ingest-url", default=None, help="the ingest's HTTP base URL (default: health_port)"
+    )
+    status.set_defaults(func=cmd_status)
     return parser
 
 

@@ -26,6 +26,7 @@ async def run_ingest(
     platform: PlatformConfig,
     sink_endpoints: Mapping[str, str],
     grpc_port: int | None = None,
+    sink_http_endpoints: Mapping[str, str] | None = None,
 ) -> int:
     container = IngestContainer(pipeline=pipeline, platform=platform)
     source = container.event_source()
@@ -71,12 +72,18 @@ async def run_ingest(
     await set_status(health_servicer, True, "cdc.ingest")
 
     state = HealthState()
-    http = serve_health(state, platform.health_port, host) if platform.health_enabled else None
+    http = (
+        serve_health(state, platform.health_port, host, registry=service.metrics.registry)
+        if platform.health_enabled
+        else None
+    )
+    # Where each sink serves its /metrics and /readyz, for `cdc status` (services/status.py).
+    sink_http = {"sink_http_endpoints": dict(sink_http_endpoints or {})}
 
     async def refresh_health() -> None:
         while True:
             with contextlib.suppress(Exception):
-                state.update(await service.health())
+                state.update({**await service.health(), **sink_http})
             await asyncio.sleep(1.0)
 
     refresher = asyncio.create_task(refresh_health())

@@ -9,7 +9,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import structlog
-from prometheus_client import Counter, Gauge, Histogram
 
 from cdc_proto.v1 import sink_pb2
 from domain.commit_tracker import CommitTracker
@@ -19,27 +18,10 @@ from domain.ports import EventSource, SourceChunk, SourceMonitor
 from domain.routing import Router
 from services import tracing
 from services.ingest.sink_channel import SinkChannel
+from services.metrics import IngestMetrics
 from services.wire import encode_batch
 
 log = structlog.get_logger(__name__)
-
-EVENTS_READ = Counter("cdc_ingest_events_read_total", "Change events read from the transport")
-BATCHES_SENT = Counter("cdc_ingest_batches_sent_total", "Batches streamed to sinks", ["sink"])
-EVENTS_ACKED = Counter(
-    "cdc_ingest_events_acked_total", "Events acknowledged by sinks", ["sink", "outcome"]
-)
-COMMITS = Counter("cdc_ingest_commits_total", "Transport positions committed")
-UNACKED = Gauge("cdc_ingest_unacked_batches", "Batches sent but not yet acked", ["sink"])
-LATENCY = Histogram(
-    "cdc_ingest_commit_to_ack_seconds",
-    "Source commit time to sink acknowledgement",
-    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-)
-SCHEMA_CHANGES = Counter(
-    "cdc_schema_changes_total",
-    "Source table shapes that changed (columns added, dropped or retyped)",
-    ["table"],
-)
 
 
 class IngestService:
@@ -52,6 +34,7 @@ class IngestService:
         batch_max_events: int,
         drain_timeout_seconds: float = 30.0,
         monitor: SourceMonitor | None = None,
+        metrics: IngestMetrics | None = None,
     ) -> None:
         self.pipeline_id = pipeline_id
         self.source = source
@@ -63,7 +46,9 @@ class IngestService:
         self.tracker: CommitTracker[Any] = CommitTracker()
         self._next_batch_id = int(time.time() * 1000) << 16  # unique across restarts
         self._commit_lock = asyncio.Lock()
-        self._batch_commit_time: dict[int, int] = {}
+        # (batch, sink) -> (first send, monotonic; source commit time of its newest change, us)
+        self._sent_at: dict[tuple[int, str], tuple[float, int]] = {}
+        self.metrics = metrics if metrics is not None else IngestMetrics(pipeline_id)
         self._stop = asyncio.Event()
         self._tracer = tracing.tracer("cdc.ingest")
         self.events_read = 0
@@ -131,7 +116,7 @@ class IngestService:
             self._schema_changed(change)
         events = chunk.events
         self.events_read += len(events)
-        EVENTS_READ.inc(len(events))
+        self.metrics.count_read(events)
         size = self.batch_max_events
         if not events:
             await self._send(chunk.partition, [], chunk.checkpoint)
@@ -145,7 +130,7 @@ class IngestService:
         if not change.is_change:  # a table seen for the first time in this process
             return
         table = change.current.qualified_name
-        SCHEMA_CHANGES.labels(table).inc()
+        self.metrics.schema_changed(table)
         log.info(
             "schema.version_changed",
             pipeline_id=self.pipeline_id,
@@ -164,7 +149,7 @@ class IngestService:
         if not targets:
             await self._commit_ready(partition)
             return
-        self._batch_commit_time[batch_id] = events[-1].commit_time_us
+        commit_us = events[-1].commit_time_us
         with self._tracer.start_as_current_span(
             "ingest.batch",
             attributes={
@@ -181,19 +166,27 @@ class IngestService:
                     batch_id, self.pipeline_id, partition, by_sink[sink_id], context
                 )
                 await self.channels[sink_id].send(message)
-                BATCHES_SENT.labels(sink_id).inc()
-                UNACKED.labels(sink_id).set(self.channels[sink_id].unacked)
+                self._sent_at[(batch_id, sink_id)] = (time.monotonic(), commit_us)
+                self.metrics.count_sent(sink_id, by_sink[sink_id])
+                self.metrics.unacked.labels(self.pipeline_id, sink_id).set(
+                    self.channels[sink_id].unacked
+                )
 
     async def on_ack(self, sink_id: str, ack: sink_pb2.BatchAck) -> None:
-        EVENTS_ACKED.labels(sink_id, "written").inc(ack.written)
-        EVENTS_ACKED.labels(sink_id, "skipped").inc(ack.skipped)
-        EVENTS_ACKED.labels(sink_id, "dead_lettered").inc(ack.dead_lettered)
-        UNACKED.labels(sink_id).set(self.channels[sink_id].unacked)
+        m, p = self.metrics, self.pipeline_id
+        m.events_acked.labels(p, sink_id, "written").inc(ack.written)
+        m.events_acked.labels(p, sink_id, "skipped").inc(ack.skipped)
+        m.events_acked.labels(p, sink_id, "dead_lettered").inc(ack.dead_lettered)
+        m.unacked.labels(p, sink_id).set(self.channels[sink_id].unacked)
+        sent = self._sent_at.pop((ack.batch_id, sink_id), None)
+        if sent is not None:
+            sent_at, commit_us = sent
+            m.ack_latency.labels(p, sink_id).observe(time.monotonic() - sent_at)
+            if commit_us:
+                seconds = max(0.0, time.time() - commit_us / 1e6)
+                m.commit_to_ack.labels(p, sink_id).observe(seconds)
         partition = self.tracker.partition_of(ack.batch_id)
         self.tracker.ack(ack.batch_id, sink_id)
-        commit_us = self._batch_commit_time.pop(ack.batch_id, 0)
-        if commit_us:
-            LATENCY.observe(max(0.0, time.time() - commit_us / 1e6))
         await self._commit_ready(partition)
 
     async def _commit_ready(self, partition: str | None = None) -> None:
@@ -203,14 +196,17 @@ class IngestService:
                 checkpoint = self.tracker.take_committable(p)
                 if checkpoint is not None:
                     await self.source.commit(p, checkpoint)
-                    COMMITS.inc()
+                    self.metrics.commits.labels(self.pipeline_id).inc()
 
     async def health(self) -> dict[str, Any]:
         components: list[ComponentHealth] = [await self.source.health()]
         if self.monitor is not None:
-            components.append(await self.monitor.health())
+            reading = await self.monitor.health()
+            self.metrics.slot_reading(reading.detail)
+            components.append(reading)
         components += [c.health() for c in self.channels.values()]
         status = overall(components)
+        self.metrics.source_ready.labels(self.pipeline_id).set(status is not Status.ERROR)
         return {
             "status": status.value,
             "ready": status is not Status.ERROR,

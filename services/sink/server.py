@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -17,6 +18,8 @@ from domain.health import Status
 from domain.ports import SinkBatch, SinkWriter
 from services import security, tracing
 from services.grpc_health import add_health, set_status
+from services.health_http import HealthState, serve_health
+from services.metrics import SinkMetrics
 from services.sink.container import SinkContainer
 from services.wire import WireFormatError, decode_batch
 
@@ -29,9 +32,10 @@ _Decoded = tuple[events_pb2.EventBatch, SinkBatch | None, str | None]
 
 
 class SinkServicer(sink_pb2_grpc.SinkServiceServicer):
-    def __init__(self, writer: SinkWriter, sink_id: str) -> None:
+    def __init__(self, writer: SinkWriter, sink_id: str, metrics: SinkMetrics) -> None:
         self.writer = writer
         self.sink_id = sink_id
+        self.metrics = metrics
         self._tracer = tracing.tracer("cdc.sink")
         # One writer, one order: concurrent streams (a reconnect racing the old stream)
         # must not interleave batches.
@@ -55,12 +59,19 @@ class SinkServicer(sink_pb2_grpc.SinkServiceServicer):
                 if rejected is not None:
                     # A batch of this stream was not written: writing later ones would
                     # apply changes past a gap; the ingest service resends them all.
+                    self.metrics.rejected()
                     yield _rejected(message.batch_id, rejected)
                     continue
-                ack = await self._handle(message, batch, error)
-                if ack.status != sink_pb2.ACK_STATUS_WRITTEN:
-                    rejected = f"not written: batch {message.batch_id} before it was rejected"
-                yield ack
+                in_flight = self.metrics.in_flight.labels(self.metrics.pipeline, self.sink_id)
+                in_flight.inc()
+                try:
+                    ack = await self._handle(message, batch, error)
+                    if ack.status != sink_pb2.ACK_STATUS_WRITTEN:
+                        rejected = f"not written: batch {message.batch_id} before it was rejected"
+                        self.metrics.rejected()
+                    yield ack
+                finally:
+                    in_flight.dec()
             await reader  # done; a broken request stream propagates
         finally:
             if not reader.done():
@@ -104,12 +115,20 @@ class SinkServicer(sink_pb2_grpc.SinkServiceServicer):
             },
         ):
             async with self._lock:
+                started = time.monotonic()
                 try:
                     result = await self.writer.write(batch)
                 except CdcError as exc:
                     # Not written: the ingest service keeps the batch and resends it later.
                     log.error("sink.write_failed", batch_id=message.batch_id, error=str(exc))
                     return _rejected(message.batch_id, str(exc))
+                self.metrics.written(
+                    batch.events,
+                    result.skipped,
+                    result.dead_lettered,
+                    time.monotonic() - started,
+                    time.time_ns() // 1000,
+                )
         return sink_pb2.BatchAck(
             batch_id=message.batch_id,
             status=sink_pb2.ACK_STATUS_WRITTEN,
@@ -124,7 +143,11 @@ def _rejected(batch_id: int, error: str) -> sink_pb2.BatchAck:
 
 
 async def run_sink(
-    pipeline: PipelineConfig, platform: PlatformConfig, sink_id: str, port: int
+    pipeline: PipelineConfig,
+    platform: PlatformConfig,
+    sink_id: str,
+    port: int,
+    http_port: int | None = None,
 ) -> int:
     sink = pipeline.sink(sink_id)
     # Before anything connects: a bad listen host or certificate file stops the start.
@@ -142,7 +165,8 @@ async def run_sink(
             ("grpc.max_send_message_length", 256 << 20),
         ]
     )
-    sink_pb2_grpc.add_SinkServiceServicer_to_server(SinkServicer(writer, sink_id), server)
+    metrics = SinkMetrics(pipeline.pipeline_id, sink_id)
+    sink_pb2_grpc.add_SinkServiceServicer_to_server(SinkServicer(writer, sink_id, metrics), server)
     health = add_health(server)
     address = security.grpc_address(host, port)
     if credentials is None:
@@ -159,20 +183,39 @@ async def run_sink(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    # /healthz, /readyz (the destination's health) and /metrics (this sink's registry).
+    state = HealthState()
+    http = None if http_port is None else serve_health(state, http_port, host, metrics.registry)
+
     async def watch_health() -> None:
         while True:
             with contextlib.suppress(Exception):
                 report = await writer.health()
-                await set_status(health, report.status is not Status.ERROR, "cdc.v1.SinkService")
+                ready = report.status is not Status.ERROR
+                await set_status(health, ready, "cdc.v1.SinkService")
+                metrics.ready.labels(pipeline.pipeline_id, sink_id).set(ready)
+                metrics.writer_retries(int(getattr(writer, "retries", 0)))
+                state.update(
+                    {
+                        "status": report.status.value,
+                        "ready": ready,
+                        "pipeline_id": pipeline.pipeline_id,
+                        "sink_id": sink_id,
+                        "components": {report.name: report.as_dict()},
+                    }
+                )
             await asyncio.sleep(1.0)
 
     watcher = asyncio.create_task(watch_health())
     await stop.wait()
     watcher.cancel()
+    state.update({"status": "stopping", "ready": False, "sink_id": sink_id})
     await set_status(health, False, "cdc.v1.SinkService")
     # Finish the batch in hand; an unacked batch is resent by the ingest service later.
     await server.stop(grace=5)
     await writer.stop()
+    if http is not None:
+        http.shutdown()
     tracing.shutdown_tracing()
     log.info("sink.stopped", sink_id=sink_id)
     return 0

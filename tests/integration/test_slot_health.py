@@ -10,10 +10,10 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
-from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from adapters.config import load_pipeline, load_platform
@@ -24,6 +24,7 @@ from adapters.postgres.slot_monitor import (
     judge_slot,
 )
 from domain.health import Status
+from services.metrics import IngestMetrics
 from services.ops import slot_health
 from services.stack.postgres import find_free_port
 from tests.support.pipeline import (
@@ -144,9 +145,13 @@ def test_monitor_polls_exports_logs_and_reports_a_dropped_slot_as_error(
     pg: PgTestContext,
 ) -> None:
     dsn, slot = _new_slot(pg)
+    reading: dict[str, Any] = {}
 
     def gauge(name: str) -> float | None:
-        return REGISTRY.get_sample_value(name, {"slot": slot})
+        # The ingest exports the monitor's reading (services/metrics.py): do the same.
+        metrics = IngestMetrics("p")
+        metrics.slot_reading(reading)
+        return metrics.registry.get_sample_value(name, {"pipeline": "p"})
 
     async def scenario() -> None:
         monitor = PostgresSlotMonitor(dsn, slot, interval_seconds=0.1, lag_degraded_bytes=1 << 40)
@@ -157,17 +162,23 @@ def test_monitor_polls_exports_logs_and_reports_a_dropped_slot_as_error(
             health = await monitor.health()
             assert health.name == "slot" and health.status is Status.OK, health
             assert (await monitor.lag())["lag_bytes"] == health.detail["lag_bytes"]
+            reading.update(health.detail)
             assert gauge("cdc_source_slot_active") == 0
             lag0 = gauge("cdc_source_slot_lag_bytes")
             assert lag0 is not None
             assert gauge("cdc_source_slot_retained_wal_bytes") is not None
 
             await asyncio.to_thread(_write_wal, dsn)
-            await _until(
-                lambda: (gauge("cdc_source_slot_lag_bytes") or 0) > lag0 + 100_000,
-                15,
-                "the lag gauge to grow",
-            )
+
+            async def lag_grew() -> bool:
+                reading.update((await monitor.health()).detail)
+                return (gauge("cdc_source_slot_lag_bytes") or 0) > lag0 + 100_000
+
+            for _ in range(150):
+                if await lag_grew():
+                    break
+                await asyncio.sleep(0.1)
+            assert await lag_grew(), "the lag gauge to grow"
             monitor.lag_degraded_bytes = 100_000
             polls = monitor.polls
             await _until(lambda: monitor.polls > polls + 1, 15, "more polls")
@@ -179,6 +190,8 @@ def test_monitor_polls_exports_logs_and_reports_a_dropped_slot_as_error(
             await _until(lambda: monitor.polls > polls + 1, 15, "polls after the drop")
             gone = await monitor.health()
             assert gone.status is Status.ERROR and gone.detail["exists"] is False
+            reading.clear()
+            reading.update(gone.detail)
             assert gauge("cdc_source_slot_active") == 0
         finally:
             await monitor.stop()
@@ -325,8 +338,8 @@ def test_readyz_shows_the_slot_and_a_stalled_sink_degrades_it(
         metrics = urllib.request.urlopen(
             f"http://127.0.0.1:{files.health_port}/metrics", timeout=5
         ).read()
-        assert f'cdc_source_slot_lag_bytes{{slot="{files.slot}"}}'.encode() in metrics
-        assert f'cdc_source_slot_active{{slot="{files.slot}"}} 1.0'.encode() in metrics
+        assert b'cdc_source_slot_lag_bytes{pipeline="e2e"}' in metrics
+        assert b'cdc_source_slot_active{pipeline="e2e"} 1.0' in metrics
         assert "slot.health" in ingest.log_path.read_text()
         # A column added at the source reaches the ingest as a schema change.
         with psycopg.connect(source_dsn, autocommit=True) as conn:
@@ -346,7 +359,7 @@ def test_readyz_shows_the_slot_and_a_stalled_sink_degrades_it(
         metrics = urllib.request.urlopen(
             f"http://127.0.0.1:{files.health_port}/metrics", timeout=5
         ).read()
-        assert b'cdc_schema_changes_total{table="public.orders"} 1.0' in metrics
+        assert b'cdc_schema_changes_total{pipeline="e2e",table="public.orders"} 1.0' in metrics
     finally:
         for stage in (ingest, sink):
             if stage.alive():

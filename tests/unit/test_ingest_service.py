@@ -10,7 +10,6 @@ import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 
-from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from domain.events import Column, Operation, Position, SchemaChange, SourceEvent, TableSchema
@@ -87,8 +86,9 @@ def _service(source: FakeSource, monitor: FakeMonitor | None = None) -> IngestSe
     return IngestService("p1", source, Router([]), {}, 100, monitor=monitor)
 
 
-def _counter(table: str) -> float:
-    return REGISTRY.get_sample_value("cdc_schema_changes_total", {"table": table}) or 0.0
+def _counter(service: IngestService, metric: str, table: str) -> float:
+    value = service.metrics.registry.get_sample_value(metric, {"pipeline": "p1", "table": table})
+    return value or 0.0
 
 
 def test_schema_changes_are_logged_and_counted_and_first_sightings_are_not() -> None:
@@ -100,17 +100,19 @@ def test_schema_changes_are_logged_and_counted_and_first_sightings_are_not() -> 
         SourceChunk("0", [], 11, [SchemaChange(V2, V3), SchemaChange(ITEMS, ITEMS)]),
     ]
     source = FakeSource(chunks)
-    before_orders, before_items = _counter("shop.orders"), _counter("shop.items")
+    service = _service(source)
     with capture_logs() as logs:
-        asyncio.run(_service(source).run())
+        asyncio.run(service.run())
     changed = [e for e in logs if e["event"] == "schema.version_changed"]
     assert [(e["table"], e["added"], e["dropped"], e["retyped"]) for e in changed] == [
         ("shop.orders", ["n"], [], ["amount"]),
         ("shop.orders", [], ["amount", "n"], []),
     ]
     assert changed[0]["pipeline_id"] == "p1"
-    assert _counter("shop.orders") - before_orders == 2
-    assert _counter("shop.items") - before_items == 0
+    assert _counter(service, "cdc_schema_changes_total", "shop.orders") == 2
+    assert _counter(service, "cdc_schema_changes_total", "shop.items") == 0
+    # the orders' shape: version 1 from its first change read, then two changes
+    assert _counter(service, "cdc_ingest_schema_version", "shop.orders") == 3
     # the chunks' events and checkpoints were handled as usual
     assert source.committed == [5, 10, 11]
 
