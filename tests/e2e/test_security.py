@@ -3,22 +3,26 @@ no secret in any process's output."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 import psycopg
+import yaml
 
 from tests.support.pipeline import (
     REPO,
     PipelineFiles,
     cdc_argv,
     free_port,
+    http_json,
     ingest_stage,
     new_pipeline,
     sink_stage,
@@ -33,7 +37,7 @@ EVERY_INTERFACE = {"0.0.0.0", "::"}
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "CDC_LISTEN_HOST"}
-    env.update(PYTHONPATH=str(REPO), CDC_LOG_LEVEL="INFO", **extra)
+    env.update({"PYTHONPATH": str(REPO), "CDC_LOG_LEVEL": "INFO", **extra})
     return env
 
 
@@ -168,3 +172,124 @@ def test_bad_listen_host_in_the_environment_is_a_startup_error(pg, tmp_path: Pat
     )
     assert result.returncode == 2, result.stderr
     assert "CDC_LISTEN_HOST" in result.stderr and "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------- secrets in logs
+
+
+def _secret(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex}"
+
+
+def test_no_configured_secret_appears_in_any_output(pg, pg_server_factory, tmp_path: Path) -> None:
+    """A full `cdc run` with every secret field the configuration has, through changes, a sink
+    outage (connection errors logged) and a stop: no secret value in any process's output,
+    nor in `cdc validate`, `cdc health` or /readyz."""
+    secrets = {
+        "source password (${VAR})": _secret("srcpw"),
+        "sink password": _secret("sinkpw"),
+        "webhook hmac_secret": _secret("hmac"),
+        "webhook header": _secret("bearer"),
+        "iceberg s3_secret_access_key": _secret("s3secret"),
+    }
+    replica = pg_server_factory()
+    replica.create_database("replica")
+    replica_dsn = replica.dsn("replica")
+    source_dsn, _, files = new_pipeline(pg, tmp_path, seed_rows=50)
+    pipeline = yaml.safe_load(files.pipeline.read_text())
+    pipeline["source"]["password"] = "${CDC_TEST_SOURCE_PASSWORD}"
+    pipeline["sinks"][0]["postgres"].update(
+        host=replica.host,
+        port=replica.port,
+        database="replica",
+        password=secrets["sink password"],
+        connect_timeout_seconds=2,
+    )
+    pipeline["sinks"] += [
+        {
+            "sink_id": "hook",
+            "sink_type": "webhook",
+            "enabled": False,
+            "webhook": {
+                "url": "https://hooks.example.com/cdc",
+                "hmac_secret": secrets["webhook hmac_secret"],
+                "headers": {"Authorization": f"Bearer {secrets['webhook header']}"},
+            },
+        },
+        {
+            "sink_id": "lake",
+            "sink_type": "iceberg",
+            "enabled": False,
+            "iceberg": {
+                "catalog_uri": "http://catalog:8181",
+                "warehouse": "s3://lake/",
+                "table_name": "orders",
+                "s3_access_key_id": "AKIAEXAMPLE",
+                "s3_secret_access_key": secrets["iceberg s3_secret_access_key"],
+            },
+        },
+    ]
+    files.pipeline.write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    env = _env(CDC_TEST_SOURCE_PASSWORD=secrets["source password (${VAR})"], CDC_LOG_LEVEL="DEBUG")
+    outputs: dict[str, str] = {}
+
+    def cdc(name: str, *argv: str) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [*argv], capture_output=True, text=True, cwd=REPO, env=env, timeout=120
+        )
+        outputs[name] = result.stdout + result.stderr
+        return result
+
+    assert cdc("validate", *files.argv("validate")).returncode == 0, outputs["validate"]
+    # A refused configuration names fields, never their values.
+    broken = tmp_path / "broken.yaml"
+    bad = yaml.safe_load(files.pipeline.read_text())
+    bad["sinks"][0]["postgres"]["dsn"] = f"postgresql://u:{secrets['sink password']}@h/db"
+    bad["sinks"][1]["webhook"]["hmac_secret"] = [secrets["webhook hmac_secret"]]  # wrong type
+    broken.write_text(yaml.safe_dump(bad, sort_keys=False))
+    result = cdc("validate broken", *cdc_argv("validate", str(broken)))
+    assert result.returncode == 2, outputs["validate broken"]
+    assert "password cannot be combined with dsn" in result.stderr, result.stderr
+    assert "sinks[1].webhook.hmac_secret" in result.stderr, result.stderr
+
+    log_path = tmp_path / "run.log"
+    with log_path.open("wb") as log:
+        run = subprocess.Popen(
+            files.argv("run"), stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env
+        )
+        try:
+            wait_until(
+                lambda: run.poll() is not None or ready("127.0.0.1", files.health_port), 90, "ready"
+            )
+            insert_orders(source_dsn, 1, 200)
+            wait_until(lambda: tables_equal(source_dsn, replica_dsn, TABLES), 60, "replicated")
+
+            replica.stop()  # the sink's destination goes away: connection errors get logged
+            insert_orders(source_dsn, 1000, 100)
+            wait_until(lambda: not ready("127.0.0.1", files.health_port), 60, "sink error shown")
+            outputs["/readyz during outage"] = json.dumps(http_json(files.health_port, "/readyz"))
+            assert cdc("health during outage", *files.argv("health")).returncode == 1
+
+            replica.start()
+            wait_until(lambda: tables_equal(source_dsn, replica_dsn, TABLES), 90, "caught up")
+            outputs["/readyz"] = json.dumps(http_json(files.health_port, "/readyz"))
+        finally:
+            if run.poll() is None:
+                run.send_signal(signal.SIGTERM)
+            code = run.wait(90)
+    outputs["cdc run (supervisor, ingest, sink)"] = log_path.read_text(errors="replace")
+    assert code == 0, outputs["cdc run (supervisor, ingest, sink)"][-4000:]
+    assert cdc("health", *files.argv("health")).returncode == 0, outputs["health"]
+
+    # The run did log the outage, with where it tried to connect: the check had something
+    # to look at.
+    run_log = outputs["cdc run (supervisor, ingest, sink)"]
+    assert f"port {replica.port} failed" in run_log, run_log[-3000:]
+    assert "postgres_sink.write_retry" in run_log, run_log[-3000:]
+    leaks = [
+        f"{what} in {where}"
+        for what, value in secrets.items()
+        for where, text in outputs.items()
+        if value in text
+    ]
+    assert not leaks, leaks
