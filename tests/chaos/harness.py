@@ -273,7 +273,7 @@ class Workload:
                 return (
                     "INSERT INTO public.accounts (id, version, balance, owner, tags)"
                     " VALUES (%s, nextval('public.chaos_version'), %s, %s, %s)",
-                    (key, rng.randint(0, 10**8) / 100, f"owner {key} é", ["a", str(key % 7)]),
+                    (key, rng.randint(0, 10**7) / 100, f"owner {key} é", ["a", str(key % 7)]),
                 )
             return (
                 "INSERT INTO public.transfers (id, version, amount, memo, payload)"

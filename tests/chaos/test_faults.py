@@ -25,8 +25,9 @@ from tests.chaos.harness import (
     run_scenario,
     write_chaos_configs,
 )
+from tests.chaos.proxy import TcpProxy
 from tests.chaos.results import ChaosResult
-from tests.support.pipeline import wait_until
+from tests.support.pipeline import free_port, http_status, ingest_stage, sink_stage, wait_until
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -34,17 +35,18 @@ Record = Callable[[str], ChaosResult]
 
 
 def _finish(result: ChaosResult, outcome: Outcome, *extra: str, poison: bool = False) -> None:
-    """Fill in the result row, then assert: nothing lost, nothing applied twice."""
+    """Fill in the result row, then assert: nothing lost, nothing applied twice (poison:
+    no outage, so no recovery time; the poison rows are in the dead letters)."""
     problems = [*extra, *outcome.problems(poison)]
     result.changes = outcome.changes
     result.lost = outcome.lost
     result.duplicated = outcome.duplicated
     result.dead_lettered = outcome.dead_lettered
-    result.recovery_s = outcome.recovery_s
+    result.recovery_s = None if poison else outcome.recovery_s
     notes = [f"{outcome.audited} sink row writes audited"]
     if outcome.converge_s is not None:
         notes.append(f"converged {outcome.converge_s:.1f} s after the workload stopped")
-    result.notes = "; ".join(notes + problems)
+    result.notes = "; ".join([*([result.notes] if result.notes else []), *notes, *problems])
     result.ok = not problems
     assert not problems, problems
 
@@ -102,3 +104,92 @@ def test_kill_9_stage_under_cdc_run(
     finally:
         code = run.stop()
     _finish(result, outcome, *([] if code == 0 else [f"cdc run exited {code} on SIGTERM"]))
+
+
+def test_sink_database_down_30s(
+    pg_server: PostgresServer,
+    pg_server_factory: Callable[..., PostgresServer],
+    tmp_path: Path,
+    chaos_result: Record,
+) -> None:
+    result = chaos_result("5. sink database down 30 s")
+    sink_server = pg_server_factory()
+    source_dsn, sink, files = _pipeline(tmp_path, pg_server, sink_server, "sink_down")
+    run = CdcRun(files, tmp_path).start()
+
+    def clear() -> float:
+        time.sleep(30)
+        sink_server.start()
+        return time.monotonic()
+
+    try:
+        run.wait_ready()
+        outcome = run_scenario(source_dsn, [sink], lambda: sink_server.stop("fast"), clear)
+    finally:
+        code = run.stop()
+    _finish(result, outcome, *([] if code == 0 else [f"cdc run exited {code} on SIGTERM"]))
+
+
+def test_network_partition_between_ingest_and_one_sink(
+    pg_server: PostgresServer, tmp_path: Path, chaos_result: Record
+) -> None:
+    """Two sinks; the ingest reaches `replica` through a proxy that cuts every connection and
+    refuses new ones for 10 s, and `mirror` directly."""
+    result = chaos_result("6. network partition ingest -> sink, 10 s")
+    source_dsn = prepare_source(pg_server, "partition_src")
+    sinks = [
+        prepare_sink(pg_server, "partition_replica", "replica"),
+        prepare_sink(pg_server, "partition_mirror", "mirror"),
+    ]
+    files = write_chaos_configs(tmp_path, pg_server, "partition_src", sinks, "partition")
+    ports = {s.sink_id: free_port() for s in sinks}
+    stages = [sink_stage(files, tmp_path, ports[s.sink_id], s.sink_id).start() for s in sinks]
+    proxy = TcpProxy(ports["replica"]).start()
+    ingest = ingest_stage(files, tmp_path, {"replica": proxy.port, "mirror": ports["mirror"]})
+    stages.append(ingest.start())
+
+    def clear() -> float:
+        time.sleep(10)
+        proxy.heal()
+        return time.monotonic()
+
+    codes: dict[str, int] = {}
+    try:
+        wait_until(lambda: http_status(files.health_port, "/readyz") == 200, 60, "ready")
+        outcome = run_scenario(source_dsn, sinks, proxy.partition, clear)
+    finally:
+        for stage in stages:
+            if stage.alive():
+                codes[stage.name] = stage.terminate()
+        proxy.stop()
+    bad = [f"{name} exited {code} on SIGTERM" for name, code in codes.items() if code != 0]
+    bad += [] if proxy.cut else ["the partition cut no connection"]
+    _finish(result, outcome, *bad)
+
+
+def test_poison_rows_go_to_dead_letters_and_nothing_else_is_lost(
+    pg_server: PostgresServer, tmp_path: Path, chaos_result: Record
+) -> None:
+    """The sink's accounts table has an operator's CHECK the source does not: about 1 in 50
+    account changes inserts a row that violates it (a poison row, never changed again)."""
+    result = chaos_result("8. poison rows (sink CHECK)")
+    source_dsn, sink, files = _pipeline(
+        tmp_path,
+        pg_server,
+        pg_server,
+        "poison",
+        constraints={"public.accounts": "CHECK (balance < 10000000)"},
+    )
+    run = CdcRun(files, tmp_path).start()
+    try:
+        run.wait_ready()
+        outcome = run_scenario(
+            source_dsn, [sink], lambda: None, time.monotonic, poison_every=50, before=6.0
+        )
+    finally:
+        code = run.stop()
+    poison = sum(c.poison_dead_lettered for c in outcome.checks)
+    extra = [] if code == 0 else [f"cdc run exited {code} on SIGTERM"]
+    extra += [] if poison else ["no poison row was written"]
+    result.notes = f"{poison} poison rows, each dead-lettered once"
+    _finish(result, outcome, *extra, poison=True)
