@@ -150,3 +150,17 @@ def test_quantile_interpolates_like_histogram_quantile() -> None:
     assert quantile(0.5, [(0.1, 0.0), (float("inf"), 0.0)]) is None
     # past the largest finite bound: that bound
     assert quantile(0.99, [(0.1, 1.0), (float("inf"), 10.0)]) == 0.1
+
+
+def test_docs_list_exactly_the_metrics_the_stages_define() -> None:
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+    documented = set(re.findall(r"^\| `(cdc_[a-z_]+)` \|", doc, re.M))
+    defined: set[str] = set()
+    for registry in (IngestMetrics("p").registry, SinkMetrics("p", "s").registry):
+        for family in registry.collect():
+            if family.name.startswith("cdc_"):
+                defined.add(f"{family.name}_total" if family.type == "counter" else family.name)
+    assert documented == defined
