@@ -252,6 +252,8 @@ class Workload:
             ahead = self.started + self.changes / self.rate - time.monotonic()
             if ahead > 0:
                 self.stop_event.wait(ahead)
+            elif ahead < -0.5:  # after an outage: carry on at the rate, no catch-up burst
+                self.started -= ahead + 0.5
 
     def _op(self) -> tuple[str, tuple[Any, ...]]:
         rng = self.rng

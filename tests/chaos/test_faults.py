@@ -193,3 +193,31 @@ def test_poison_rows_go_to_dead_letters_and_nothing_else_is_lost(
     extra += [] if poison else ["no poison row was written"]
     result.notes = f"{poison} poison rows, each dead-lettered once"
     _finish(result, outcome, *extra, poison=True)
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+def test_source_restart(
+    pg_server_factory: Callable[..., PostgresServer],
+    tmp_path: Path,
+    chaos_result: Record,
+    mode: str,
+) -> None:
+    """The source server stops (`fast`: a clean shutdown; `immediate`: a crash, recovered
+    from the WAL on start) for 3 s while the workload runs; the sink is on another server."""
+    label = "4. source restart (fast stop)" if mode == "fast" else "4. source crash (immediate)"
+    result = chaos_result(label)
+    source, sink_server = pg_server_factory(), pg_server_factory()
+    source_dsn, sink, files = _pipeline(tmp_path, source, sink_server, f"source_{mode}")
+    run = CdcRun(files, tmp_path).start()
+
+    def clear() -> float:
+        time.sleep(3)
+        source.start()
+        return time.monotonic()
+
+    try:
+        run.wait_ready()
+        outcome = run_scenario(source_dsn, [sink], lambda: source.stop(mode), clear)
+    finally:
+        code = run.stop()
+    _finish(result, outcome, *([] if code == 0 else [f"cdc run exited {code} on SIGTERM"]))
