@@ -3,19 +3,28 @@ no secret in any process's output."""
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import os
 import signal
 import subprocess
+import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import grpc
 import psutil
 import psycopg
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support.pipeline import (
     REPO,
@@ -27,6 +36,7 @@ from tests.support.pipeline import (
     new_pipeline,
     sink_stage,
     stage_logs,
+    table_rows,
     tables_equal,
     wait_until,
 )
@@ -293,3 +303,208 @@ def test_no_configured_secret_appears_in_any_output(pg, pg_server_factory, tmp_p
         if value in text
     ]
     assert not leaks, leaks
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+PKI_FILES = {"ca": "ca.crt", "cert": "tls.crt", "key": "tls.key"}
+
+
+def make_pki(
+    directory: Path, names: Sequence[str] = ("localhost",), ip: bool = True
+) -> dict[str, str]:
+    """A CA and one certificate it signs for server and client use, with `names` (and
+    127.0.0.1 unless `ip` is False) as subject alternative names: {ca, cert, key} paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = _key()
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"test CA {uuid.uuid4().hex}")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = _key()
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
+    if ip:
+        sans.append(x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = {
+        "ca": directory / "ca.crt",
+        "cert": directory / "tls.crt",
+        "key": directory / "tls.key",
+    }
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths["key"].write_bytes(_pem_key(key))
+    return {name: str(path) for name, path in paths.items()}
+
+
+def tls_platform(pki: dict[str, str], **extra: object) -> dict[str, object]:
+    return {
+        "grpc_tls": {
+            "enabled": True,
+            "cert_file": pki["cert"],
+            "key_file": pki["key"],
+            "ca_file": pki["ca"],
+            **extra,
+        }
+    }
+
+
+def sink_health(port: int, credentials: grpc.ChannelCredentials | None) -> str:
+    """The sink's grpc.health.v1 status as this client sees it, or the gRPC error code."""
+    target = f"127.0.0.1:{port}"
+    channel = (
+        grpc.insecure_channel(target)
+        if credentials is None
+        else grpc.secure_channel(target, credentials)
+    )
+    with channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=5
+            )
+        except grpc.RpcError as exc:
+            return str(exc.code().name)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+def test_mtls_pipeline_delivers_and_its_sink_refuses_other_clients(pg, tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    source_dsn, replica_dsn, files = new_pipeline(
+        pg, tmp_path, seed_rows=30, extra_platform=tls_platform(pki, require_client_cert=True)
+    )
+    port = free_port()
+    sink = sink_stage(files, tmp_path, port).start()
+    ingest = ingest_stage(files, tmp_path, {"replica": port}).start()
+    try:
+        wait_until(lambda: ready("127.0.0.1", files.health_port), 90, "ready over mTLS")
+        insert_orders(source_dsn, 1, 100)
+        wait_until(lambda: tables_equal(source_dsn, replica_dsn, TABLES), 60, "replicated")
+
+        ca = Path(pki["ca"]).read_bytes()
+        with_cert = grpc.ssl_channel_credentials(
+            ca, Path(pki["key"]).read_bytes(), Path(pki["cert"]).read_bytes()
+        )
+        assert sink_health(port, with_cert) == "SERVING"
+        # TLS but no client certificate: the handshake fails
+        assert sink_health(port, grpc.ssl_channel_credentials(ca)) == "UNAVAILABLE"
+        # a certificate of another CA
+        other = make_pki(tmp_path / "other")
+        foreign = grpc.ssl_channel_credentials(
+            ca, Path(other["key"]).read_bytes(), Path(other["cert"]).read_bytes()
+        )
+        assert sink_health(port, foreign) == "UNAVAILABLE"
+        # plaintext
+        assert sink_health(port, None) == "UNAVAILABLE"
+    finally:
+        codes = [stage.terminate() for stage in (ingest, sink)]
+    assert codes == [0, 0], stage_logs(ingest, sink)
+    assert '"tls": true' in sink.log_path.read_text()
+
+
+def test_cdc_run_over_tls_checks_the_configured_server_name(pg, tmp_path: Path) -> None:
+    """TLS without client certificates; the sink's certificate names only
+    sink.cdc.internal, which `server_name` makes the ingest expect."""
+    pki = make_pki(tmp_path / "pki", names=("sink.cdc.internal",), ip=False)
+    source_dsn, replica_dsn, files = new_pipeline(
+        pg, tmp_path, extra_platform=tls_platform(pki, server_name="sink.cdc.internal")
+    )
+    with cdc_run(files, tmp_path):
+        insert_orders(source_dsn, 1, 100)
+        wait_until(lambda: tables_equal(source_dsn, replica_dsn, TABLES), 60, "replicated")
+
+
+def test_ingest_refuses_a_sink_whose_certificate_does_not_match(pg, tmp_path: Path) -> None:
+    """A certificate for another name: the ingest does not deliver and reports the sink."""
+    pki = make_pki(tmp_path / "pki", names=("elsewhere.example",))
+    source_dsn, replica_dsn, files = new_pipeline(
+        pg, tmp_path, extra_platform=tls_platform(pki, server_name="sink.cdc.internal")
+    )
+    port = free_port()
+    sink = sink_stage(files, tmp_path, port).start()
+    ingest = ingest_stage(files, tmp_path, {"replica": port}).start()
+    try:
+        wait_until(
+            lambda: "sink:replica" in json.dumps(http_json(files.health_port, "/readyz")),
+            60,
+            "sink component reported",
+        )
+        insert_orders(source_dsn, 1, 10)
+        time.sleep(5)
+        body = http_json(files.health_port, "/readyz")
+        assert not body.get("ready"), body
+        assert "UNREACHABLE" in json.dumps(body), body
+        assert table_rows(replica_dsn, "public.orders") == []
+    finally:
+        # the ingest exits non-zero: its batch was never acked (redelivered next start)
+        ingest.terminate()
+        assert sink.terminate() == 0, stage_logs(ingest, sink)
+
+
+def test_a_missing_certificate_file_stops_every_stage_with_exit_2(pg, tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    missing = str(tmp_path / "nowhere" / "tls.key")
+    _, _, files = new_pipeline(pg, tmp_path, extra_platform=tls_platform({**pki, "key": missing}))
+    port = str(free_port())
+    for argv in (
+        files.argv("sink", "--sink-id", "replica", "--port", port),
+        files.argv("ingest", "--sink-endpoint", f"replica=127.0.0.1:{port}"),
+        files.argv("run"),
+    ):
+        result = subprocess.run(
+            argv, capture_output=True, text=True, cwd=REPO, env=_env(), timeout=60
+        )
+        assert result.returncode == 2, (argv, result.stderr)
+        assert f"grpc_tls.key_file: cannot read {missing}" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr, result.stderr
