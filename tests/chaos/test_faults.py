@@ -6,13 +6,17 @@ Each scenario records its row of the results table (conftest.py) before assertin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from services.stack.postgres import PostgresServer
@@ -221,3 +225,114 @@ def test_source_restart(
     finally:
         code = run.stop()
     _finish(result, outcome, *([] if code == 0 else [f"cdc run exited {code} on SIGTERM"]))
+
+
+def test_sink_privileges_revoked_10s(
+    pg_server: PostgresServer, tmp_path: Path, chaos_result: Record
+) -> None:
+    """An operator revokes INSERT/UPDATE/DELETE on the target tables from the sink's role (no
+    superuser) for 10 s, then grants them back: the sink must retry, not dead-letter."""
+    result = chaos_result("7. sink write errors: privileges revoked 10 s")
+    source_dsn, sink, files = _pipeline(
+        tmp_path, pg_server, pg_server, "revoke", username="chaos_sink"
+    )
+    tables = "public.accounts, public.transfers"
+    run = CdcRun(files, tmp_path).start()
+
+    def sink_sql(statement: str) -> None:
+        with psycopg.connect(sink.dsn, autocommit=True) as conn:
+            conn.execute(statement)
+
+    def clear() -> float:
+        time.sleep(10)
+        sink_sql(f"GRANT INSERT, UPDATE, DELETE ON {tables} TO chaos_sink")
+        return time.monotonic()
+
+    try:
+        run.wait_ready()
+        outcome = run_scenario(
+            source_dsn,
+            [sink],
+            lambda: sink_sql(f"REVOKE INSERT, UPDATE, DELETE ON {tables} FROM chaos_sink"),
+            clear,
+        )
+    finally:
+        code = run.stop()
+    retries = run.log_path.read_text(errors="replace").count("InsufficientPrivilege")
+    extra = [] if code == 0 else [f"cdc run exited {code} on SIGTERM"]
+    extra += [] if retries else ["the sink never hit the revoked privileges"]
+    _finish(result, outcome, *extra)
+
+
+def test_sink_disk_full_10s(
+    pg_server: PostgresServer,
+    pg_server_factory: Callable[..., PostgresServer],
+    tmp_path: Path,
+    chaos_result: Record,
+) -> None:
+    """The sink's tables live in a tablespace on a 32 MB tmpfs; a filler table fills it
+    (PostgreSQL: `could not extend file ...: No space left on device`, SQLSTATE 53100) for
+    10 s, then the tmpfs is grown to 256 MB. Needs root (mount); skipped otherwise."""
+    result = chaos_result("7. sink write errors: disk full 10 s (tmpfs tablespace)")
+    # Not under tmp_path: the server's OS user must be able to reach the directory.
+    mount_dir = Path(tempfile.mkdtemp(prefix="cdc-chaos-tmpfs-"))
+    mount_dir.chmod(0o755)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=32m,mode=0755", "tmpfs", str(mount_dir)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        result.notes = f"cannot mount a tmpfs here: {mounted.stderr.strip()}"
+        mount_dir.rmdir()
+        pytest.skip(result.notes)
+    sink_server = pg_server_factory()
+    try:
+        owner = sink_server.data_dir.stat()
+        location = mount_dir / "ts"
+        location.mkdir()
+        os.chown(location, owner.st_uid, owner.st_gid)
+        with sink_server.connect() as conn:
+            conn.execute(f"CREATE TABLESPACE chaos_small LOCATION '{location}'")
+        sink_server.create_database("disk_sink")
+        with psycopg.connect(sink_server.dsn("disk_sink"), autocommit=True) as conn:
+            conn.execute("ALTER DATABASE disk_sink SET default_tablespace = chaos_small")
+        source_dsn = prepare_source(pg_server, "disk_src")
+        sink = prepare_sink(sink_server, "disk_sink")  # its tables land in chaos_small
+        files = write_chaos_configs(tmp_path, pg_server, "disk_src", [sink], "disk")
+        run = CdcRun(files, tmp_path).start()
+
+        def fill() -> None:
+            with psycopg.connect(sink.dsn, autocommit=True) as conn:
+                conn.execute("CREATE TABLE chaos_filler (pad text) TABLESPACE chaos_small")
+                with contextlib.suppress(psycopg.errors.DiskFull):
+                    for _ in range(200):
+                        conn.execute(
+                            "INSERT INTO chaos_filler SELECT repeat(md5(g::text), 30)"
+                            " FROM generate_series(1, 2000) g"
+                        )
+                    raise AssertionError("the tablespace never filled up")
+
+        def clear() -> float:
+            time.sleep(10)
+            grown = subprocess.run(
+                ["mount", "-o", "remount,size=256m", str(mount_dir)], capture_output=True
+            )
+            assert grown.returncode == 0, grown.stderr
+            return time.monotonic()
+
+        try:
+            run.wait_ready()
+            outcome = run_scenario(source_dsn, [sink], fill, clear)
+        finally:
+            code = run.stop()
+        full = run.log_path.read_text(errors="replace").count("DiskFull")
+        extra = [] if code == 0 else [f"cdc run exited {code} on SIGTERM"]
+        extra += [] if full else ["the sink never hit the full disk"]
+        result.notes = f"{full} write retries on DiskFull"
+        _finish(result, outcome, *extra)
+    finally:
+        sink_server.stop("immediate")
+        subprocess.run(["umount", "--lazy", str(mount_dir)], capture_output=True)
+        with contextlib.suppress(OSError):
+            mount_dir.rmdir()
