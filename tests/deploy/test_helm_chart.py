@@ -6,6 +6,7 @@ supported version), then the workloads are checked against what the values asked
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -208,7 +209,7 @@ def check_pipeline(values: dict[str, Any], out: Rendered, name: str, p: dict[str
     for sink_id, address in endpoints.items():
         host, port = address.rsplit(":", 1)
         service = out.get("Service", host)
-        (svc_port,) = service.obj["spec"]["ports"]
+        (svc_port,) = [x for x in service.obj["spec"]["ports"] if x["name"] == "grpc"]
         assert svc_port["port"] == int(port) == sink_port
         assert svc_port["appProtocol"] == "grpc"
         sink = out.get("Deployment", f"{prefix}-sink-{sink_id}")
@@ -218,6 +219,30 @@ def check_pipeline(values: dict[str, Any], out: Rendered, name: str, p: dict[str
         assert not selector_matches(
             service.obj["spec"]["selector"], ingest.obj["spec"]["template"]["metadata"]["labels"]
         )
+
+    # -- sink HTTP endpoints (/metrics, /readyz, for Prometheus and `cdc status`): every
+    # enabled sink, at its Service's http port, which targets the sink's --http-port
+    sink_http = merged(values, "pipeline", "ports", "sinkHttp")
+    http_endpoints = dict(
+        item.split("=", 1)
+        for item in env_of(container)["CDC_SINK_HTTP_ENDPOINTS"]["value"].split(",")
+    )
+    assert set(http_endpoints) == set(endpoints)
+    for sink_id, address in http_endpoints.items():
+        host, port = address.rsplit(":", 1)
+        assert host == endpoints[sink_id].rsplit(":", 1)[0]
+        (http_port,) = [
+            x for x in out.get("Service", host).obj["spec"]["ports"] if x["name"] == "http"
+        ]
+        assert http_port["port"] == int(port) == sink_http and http_port["targetPort"] == "http"
+        sink = out.get("Deployment", f"{prefix}-sink-{sink_id}")
+        (c,) = containers(sink)
+        assert c["args"][c["args"].index("--http-port") + 1] == str(sink_http)
+        assert {"name": "http", "containerPort": sink_http, "protocol": "TCP"} in c["ports"]
+        annotations = sink.obj["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/port"] == str(sink_http)
+        assert annotations["prometheus.io/path"] == "/metrics"
 
     # -- sinks: one replica, Recreate, native gRPC probes on the Deliver port, their sink id
     sink_cmd = image_command(REPO_ROOT / "Dockerfile.sink")
@@ -327,7 +352,12 @@ def check_network_policies(
             sink_policy.obj["spec"]["podSelector"]["matchLabels"],
             sink.obj["spec"]["template"]["metadata"]["labels"],
         )
-    (rule,) = sink_policy.obj["spec"]["ingress"]
+    # gRPC only from this pipeline's ingest; the HTTP port (metrics) from networkPolicy.metricsFrom
+    rule, metrics_rule = sink_policy.obj["spec"]["ingress"]
+    assert metrics_rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert metrics_rule.get("from") == (
+        merged(values, "pipeline", "networkPolicy", "metricsFrom") or None
+    )
     (peer,) = rule["from"]
     assert selector_matches(peer["podSelector"]["matchLabels"], ingest_labels)
     for other in out.of_kind("Deployment"):
@@ -489,6 +519,8 @@ def test_non_kafka_transports_render_nothing_kafka_related(chart: Path, values_f
             assert not KAFKA_WORDS.search(text), f"{m.kind}/{m.name} mentions {text!r}"
     assert not KAFKA_WORDS.search(out.all_text)
     for config in out.of_kind("ConfigMap"):
+        if "platform.yaml" not in config.obj["data"]:
+            continue  # the Grafana dashboard
         platform_yaml = yaml.safe_load(config.obj["data"]["platform.yaml"])
         assert platform_yaml["transport_mode"] == mode
         assert "kafka" not in platform_yaml and "connector" not in platform_yaml
@@ -577,3 +609,92 @@ def test_release_name_flows_into_every_address(chart: Path) -> None:
     assert platform_yaml["kafka"]["bootstrap_servers"] == "cdc-kafka:9092"
     assert platform_yaml["connector"]["connect_url"] == "http://cdc-connect:8083"
     assert {"cdc-kafka", "cdc-schema-registry", "cdc-connect"} <= out.names("Service")
+
+
+# --------------------------------------------------------------------------- observability
+
+DASHBOARD = CHART_DIR / "dashboards" / "cdc-pipeline.json"
+
+
+def _dashboard_queries(dashboard: dict[str, Any]) -> list[str]:
+    exprs = [
+        t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", []) if "expr" in t
+    ]
+    for variable in dashboard["templating"]["list"]:
+        query = variable.get("query")
+        if variable.get("type") == "query":
+            exprs.append(query["query"] if isinstance(query, dict) else query)
+    return exprs
+
+
+def test_dashboard_queries_only_metrics_the_stages_define() -> None:
+    from services.metrics import IngestMetrics, SinkMetrics, sample_names
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = _dashboard_queries(dashboard)
+    used = {name for q in queries for name in re.findall(r"\b(cdc_[a-z_]+)\b", q)}
+    defined = sample_names(IngestMetrics("p").registry) | sample_names(
+        SinkMetrics("p", "s").registry
+    )
+    assert used and used <= defined, sorted(used - defined)
+    # the panels the issue asks for: lag, throughput, end-to-end p50/p99, dead letters
+    text = "\n".join(queries)
+    assert "cdc_source_slot_lag_bytes" in used
+    assert "cdc_sink_events_total" in used and "cdc_ingest_events_read_total" in used
+    for q in ("0.5", "0.99"):
+        assert f"histogram_quantile({q}, sum by (pipeline, sink, le) (rate(" in text
+    assert "cdc_sink_end_to_end_latency_seconds_bucket" in used
+    assert "cdc_sink_dead_letters_total" in used
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_grafana_dashboard_configmap_is_optional_and_carries_the_file(chart: Path) -> None:
+    assert not [m for m in render(chart, {}).of_kind("ConfigMap") if "dashboard" in m.name]
+    values, out = rendered_ci(chart, "direct-values.yaml")
+    cm = out.get("ConfigMap", f"{RELEASE}-grafana-dashboard")
+    assert cm.labels["grafana_dashboard"] == "1"
+    assert cm.obj["metadata"]["annotations"] == values["grafanaDashboard"]["annotations"]
+    assert json.loads(cm.obj["data"]["cdc-pipeline.json"]) == json.loads(DASHBOARD.read_text())
+    assert validate_manifests([cm]) == []
+    elsewhere = render(chart, {"grafanaDashboard": {"enabled": True, "namespace": "monitoring"}})
+    moved = elsewhere.get("ConfigMap", f"{RELEASE}-grafana-dashboard")
+    assert moved.obj["metadata"]["namespace"] == "monitoring"
+
+
+def test_grafana_dashboard_values_are_schema_checked(chart: Path) -> None:
+    with pytest.raises(Exception, match=r"(?i)schema|additional"):
+        render(chart, {"grafanaDashboard": {"enabled": True, "folder": "CDC"}})
+
+
+def test_jaeger_is_off_by_default_and_when_on_every_stage_exports_to_it(chart: Path) -> None:
+    values = load_values(CI_DIR / "direct-values.yaml")
+    off = render(chart, values)
+    assert not [m for m in off.of_kind("Deployment") if "jaeger" in m.name]
+    for workload in off.of_kind("Deployment"):
+        for c in containers(workload):
+            assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env_of(c)
+
+    values["global"].setdefault("tracing", {})["jaeger"] = {"enabled": True}
+    on = render(chart, values)
+    jaeger = on.get("Deployment", f"{RELEASE}-jaeger")
+    ports = {
+        p["name"]: p["port"] for p in on.get("Service", f"{RELEASE}-jaeger").obj["spec"]["ports"]
+    }
+    assert ports["otlp-grpc"] == 4317 and ports["ui"] == 16686
+    assert validate_manifests([jaeger]) == []
+    stages = [
+        d
+        for d in on.of_kind("Deployment")
+        if d.labels.get("app.kubernetes.io/component") in ("ingest", "sink")
+    ]
+    assert {d.labels["app.kubernetes.io/component"] for d in stages} == {"ingest", "sink"}
+    for stage in stages:
+        (c,) = containers(stage)
+        assert env_of(c)["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == f"http://{RELEASE}-jaeger:4317"
+    # the ingest may reach it (its egress policy names the collector's port)
+    policy = on.get("NetworkPolicy", f"{RELEASE}-inventory-cdc-ingest")
+    assert any(
+        {"port": 4317, "protocol": "TCP"} in rule.get("ports", [])
+        for rule in policy.obj["spec"]["egress"]
+    ), policy.obj["spec"]["egress"]
