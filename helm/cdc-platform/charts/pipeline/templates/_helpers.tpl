@@ -160,6 +160,14 @@ then defaults.platform, then the pipeline's own `platform` fragment (later wins)
 {{- $_ := set $base "kafka" $k -}}
 {{- $_ := set $base "connector" (dict "connect_url" (include "pipeline.connectUrl" $root)) -}}
 {{- end -}}
+{{- $tls := fromJson (include "pipeline.grpcTls" .) -}}
+{{- if $tls.enabled -}}
+{{- $t := dict "enabled" true "cert_file" "/etc/cdc/tls/tls.crt" "key_file" "/etc/cdc/tls/tls.key" "ca_file" "/etc/cdc/tls/ca.crt" "require_client_cert" ($tls.requireClientCert | default false) -}}
+{{- with $tls.serverName -}}
+{{- $_ := set $t "server_name" . -}}
+{{- end -}}
+{{- $_ := set $base "grpc_tls" $t -}}
+{{- end -}}
 {{- $merged := mergeOverwrite $base (deepCopy ($root.Values.defaults.platform | default dict)) (deepCopy (.p.platform | default dict)) -}}
 {{- toYaml $merged -}}
 {{- end -}}
@@ -256,13 +264,26 @@ dict value path
 {{- end }}
 {{- end -}}
 
-{{/* Volumes shared by ingest and sink pods. dict root name */}}
+{{/* grpcTls of a pipeline: the chart's defaults, then pipelines.<name>.grpcTls, as JSON.
+dict root p */}}
+{{- define "pipeline.grpcTls" -}}
+{{- toJson (mergeOverwrite (deepCopy (.root.Values.grpcTls | default dict)) (deepCopy (.p.grpcTls | default dict))) -}}
+{{- end -}}
+
+{{/* Volumes shared by ingest and sink pods. dict root name p */}}
 {{- define "pipeline.volumes" -}}
 - name: config
   configMap:
     name: {{ include "pipeline.fullname" . }}-config
 - name: tmp
   emptyDir: {}
+{{- $tls := fromJson (include "pipeline.grpcTls" .) }}
+{{- if $tls.enabled }}
+- name: grpc-tls
+  secret:
+    secretName: {{ $tls.secretName | quote }}
+    defaultMode: 0440
+{{- end }}
 {{- end -}}
 
 {{- define "pipeline.volumeMounts" -}}
@@ -271,6 +292,11 @@ dict value path
   readOnly: true
 - name: tmp
   mountPath: /tmp
+{{- if (fromJson (include "pipeline.grpcTls" .)).enabled }}
+- name: grpc-tls
+  mountPath: /etc/cdc/tls
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{/* Pod scheduling fields from an ingest/sink part. */}}
