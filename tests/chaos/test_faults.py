@@ -24,6 +24,7 @@ from tests.chaos.harness import (
     CdcRun,
     Outcome,
     Sink,
+    alive,
     prepare_sink,
     prepare_source,
     run_scenario,
@@ -336,3 +337,58 @@ def test_sink_disk_full_10s(
         subprocess.run(["umount", "--lazy", str(mount_dir)], capture_output=True)
         with contextlib.suppress(OSError):
             mount_dir.rmdir()
+
+
+def test_kill_9_cdc_run_then_run_again(
+    pg_server: PostgresServer, tmp_path: Path, chaos_result: Record
+) -> None:
+    """`kill -9` of the supervisor. Its children must go too (they drain and stop); once they
+    are gone a new `cdc run` takes over. Children still running 30 s after the supervisor died
+    are reported as orphans (a failure), then stopped by pid so the data can still be checked."""
+    result = chaos_result("3. kill -9 cdc run, run again")
+    source_dsn, sink, files = _pipeline(tmp_path, pg_server, pg_server, "kill_run")
+    first = CdcRun(files, tmp_path, "run-1").start()
+    second = CdcRun(files, tmp_path, "run-2")
+    problems: list[str] = []
+    gone_after: list[float] = []
+
+    def inject() -> None:
+        children = first.children()
+        assert children, "cdc run has no children"
+        assert first.process is not None
+        os.kill(first.pid, signal.SIGKILL)
+        first.process.wait(10)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(alive(pid) for pid in children):
+            time.sleep(0.1)
+        orphans = [pid for pid in children if alive(pid)]
+        gone_after.append(30 - (deadline - time.monotonic()))
+        if orphans:
+            problems.append(
+                f"{len(orphans)} children of the killed cdc run still running 30 s later"
+                f" (orphans: pids {orphans}); stopped by the test"
+            )
+            for pid in orphans:
+                os.kill(pid, signal.SIGTERM)
+            wait_until(lambda: not any(alive(p) for p in orphans), 40, "orphans gone")
+
+    def clear() -> float:
+        second.start()
+        return time.monotonic()
+
+    try:
+        first.wait_ready()
+        outcome = run_scenario(source_dsn, [sink], inject, clear)
+        if second.process is not None and second.process.poll() is not None:
+            problems.append(f"the second cdc run exited {second.process.returncode}")
+    finally:
+        for run in (first, second):
+            if run.process is not None and run.process.poll() is None:
+                code = run.stop()
+                if code != 0:
+                    problems.append(f"{run.log_path.stem} exited {code} on SIGTERM")
+    if gone_after and not any("orphans" in p for p in problems):
+        result.notes = f"children gone {gone_after[0]:.1f} s after the supervisor died"
+    if any("second cdc run" in p for p in problems):
+        result.notes = "its log: " + second.log_tail(3).replace("\n", " / ")[-400:]
+    _finish(result, outcome, *problems)
