@@ -189,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--ingest-url", default=None, help="the ingest's HTTP base URL (default: health_port)"
     )
+    status.add_argument(
+        "--sink-url",
+        action="append",
+        metavar="SINK_ID=URL",
+        help="a sink's HTTP base URL, instead of the one the ingest lists (port-forwards)",
+    )
     status.set_defaults(func=cmd_status)
     return parser
 
