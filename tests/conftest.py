@@ -44,6 +44,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(_DIR_MARKERS[parts[0]])
 
 
+@pytest.fixture(autouse=True)
+def _cdc_runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test its own pipeline lock directory (services/lifecycle.py): `cdc run`s of
+    same-named pipelines in concurrent test sessions on one machine must not collide."""
+    monkeypatch.setenv("CDC_RUNTIME_DIR", str(tmp_path / "cdc-runtime"))
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PostgresServer]:
     server = PostgresServer()

@@ -30,7 +30,6 @@ from .errors import Loc, raise_if
 DEFAULT_LISTEN_HOST = "127.0.0.1"
 LISTEN_HOST_ENV = "CDC_LISTEN_HOST"
 
-
 TransportMode = Literal["direct", "kafka", "pubsub", "kinesis"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 AuthMechanism = Literal[
@@ -318,6 +317,8 @@ class PlatformConfig(ConfigModel):
     stop_on_incompatible_schema: bool = False
     health_port: Port = 8080
     health_enabled: bool = True
+    # Fits Kubernetes' default 30 s grace period and the Helm chart's 60 s.
+    shutdown_timeout_seconds: float = Field(default=25.0, ge=2.0, le=3600.0)
 
     @model_validator(mode="after")
     def _check_transport(self) -> Self:

@@ -36,8 +36,14 @@ def _parse_endpoints(values: Sequence[str], env_var: str = "CDC_SINK_ENDPOINTS")
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from services.ops import SourceChecksSkipped, source_warnings
+    from services.sink.container import unavailable_sinks
 
     pipeline, platform = _load(args)
+    missing_writers = unavailable_sinks(pipeline)
+    if missing_writers:
+        for problem in missing_writers:
+            print(f"error: {args.pipeline}: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
     print(
         f"ok: pipeline '{pipeline.pipeline_id}' ({len(pipeline.enabled_sinks)} enabled sink(s)),"
         f" transport_mode {platform.transport_mode}"
@@ -78,16 +84,28 @@ def cmd_sink(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from services import security
+    from services.lifecycle import PipelineLock, StartupError
     from services.logging import setup_logging
+    from services.sink.container import unavailable_sinks
     from services.supervisor import Supervisor
 
     pipeline, platform = _load(args)
     # A bad listen host or TLS file fails here once, not in every restarted stage.
     security.check_startup(platform)
+    missing_writers = unavailable_sinks(pipeline)
+    if missing_writers:
+        raise StartupError(f"{args.pipeline}: " + "; ".join(missing_writers))
+    # One `cdc run` per pipeline on this machine (PipelineRunningError: exit 2, in main()).
+    lock = PipelineLock(pipeline.pipeline_id).acquire()
     setup_logging(f"run:{pipeline.pipeline_id}")
     sinks = [s.sink_id for s in pipeline.enabled_sinks]
     sink_host = security.connect_host(security.listen_host(platform))
-    return Supervisor(args.pipeline, args.platform_config, sinks, sink_host).run()
+    supervisor = Supervisor(args.pipeline, args.platform_config, sinks, sink_host)
+    supervisor.configure_lifecycle(platform.shutdown_timeout_seconds, lock.fd)
+    try:
+        return supervisor.run()
+    finally:
+        lock.release()
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -102,9 +120,19 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_undeploy(args: argparse.Namespace) -> int:
-    from services.ops import undeploy
+    from services.lifecycle import running_here
+    from services.ops import UndeployError, undeploy
 
     pipeline, platform = _load(args)
+    pid = running_here(pipeline.pipeline_id)
+    if pid is not None:
+        who = f"pid {pid}" if pid else "pid unknown"
+        print(
+            f"error: pipeline '{pipeline.pipeline_id}' is running on this machine ({who}):"
+            " stop it first (SIGTERM), then undeploy",
+            file=sys.stderr,
+        )
+        return 1
     if not args.yes:
         answer = input(
             f"Drop replication slot and publication of pipeline '{pipeline.pipeline_id}'?"
@@ -113,7 +141,14 @@ def cmd_undeploy(args: argparse.Namespace) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("aborted")
             return 1
-    for line in asyncio.run(undeploy(pipeline, platform)):
+    try:
+        lines = asyncio.run(undeploy(pipeline, platform, force=args.force))
+    except UndeployError as exc:
+        for line in exc.done:
+            print(line)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for line in lines:
         print(line)
     return 0
 
@@ -172,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     health.set_defaults(func=cmd_health)
     undeploy = with_configs(sub.add_parser("undeploy", help="drop the slot and publication"))
     undeploy.add_argument("--yes", action="store_true", help="do not ask")
+    undeploy.add_argument(
+        "--force",
+        action="store_true",
+        help="terminate the walsender of an active slot (the pipeline must be stopped: a "
+        "running one re-creates the slot, and undeploy then fails)",
+    )
     undeploy.set_defaults(func=cmd_undeploy)
     backfill = with_configs(
         sub.add_parser("backfill", help="re-read tables in chunks while changes keep flowing")
@@ -201,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from adapters.config import ConfigError
+    from services.lifecycle import PipelineRunningError, StartupError
+    from services.logging import report_error
     from services.security import StartupSecurityError
 
     args = build_parser().parse_args(argv)
@@ -211,6 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except StartupSecurityError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (StartupError, PipelineRunningError) as exc:
+        report_error("startup.failed", str(exc))  # one line: JSON once logging is set up
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 from collections.abc import Mapping
 
@@ -11,7 +10,7 @@ import grpc
 import structlog
 
 from adapters.config import PipelineConfig, PlatformConfig
-from services import security, tracing
+from services import lifecycle, security, tracing
 from services.grpc_health import add_health, set_status
 from services.health_http import HealthState, serve_health
 from services.ingest.container import IngestContainer
@@ -59,37 +58,58 @@ async def run_ingest(
         router,
         channels,
         platform.ingest.batch_max_events,
+        drain_timeout_seconds=lifecycle.ingest_drain_seconds(platform.shutdown_timeout_seconds),
         monitor=monitor,
     )
 
     server = grpc.aio.server()
     health_servicer = add_health(server)
     # Plaintext: this server answers only grpc.health.v1 (Kubernetes probes cannot do TLS).
-    server.add_insecure_port(
-        security.grpc_address(host, grpc_port or platform.ingest.grpc_port)
-    )
+    port = grpc_port or platform.ingest.grpc_port
+    try:
+        server.add_insecure_port(security.grpc_address(host, port))
+    except RuntimeError:
+        setting = "--grpc-port" if grpc_port else "ingest.grpc_port"
+        raise lifecycle.StartupError(
+            f"{setting} {port}: cannot listen on {host}:{port} (address already in use?)"
+        ) from None
     await server.start()
     await set_status(health_servicer, True, "cdc.ingest")
 
     state = HealthState()
-    http = (
-        serve_health(state, platform.health_port, host, registry=service.metrics.registry)
-        if platform.health_enabled
-        else None
-    )
+    try:
+        http = (
+            serve_health(state, platform.health_port, host, registry=service.metrics.registry)
+            if platform.health_enabled
+            else None
+        )
+    except OSError as exc:
+        await server.stop(grace=None)
+        raise lifecycle.StartupError(
+            f"health_port {platform.health_port}: cannot listen on {host}:"
+            f"{platform.health_port}: {exc.strerror or exc}"
+        ) from None
     # Where each sink serves its /metrics and /readyz, for `cdc status` (services/status.py).
     sink_http = {"sink_http_endpoints": dict(sink_http_endpoints or {})}
 
     async def refresh_health() -> None:
         while True:
-            with contextlib.suppress(Exception):
+            try:
                 state.update({**await service.health(), **sink_http})
+            except Exception as exc:  # never serve an old snapshot as if it were current
+                state.update({"status": "error", "ready": False, "error": repr(exc)})
             await asyncio.sleep(1.0)
 
     refresher = asyncio.create_task(refresh_health())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)
+
+    def orphaned() -> None:
+        log.warning("ingest.orphaned", reason="the supervising `cdc run` is gone; stopping")
+        service.request_stop()
+
+    lifecycle.watch_parent(loop, orphaned)
     try:
         await service.run()
     finally:
@@ -99,4 +119,12 @@ async def run_ingest(
             http.shutdown()
         await server.stop(grace=1)
         tracing.shutdown_tracing()
-    return 0
+    if service.unacked_at_stop:
+        log.error(
+            "ingest.drain_incomplete",
+            unacked_batches=service.unacked_at_stop,
+            drain_timeout_seconds=service.drain_timeout_seconds,
+            note="not confirmed to the source: redelivered on the next start, nothing lost",
+        )
+        return lifecycle.EXIT_DRAIN_INCOMPLETE
+    return lifecycle.EXIT_OK

@@ -50,6 +50,8 @@ class IngestService:
         self._sent_at: dict[tuple[int, str], tuple[float, int]] = {}
         self.metrics = metrics if metrics is not None else IngestMetrics(pipeline_id)
         self._stop = asyncio.Event()
+        # Batches still unacked when the drain ended (0: it completed); set by _shutdown.
+        self.unacked_at_stop = 0
         self._tracer = tracing.tracer("cdc.ingest")
         self.events_read = 0
         self.started_at = time.monotonic()
@@ -96,9 +98,12 @@ class IngestService:
 
     async def _shutdown(self) -> None:
         log.info("ingest.draining", unacked=self.tracker.pending_count())
+        # One budget for all sinks together, not one per sink.
+        deadline = time.monotonic() + self.drain_timeout_seconds
         for channel in self.channels.values():
-            if not await channel.drain(self.drain_timeout_seconds):
+            if not await channel.drain(max(0.0, deadline - time.monotonic())):
                 log.warning("ingest.drain_timeout", sink=channel.sink_id, unacked=channel.unacked)
+        self.unacked_at_stop = sum(c.unacked for c in self.channels.values())
         await self._commit_ready()
         for channel in self.channels.values():
             await channel.stop()

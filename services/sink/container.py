@@ -37,3 +37,20 @@ class SinkContainer(containers.DeclarativeContainer):
         webhook=providers.Callable(_not_available, "webhook"),
         iceberg=providers.Callable(_not_available, "iceberg"),
     )
+
+
+# sink_types this release has a writer for; the others are valid configuration only.
+AVAILABLE_SINK_TYPES = ("postgres",)
+
+
+def unavailable_sinks(pipeline: PipelineConfig) -> list[str]:
+    """One message per enabled sink whose sink_type has no writer in this release, naming
+    `sinks[i].sink_type` (`cdc validate` and `cdc run` refuse them)."""
+    problems = []
+    for index, sink in enumerate(pipeline.sinks):
+        if sink.enabled and sink.sink_type not in AVAILABLE_SINK_TYPES:
+            problems.append(
+                f"sinks[{index}].sink_type: '{sink.sink_type}' (sink '{sink.sink_id}') has no "
+                f"writer in this release; available: {', '.join(AVAILABLE_SINK_TYPES)}"
+            )
+    return problems

@@ -16,11 +16,11 @@ from cdc_proto.v1 import events_pb2, sink_pb2, sink_pb2_grpc
 from domain.errors import CdcError
 from domain.health import Status
 from domain.ports import SinkBatch, SinkWriter
-from services import security, tracing
+from services import lifecycle, security, tracing
 from services.grpc_health import add_health, set_status
 from services.health_http import HealthState, serve_health
 from services.metrics import SinkMetrics
-from services.sink.container import SinkContainer
+from services.sink.container import AVAILABLE_SINK_TYPES, SinkContainer
 from services.wire import WireFormatError, decode_batch
 
 log = structlog.get_logger(__name__)
@@ -153,6 +153,12 @@ async def run_sink(
     # Before anything connects: a bad listen host or certificate file stops the start.
     host = security.listen_host(platform)
     credentials = security.server_credentials(platform.grpc_tls)
+    index = pipeline.sinks.index(sink)
+    if sink.sink_type not in AVAILABLE_SINK_TYPES:
+        raise lifecycle.StartupError(
+            f"sinks[{index}].sink_type: '{sink.sink_type}' (sink '{sink_id}') has no writer in "
+            f"this release; available: {', '.join(AVAILABLE_SINK_TYPES)}"
+        )
     container = SinkContainer(pipeline=pipeline, sink=sink)
     writer: SinkWriter = container.writer()
     tracing.setup_tracing(
@@ -169,10 +175,16 @@ async def run_sink(
     sink_pb2_grpc.add_SinkServiceServicer_to_server(SinkServicer(writer, sink_id, metrics), server)
     health = add_health(server)
     address = security.grpc_address(host, port)
-    if credentials is None:
-        bound = server.add_insecure_port(address)
-    else:
-        bound = server.add_secure_port(address, credentials)
+    try:
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
+    except RuntimeError:
+        await writer.stop()
+        raise lifecycle.StartupError(
+            f"--port {port}: cannot listen on {address} (address already in use?)"
+        ) from None
     await server.start()
     log.info(
         "sink.listening", sink_id=sink_id, host=host, port=bound, tls=credentials is not None
@@ -183,9 +195,24 @@ async def run_sink(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    def orphaned() -> None:
+        log.warning("sink.orphaned", sink_id=sink_id, reason="the supervising `cdc run` is gone")
+        stop.set()
+
+    lifecycle.watch_parent(loop, orphaned)
+
     # /healthz, /readyz (the destination's health) and /metrics (this sink's registry).
     state = HealthState()
-    http = None if http_port is None else serve_health(state, http_port, host, metrics.registry)
+    try:
+        http = (
+            None if http_port is None else serve_health(state, http_port, host, metrics.registry)
+        )
+    except OSError as exc:
+        await server.stop(grace=None)
+        await writer.stop()
+        raise lifecycle.StartupError(
+            f"--http-port {http_port}: cannot listen on {host}:{http_port}: {exc.strerror or exc}"
+        ) from None
 
     async def watch_health() -> None:
         while True:
@@ -212,8 +239,13 @@ async def run_sink(
     state.update({"status": "stopping", "ready": False, "sink_id": sink_id})
     await set_status(health, False, "cdc.v1.SinkService")
     # Finish the batch in hand; an unacked batch is resent by the ingest service later.
-    await server.stop(grace=5)
-    await writer.stop()
+    # All within this stage's part of the shutdown budget (services/lifecycle.py).
+    budget = lifecycle.sink_stop_seconds(platform.shutdown_timeout_seconds)
+    await server.stop(grace=max(0.5, budget - 1.5))
+    try:
+        await asyncio.wait_for(writer.stop(), timeout=1.0)
+    except TimeoutError:
+        log.warning("sink.writer_stop_timeout", sink_id=sink_id)
     if http is not None:
         http.shutdown()
     tracing.shutdown_tracing()

@@ -406,3 +406,41 @@ class Background:
 
     def step(self) -> None:
         raise NotImplementedError
+
+
+def child_processes(parent_pid: int) -> dict[int, str]:
+    """{pid: command line} of the live processes whose parent is `parent_pid`."""
+    ps = subprocess.run(
+        ["ps", "-eww", "-o", "pid=,ppid=,stat=,args="], capture_output=True, text=True
+    ).stdout
+    out: dict[int, str] = {}
+    for line in ps.splitlines():
+        pid, ppid, stat, args = line.split(None, 3)
+        if int(ppid) == parent_pid and not stat.startswith("Z"):
+            out[int(pid)] = args
+    return out
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something accepts TCP connections on host:port."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex((host, port)) == 0
+
+
+def cdc_run_stage(
+    files: PipelineFiles, log_dir: Path, name: str = "run", env: dict[str, str] | None = None
+) -> Stage:
+    """`cdc run` of the pipeline as a Stage (its children log into the same file)."""
+    return Stage(name, files.argv("run"), log_dir, env)
