@@ -21,7 +21,12 @@ class ComponentHealth:
     detail: Mapping[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"status": self.status.value, **self.detail}
+        """The status and the detail; an OK component carries no `error` (a component that
+        recovered must not keep reporting the failure it recovered from)."""
+        detail = self.detail
+        if self.status is Status.OK and "error" in detail:
+            detail = {k: v for k, v in detail.items() if k != "error"}
+        return {"status": self.status.value, **detail}
 
 
 def overall(components: list[ComponentHealth]) -> Status:
