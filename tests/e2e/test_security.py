@@ -40,6 +40,7 @@ from tests.support.pipeline import (
     tables_equal,
     wait_until,
 )
+from tests.support.postgres import PgTestContext
 from tests.support.workload import TABLES
 
 EVERY_INTERFACE = {"0.0.0.0", "::"}
@@ -205,7 +206,9 @@ def test_no_configured_secret_appears_in_any_output(pg, pg_server_factory, tmp_p
     replica = pg_server_factory()
     replica.create_database("replica")
     replica_dsn = replica.dsn("replica")
-    source_dsn, _, files = new_pipeline(pg, tmp_path, seed_rows=50)
+    # The source on a server of its own too, so it can be restarted mid-run.
+    source = pg_server_factory()
+    source_dsn, _, files = new_pipeline(PgTestContext(source), tmp_path, seed_rows=50)
     pipeline = yaml.safe_load(files.pipeline.read_text())
     pipeline["source"]["password"] = "${CDC_TEST_SOURCE_PASSWORD}"
     pipeline["sinks"][0]["postgres"].update(
@@ -282,6 +285,13 @@ def test_no_configured_secret_appears_in_any_output(pg, pg_server_factory, tmp_p
 
             replica.start()
             wait_until(lambda: tables_equal(source_dsn, replica_dsn, TABLES), 90, "caught up")
+
+            source.stop()  # and the source: the reader and the slot monitor log their errors
+            wait_until(lambda: not ready("127.0.0.1", files.health_port), 60, "source error shown")
+            cdc("cdc health, source down", *files.argv("health"))
+            source.start()
+            insert_orders(source_dsn, 2000, 100)
+            wait_until(lambda: tables_equal(source_dsn, replica_dsn, TABLES), 90, "resumed")
             outputs["/readyz"] = json.dumps(http_json(files.health_port, "/readyz"))
         finally:
             if run.poll() is None:
@@ -296,6 +306,7 @@ def test_no_configured_secret_appears_in_any_output(pg, pg_server_factory, tmp_p
     run_log = outputs["cdc run (supervisor, ingest, sink)"]
     assert f"port {replica.port} failed" in run_log, run_log[-3000:]
     assert "postgres_sink.write_retry" in run_log, run_log[-3000:]
+    assert f"port {source.port} failed" in run_log, run_log[-3000:]
     leaks = [
         f"{what} in {where}"
         for what, value in secrets.items()
