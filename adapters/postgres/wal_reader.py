@@ -13,7 +13,7 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from struct import Struct
 from typing import Any
 
@@ -72,7 +72,7 @@ SIGNAL_POLL_SECONDS = 1.0
 
 @dataclass(frozen=True, slots=True)
 class WalReaderSettings:
-    conninfo: str
+    conninfo: str = field(repr=False)  # holds the password
     database: str
     tables: tuple[str, ...]
     slot_name: str

@@ -65,3 +65,16 @@ def test_unreadable_tls_files_name_the_setting_and_the_path(tmp_path: Path) -> N
         security.StartupSecurityError, match=re.escape(f"cert_file: {cert} is empty")
     ):
         security.server_credentials(tls)
+
+
+def test_settings_holding_a_conninfo_do_not_print_it() -> None:
+    from adapters.postgres.wal_reader import WalReaderSettings
+
+    settings = WalReaderSettings(
+        conninfo="host=db user=cdc password=hunter2-secret",
+        database="shop",
+        tables=("public.orders",),
+        slot_name="s",
+        publication_name="p",
+    )
+    assert "hunter2-secret" not in repr(settings) and "slot_name='s'" in repr(settings)
