@@ -247,6 +247,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from services.security import StartupSecurityError
 
     args = build_parser().parse_args(argv)
+    if not sys.stderr.isatty():
+        # gRPC's C core writes plain-text lines to stderr; every line there is JSON (see
+        # services/logging.py), and our own events report bind and stream errors. Set
+        # GRPC_VERBOSITY=ERROR (or DEBUG) to see the core's lines anyway.
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     try:
         code: int = args.func(args)
     except ConfigError as exc:

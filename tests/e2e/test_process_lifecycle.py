@@ -202,6 +202,23 @@ def test_health_port_in_use_is_one_clear_error_and_no_restart_loop(
     assert took < 30, took
 
 
+def test_grpc_ports_in_use_exit_2_with_json_only_stderr(pg: Any, tmp_path: Path) -> None:
+    """gRPC's C core would print its own plain-text bind error: stderr stays JSON."""
+    _source, _replica, files = new_pipeline(pg, tmp_path)
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        sink = _cdc(files, "sink", "--sink-id", "replica", "--port", str(port))
+        endpoint = "replica=127.0.0.1:1"
+        ingest = _cdc(files, "ingest", "--sink-endpoint", endpoint, "--grpc-port", str(port))
+    for result, setting in ((sink, f"--port {port}"), (ingest, f"--grpc-port {port}")):
+        assert result.returncode == 2, result.stderr
+        events = _json_lines(result.stderr)  # every line parses
+        failed = [e for e in events if e["event"] == "startup.failed"]
+        assert len(failed) == 1 and setting in failed[0]["error"], result.stderr
+
+
 def test_a_sink_type_without_a_writer_is_refused_naming_the_setting(
     pg: Any, tmp_path: Path
 ) -> None:
