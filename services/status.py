@@ -243,14 +243,18 @@ def build_view(
     return view
 
 
-def collect(ingest_url: str) -> dict[str, Scrape]:
-    """Scrape the ingest, then every sink it lists. Raises Unreachable for the ingest."""
+def collect(ingest_url: str, sink_urls: Mapping[str, str] | None = None) -> dict[str, Scrape]:
+    """Scrape the ingest, then every sink it lists (`sink_urls` overrides or adds sinks'
+    base URLs). Raises Unreachable for the ingest."""
     out = {"ingest": scrape(ingest_url)}
     endpoints = dict(out["ingest"].ready.get("sink_http_endpoints") or {})
-    for sink_id, target in sorted(endpoints.items()):
+    urls: dict[str, str] = {}
+    for sink_id, target in endpoints.items():
         host, _, port = str(target).rpartition(":")
         host = "127.0.0.1" if host in ("", "0.0.0.0") else host
-        url = f"http://{host}:{port}"
+        urls[str(sink_id)] = f"http://{host}:{port}"
+    urls.update(sink_urls or {})
+    for sink_id, url in sorted(urls.items()):
         try:
             out[f"sink:{sink_id}"] = scrape(url)
         except Unreachable as exc:
@@ -361,11 +365,21 @@ def run_status(args: argparse.Namespace) -> int:
     else:
         url = f"http://127.0.0.1:{platform.health_port}"
     interval = max(0.1, float(args.interval))
+    sink_urls: dict[str, str] = {}
+    for item in args.sink_url or []:
+        sink_id, sep, sink_url = str(item).partition("=")
+        if not sep or not sink_id or not sink_url.startswith(("http://", "https://")):
+            print(
+                f"error: bad --sink-url {item!r}, expected SINK_ID=http://HOST:PORT",
+                file=sys.stderr,
+            )
+            return 2
+        sink_urls[sink_id] = sink_url.rstrip("/")
     try:
-        prev = collect(url)
+        prev = collect(url, sink_urls)
         if args.once:
             time.sleep(interval)
-            view = build_view(pipeline_id, prev, collect(url))
+            view = build_view(pipeline_id, prev, collect(url, sink_urls))
             if args.json:
                 print(json.dumps(view, indent=2))
             else:
@@ -373,7 +387,7 @@ def run_status(args: argparse.Namespace) -> int:
 
                 Console().print(render(view))
             return 0
-        return _live(pipeline_id, url, prev, interval, as_json=args.json)
+        return _live(pipeline_id, url, sink_urls, prev, interval, as_json=args.json)
     except Unreachable as exc:
         print(
             f"error: pipeline '{pipeline_id}' is not reachable: {exc}"
@@ -386,24 +400,29 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def _live(
-    pipeline_id: str, url: str, prev: dict[str, Scrape], interval: float, as_json: bool
+    pipeline_id: str,
+    url: str,
+    sink_urls: Mapping[str, str],
+    prev: dict[str, Scrape],
+    interval: float,
+    as_json: bool,
 ) -> int:
     if as_json:  # one JSON document per line, for piping
         while True:
             time.sleep(interval)
-            cur = collect(url)
+            cur = collect(url, sink_urls)
             print(json.dumps(build_view(pipeline_id, prev, cur)), flush=True)
             prev = cur
     from rich.live import Live
 
     time.sleep(interval)
-    cur = collect(url)
+    cur = collect(url, sink_urls)
     with Live(render(build_view(pipeline_id, prev, cur)), auto_refresh=False) as live:
         while True:
             prev = cur
             time.sleep(interval)
             try:
-                cur = collect(url)
+                cur = collect(url, sink_urls)
             except Unreachable as exc:
                 from rich.text import Text
 

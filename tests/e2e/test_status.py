@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import psycopg
 
 from tests.support.pipeline import (
     REPO,
+    free_port,
     http_status,
     new_pipeline,
     tables_equal,
@@ -79,6 +81,55 @@ def test_status_once_json_reports_a_running_pipeline(pg, tmp_path: Path) -> None
         lat = sink["latency_seconds"]
         assert lat["window"] == "lifetime" and lat["count"] == 42
         assert 0 < lat["p50"] <= lat["p99"] < 60
+
+        # a sink URL given on the command line wins over the one the ingest lists
+        dead_port = free_port()
+        done = subprocess.run(
+            files.argv(
+                "status",
+                "--once",
+                "--json",
+                "--interval",
+                "0.2",
+                "--sink-url",
+                f"replica=http://127.0.0.1:{dead_port}",
+            ),
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        [sink] = json.loads(done.stdout)["sinks"]
+        assert sink["status"] == "unreachable" and sink["ready"] is False
+        assert sink["url"] == f"http://127.0.0.1:{dead_port}"
+
+        # live: one JSON document per scrape until interrupted, then exit 0
+        live = subprocess.Popen(
+            files.argv("status", "--json", "--interval", "0.3"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        assert live.stdout is not None
+        frames = [json.loads(live.stdout.readline()) for _ in range(2)]
+        live.send_signal(signal.SIGINT)
+        assert live.wait(30) == 0, live.stderr.read() if live.stderr else ""
+        assert all(f["sinks"][0]["events"] == 42 for f in frames)
+        # the live table view: runs until interrupted, leaves its last frame, exits 0
+        live = subprocess.Popen(
+            files.argv("status", "--interval", "0.3"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        time.sleep(4.0)  # start-up, two scrapes, the first frame
+        live.send_signal(signal.SIGINT)
+        out, err = live.communicate(timeout=30)
+        assert live.returncode == 0, err
+        assert "replica" in out and "public.customers" in out, out
 
         # the table view renders the same data
         done = subprocess.run(
