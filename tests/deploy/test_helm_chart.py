@@ -698,3 +698,24 @@ def test_jaeger_is_off_by_default_and_when_on_every_stage_exports_to_it(chart: P
         {"port": 4317, "protocol": "TCP"} in rule.get("ports", [])
         for rule in policy.obj["spec"]["egress"]
     ), policy.obj["spec"]["egress"]
+
+
+@pytest.mark.parametrize(("grace", "budget"), [(None, 50), (30, 20), (5, 2)])
+def test_the_shutdown_budget_fits_the_grace_period(
+    chart: Path, grace: int | None, budget: int
+) -> None:
+    """Stages stop on their own (exit 0, or 3 with unacked batches) before the kubelet's
+    SIGKILL: shutdown_timeout_seconds is the grace period minus 10 s."""
+    values = load_values(CI_DIR / "direct-values.yaml")
+    if grace is not None:
+        values["pipeline"]["terminationGracePeriodSeconds"] = grace
+    out = render(chart, values)
+    configs = [c for c in out.of_kind("ConfigMap") if "platform.yaml" in c.obj["data"]]
+    assert configs
+    for config in configs:
+        platform_yaml = yaml.safe_load(config.obj["data"]["platform.yaml"])
+        assert platform_yaml["shutdown_timeout_seconds"] == budget
+    stages = [d for d in out.of_kind("Deployment") if "-cdc" in d.name]
+    assert stages
+    for deployment in stages:
+        assert pod_spec(deployment)["terminationGracePeriodSeconds"] == (grace or 60)

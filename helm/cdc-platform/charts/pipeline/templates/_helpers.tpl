@@ -137,6 +137,8 @@ then defaults.platform, then the pipeline's own `platform` fragment (later wins)
 {{- $g := $root.Values.global -}}
 {{- $mode := include "pipeline.transportMode" $root -}}
 {{- $base := dict "transport_mode" $mode "health_port" ($root.Values.ports.health | int) "health_enabled" true -}}
+{{- /* SIGTERM to exit within the pod's grace period, 10 s to spare (docs/operations.md). */ -}}
+{{- $_ := set $base "shutdown_timeout_seconds" (max 2 (sub ($root.Values.terminationGracePeriodSeconds | int) 10)) -}}
 {{- if eq $mode "kafka" -}}
 {{- $k := dict "bootstrap_servers" (include "pipeline.kafkaBootstrap" $root) "schema_registry_url" (include "pipeline.schemaRegistryUrl" $root) "group_id" (printf "cdc-%s" (include "pipeline.pipelineId" .)) "topic_num_partitions" (dig "kafka" "topicNumPartitions" 1 $g | int) "topic_replication_factor" (dig "kafka" "topicReplicationFactor" 1 $g | int) -}}
 {{- $protocol := dig "kafka" "securityProtocol" "PLAINTEXT" $g -}}
