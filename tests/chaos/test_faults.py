@@ -25,6 +25,7 @@ from tests.chaos.harness import (
     Outcome,
     Sink,
     alive,
+    big_transaction,
     prepare_sink,
     prepare_source,
     run_scenario,
@@ -49,6 +50,8 @@ def _finish(result: ChaosResult, outcome: Outcome, *extra: str, poison: bool = F
     result.dead_lettered = outcome.dead_lettered
     result.recovery_s = None if poison else outcome.recovery_s
     notes = [f"{outcome.audited} sink row writes audited"]
+    if outcome.skipped:
+        notes.append(f"{outcome.skipped} replayed changes skipped as already applied")
     if outcome.converge_s is not None:
         notes.append(f"converged {outcome.converge_s:.1f} s after the workload stopped")
     result.notes = "; ".join([*([result.notes] if result.notes else []), *notes, *problems])
@@ -69,13 +72,18 @@ def _pipeline(
     return source_dsn, sink, files
 
 
-def _kill_child(run: CdcRun, marker: str) -> tuple[Callable[[], None], Callable[[], float]]:
-    """inject/clear for a `kill -9` of one of `cdc run`'s children; the supervisor restarts
-    it, so recovery counts from the kill."""
+def _kill_child(
+    run: CdcRun, marker: str, source_dsn: str = "", big: int = 0
+) -> tuple[Callable[[], None], Callable[[], float]]:
+    """inject/clear for a `kill -9` of one of `cdc run`'s children, `big` rows into a single
+    transaction before; the supervisor restarts it, so recovery counts from the kill."""
     state: dict[str, Any] = {}
 
     def inject() -> None:
         [pid] = run.children(marker)
+        if big:  # killed while the sink applies a transaction the slot cannot confirm yet
+            big_transaction(source_dsn, big)
+            time.sleep(0.3)
         state["pid"], state["at"] = pid, time.monotonic()
         os.kill(pid, signal.SIGKILL)
 
@@ -104,8 +112,8 @@ def test_kill_9_stage_under_cdc_run(
     run = CdcRun(files, tmp_path).start()
     try:
         run.wait_ready()
-        inject, clear = _kill_child(run, marker)
-        outcome = run_scenario(source_dsn, [sink], inject, clear)
+        inject, clear = _kill_child(run, marker, source_dsn, big=20_000)
+        outcome = run_scenario(source_dsn, [sink], inject, clear, health_port=files.health_port)
     finally:
         code = run.stop()
     _finish(result, outcome, *([] if code == 0 else [f"cdc run exited {code} on SIGTERM"]))
@@ -129,7 +137,13 @@ def test_sink_database_down_30s(
 
     try:
         run.wait_ready()
-        outcome = run_scenario(source_dsn, [sink], lambda: sink_server.stop("fast"), clear)
+        outcome = run_scenario(
+            source_dsn,
+            [sink],
+            lambda: sink_server.stop("fast"),
+            clear,
+            health_port=files.health_port,
+        )
     finally:
         code = run.stop()
     _finish(result, outcome, *([] if code == 0 else [f"cdc run exited {code} on SIGTERM"]))
@@ -161,7 +175,9 @@ def test_network_partition_between_ingest_and_one_sink(
     codes: dict[str, int] = {}
     try:
         wait_until(lambda: http_status(files.health_port, "/readyz") == 200, 60, "ready")
-        outcome = run_scenario(source_dsn, sinks, proxy.partition, clear)
+        outcome = run_scenario(
+            source_dsn, sinks, proxy.partition, clear, health_port=files.health_port
+        )
     finally:
         for stage in stages:
             if stage.alive():
@@ -189,7 +205,13 @@ def test_poison_rows_go_to_dead_letters_and_nothing_else_is_lost(
     try:
         run.wait_ready()
         outcome = run_scenario(
-            source_dsn, [sink], lambda: None, time.monotonic, poison_every=50, before=6.0
+            source_dsn,
+            [sink],
+            lambda: None,
+            time.monotonic,
+            poison_every=50,
+            before=6.0,
+            health_port=files.health_port,
         )
     finally:
         code = run.stop()
@@ -222,7 +244,9 @@ def test_source_restart(
 
     try:
         run.wait_ready()
-        outcome = run_scenario(source_dsn, [sink], lambda: source.stop(mode), clear)
+        outcome = run_scenario(
+            source_dsn, [sink], lambda: source.stop(mode), clear, health_port=files.health_port
+        )
     finally:
         code = run.stop()
     _finish(result, outcome, *([] if code == 0 else [f"cdc run exited {code} on SIGTERM"]))
@@ -256,6 +280,7 @@ def test_sink_privileges_revoked_10s(
             [sink],
             lambda: sink_sql(f"REVOKE INSERT, UPDATE, DELETE ON {tables} FROM chaos_sink"),
             clear,
+            health_port=files.health_port,
         )
     finally:
         code = run.stop()
@@ -324,7 +349,7 @@ def test_sink_disk_full_10s(
 
         try:
             run.wait_ready()
-            outcome = run_scenario(source_dsn, [sink], fill, clear)
+            outcome = run_scenario(source_dsn, [sink], fill, clear, health_port=files.health_port)
         finally:
             code = run.stop()
         full = run.log_path.read_text(errors="replace").count("DiskFull")
@@ -378,7 +403,7 @@ def test_kill_9_cdc_run_then_run_again(
 
     try:
         first.wait_ready()
-        outcome = run_scenario(source_dsn, [sink], inject, clear)
+        outcome = run_scenario(source_dsn, [sink], inject, clear, health_port=files.health_port)
         if second.process is not None and second.process.poll() is not None:
             problems.append(f"the second cdc run exited {second.process.returncode}")
     finally:
@@ -392,3 +417,39 @@ def test_kill_9_cdc_run_then_run_again(
     if any("second cdc run" in p for p in problems):
         result.notes = "its log: " + second.log_tail(3).replace("\n", " / ")[-400:]
     _finish(result, outcome, *problems)
+
+
+def test_control_duplicates_are_seen_when_the_sink_forgets_its_position(
+    pg_server: PostgresServer, tmp_path: Path, chaos_result: Record
+) -> None:
+    """A control, not a fault the platform should survive: the ingest is killed and the
+    sink's stored positions are deleted (what a sink without them would be) before the
+    restarted ingest replays from the slot. The audit must count re-applied changes here,
+    or its zeros in the other scenarios would mean nothing. Passes when duplicates are seen
+    and nothing is lost."""
+    result = chaos_result("control: kill -9 ingest, sink positions wiped")
+    source_dsn, sink, files = _pipeline(tmp_path, pg_server, pg_server, "control")
+    run = CdcRun(files, tmp_path).start()
+    kill, restarted = _kill_child(run, " ingest ")
+
+    def inject() -> None:
+        kill()  # then, before the supervisor restarts it (0.5 s), the sink forgets:
+        with psycopg.connect(sink.dsn, autocommit=True) as conn:
+            conn.execute("DELETE FROM public._cdc_offsets")
+
+    try:
+        run.wait_ready()
+        outcome = run_scenario(source_dsn, [sink], inject, restarted, health_port=files.health_port)
+    finally:
+        code = run.stop()
+    result.changes = outcome.changes
+    result.lost = outcome.lost
+    result.duplicated = outcome.duplicated
+    result.dead_lettered = outcome.dead_lettered
+    result.recovery_s = outcome.recovery_s
+    result.notes = (
+        f"{outcome.audited} sink row writes audited, {outcome.skipped} replays skipped;"
+        " duplicates expected here"
+    )
+    assert outcome.duplicated > 0, "the audit saw no re-applied change"
+    assert outcome.lost == 0 and code == 0, (outcome.problems(), code)
