@@ -178,6 +178,10 @@ def test_demo_pipeline_runs_the_images_like_kubernetes_does() -> None:
         e.split("=", 1) for e in ingest["environment"]["CDC_SINK_ENDPOINTS"].split(",")
     )
     assert sorted(endpoints) == sorted(sink_ids)
+    http_endpoints = dict(
+        e.split("=", 1) for e in ingest["environment"]["CDC_SINK_HTTP_ENDPOINTS"].split(",")
+    )
+    assert sorted(http_endpoints) == sorted(sink_ids)
     assert {p["target"] for p in ingest["ports"]} == {platform["health_port"]}
     assert ingest["environment"]["CDC_HEALTH_PORT"] == str(platform["health_port"])
 
@@ -190,6 +194,9 @@ def test_demo_pipeline_runs_the_images_like_kubernetes_does() -> None:
         assert command[: sink_cmd.index("--sink-id")] == sink_cmd[: sink_cmd.index("--sink-id")]
         assert command[command.index("--sink-id") + 1] == sink_id
         assert command[command.index("--port") + 1] == port == sink["environment"]["CDC_SINK_PORT"]
+        # its /metrics: where the ingest tells cdc status to look
+        http_host, http_port = http_endpoints[sink_id].split(":")
+        assert http_host == host and command[command.index("--http-port") + 1] == http_port
         assert services["ingest"]["depends_on"][host]["condition"] == "service_healthy"
 
     # Every ${VAR} the config files reference is set for every stage that reads them.
