@@ -37,7 +37,15 @@ import psycopg
 import yaml
 
 from services.stack.postgres import PostgresServer
-from tests.support.pipeline import REPO, PipelineFiles, http_status, wait_until, write_configs
+from tests.support.pipeline import (
+    REPO,
+    CommitAudit,
+    PipelineFiles,
+    http_status,
+    parse_lsn,
+    wait_until,
+    write_configs,
+)
 
 KEYED_TABLES = ("public.accounts", "public.transfers")
 MARK_TABLE = "public.chaos_marks"
@@ -601,6 +609,8 @@ class Outcome:
     converge_s: float | None
     checks: list[SinkCheck]
     skipped: int | None = None
+    slot_problems: list[str] = field(default_factory=list)
+    slot_samples: int = 0
 
     @property
     def lost(self) -> int:
@@ -630,11 +640,74 @@ class Outcome:
             out.append("older changes applied over newer ones")
         if not poison and self.dead_lettered:
             out.append(f"{self.dead_lettered} dead letters")
+        out += [f"slot audit: {p}" for p in self.slot_problems]
         if self.recovery_s is None:
             out.append("the sinks did not catch up with the source in time")
         if self.converge_s is None:
             out.append("the sinks did not converge in time")
         return out
+
+
+class SlotAudit:
+    """The delivery guarantee while the faults happen: the slot's confirmed flush LSN must
+    never pass a transaction that some sink has not applied (else a crash right then would
+    lose it). Uses tests.support.pipeline.CommitAudit (a second slot on the publication
+    records every transaction) with samples of (confirmed flush LSN, lowest applied position
+    over the sinks) taken every 50 ms on a thread. Create it once the pipeline is ready (the
+    ingest has created the publication)."""
+
+    def __init__(self, source_dsn: str, files: PipelineFiles, sinks: Sequence[Sink]) -> None:
+        self.files = files
+        self.sinks = sinks
+        self.audit = CommitAudit(source_dsn, files.publication, files.slot, files.slot + "_a")
+        self.audit.create()
+        self.initial = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="slot-audit")
+
+    def start(self) -> None:
+        with psycopg.connect(self.audit.source_dsn) as conn:
+            row = conn.execute(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name=%s",
+                (self.files.slot,),
+            ).fetchone()
+        assert row is not None and row[0] is not None, "the pipeline's slot is not there"
+        self.initial = parse_lsn(row[0])
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(psycopg.Error, OSError):
+                self._sample()
+            self._stop.wait(0.05)
+
+    def _sample(self) -> None:
+        with psycopg.connect(self.audit.source_dsn, connect_timeout=2) as src:
+            row = src.execute(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name=%s",
+                (self.files.slot,),
+            ).fetchone()
+        if row is None or row[0] is None:
+            return
+        confirmed = parse_lsn(row[0])
+        applied = []
+        for sink in self.sinks:
+            with psycopg.connect(sink.dsn, connect_timeout=2) as dst:
+                got = dst.execute(
+                    "SELECT max(major) FROM public._cdc_offsets WHERE pipeline_id = %s",
+                    (self.files.pipeline_id,),
+                ).fetchone()
+            applied.append(int(got[0]) if got and got[0] is not None else 0)
+        self.audit.samples.append((confirmed, min(applied)))
+
+    def finish(self) -> list[str]:
+        """Stop sampling; the violations found (and the audit slot dropped)."""
+        self._stop.set()
+        self._thread.join(10)
+        problems = self.audit.violations(self.initial)
+        if len(self.audit.samples) < 20:
+            problems.append(f"only {len(self.audit.samples)} slot samples")
+        return problems[:3]
 
 
 def run_scenario(
@@ -650,6 +723,7 @@ def run_scenario(
     converge_timeout: float = 45.0,
     poison_every: int = 0,
     health_port: int | None = None,
+    slot_audit: SlotAudit | None = None,
 ) -> Outcome:
     """With the pipeline running and caught up: workload for `before` s, `inject()`, then
     `clear()` (returns the monotonic time the fault counts as cleared from), the recovery
@@ -657,6 +731,8 @@ def run_scenario(
     poison = poison_every > 0
     wait_until(lambda: converged(source_dsn, sinks), 60, "initial snapshot in every sink")
     marks = Marks(source_dsn, sinks)
+    if slot_audit is not None:
+        slot_audit.start()
     with workload(source_dsn, rate=rate, poison_every=poison_every) as load:
         time.sleep(before)
         inject()
@@ -673,4 +749,9 @@ def run_scenario(
         time.sleep(0.25)
     checks = [check_sink(source_dsn, sink, poison) for sink in sinks]
     skipped = None if health_port is None else skipped_replays(health_port)
-    return Outcome(load.changes, recovery, converge, checks, skipped)
+    outcome = Outcome(load.changes, recovery, converge, checks, skipped)
+    if slot_audit is not None:
+        time.sleep(1.5)  # the last confirmations
+        outcome.slot_problems = slot_audit.finish()
+        outcome.slot_samples = len(slot_audit.audit.samples)
+    return outcome

@@ -24,6 +24,7 @@ from tests.chaos.harness import (
     CdcRun,
     Outcome,
     Sink,
+    SlotAudit,
     alive,
     big_transaction,
     prepare_sink,
@@ -50,6 +51,8 @@ def _finish(result: ChaosResult, outcome: Outcome, *extra: str, poison: bool = F
     result.dead_lettered = outcome.dead_lettered
     result.recovery_s = None if poison else outcome.recovery_s
     notes = [f"{outcome.audited} sink row writes audited"]
+    if outcome.slot_samples and not outcome.slot_problems:
+        notes.append(f"slot never confirmed past the sinks ({outcome.slot_samples} samples)")
     if outcome.skipped:
         notes.append(f"{outcome.skipped} replayed changes skipped as already applied")
     if outcome.converge_s is not None:
@@ -112,8 +115,11 @@ def test_kill_9_stage_under_cdc_run(
     run = CdcRun(files, tmp_path).start()
     try:
         run.wait_ready()
+        audit = SlotAudit(source_dsn, files, [sink])
         inject, clear = _kill_child(run, marker, source_dsn, big=20_000)
-        outcome = run_scenario(source_dsn, [sink], inject, clear, health_port=files.health_port)
+        outcome = run_scenario(
+            source_dsn, [sink], inject, clear, health_port=files.health_port, slot_audit=audit
+        )
         outcome.changes += 20_000
         result.notes = "killed 0.3 s after a 20k-row transaction committed"
     finally:
@@ -139,12 +145,14 @@ def test_sink_database_down_30s(
 
     try:
         run.wait_ready()
+        audit = SlotAudit(source_dsn, files, [sink])
         outcome = run_scenario(
             source_dsn,
             [sink],
             lambda: sink_server.stop("fast"),
             clear,
             health_port=files.health_port,
+            slot_audit=audit,
         )
     finally:
         code = run.stop()
@@ -177,8 +185,14 @@ def test_network_partition_between_ingest_and_one_sink(
     codes: dict[str, int] = {}
     try:
         wait_until(lambda: http_status(files.health_port, "/readyz") == 200, 60, "ready")
+        audit = SlotAudit(source_dsn, files, sinks)
         outcome = run_scenario(
-            source_dsn, sinks, proxy.partition, clear, health_port=files.health_port
+            source_dsn,
+            sinks,
+            proxy.partition,
+            clear,
+            health_port=files.health_port,
+            slot_audit=audit,
         )
     finally:
         for stage in stages:
@@ -206,6 +220,7 @@ def test_poison_rows_go_to_dead_letters_and_nothing_else_is_lost(
     run = CdcRun(files, tmp_path).start()
     try:
         run.wait_ready()
+        audit = SlotAudit(source_dsn, files, [sink])
         outcome = run_scenario(
             source_dsn,
             [sink],
@@ -214,6 +229,7 @@ def test_poison_rows_go_to_dead_letters_and_nothing_else_is_lost(
             poison_every=50,
             before=6.0,
             health_port=files.health_port,
+            slot_audit=audit,
         )
     finally:
         code = run.stop()
@@ -246,8 +262,14 @@ def test_source_restart(
 
     try:
         run.wait_ready()
+        audit = SlotAudit(source_dsn, files, [sink])
         outcome = run_scenario(
-            source_dsn, [sink], lambda: source.stop(mode), clear, health_port=files.health_port
+            source_dsn,
+            [sink],
+            lambda: source.stop(mode),
+            clear,
+            health_port=files.health_port,
+            slot_audit=audit,
         )
     finally:
         code = run.stop()
@@ -277,12 +299,14 @@ def test_sink_privileges_revoked_10s(
 
     try:
         run.wait_ready()
+        audit = SlotAudit(source_dsn, files, [sink])
         outcome = run_scenario(
             source_dsn,
             [sink],
             lambda: sink_sql(f"REVOKE INSERT, UPDATE, DELETE ON {tables} FROM chaos_sink"),
             clear,
             health_port=files.health_port,
+            slot_audit=audit,
         )
     finally:
         code = run.stop()
@@ -351,7 +375,10 @@ def test_sink_disk_full_10s(
 
         try:
             run.wait_ready()
-            outcome = run_scenario(source_dsn, [sink], fill, clear, health_port=files.health_port)
+            audit = SlotAudit(source_dsn, files, [sink])
+            outcome = run_scenario(
+                source_dsn, [sink], fill, clear, health_port=files.health_port, slot_audit=audit
+            )
         finally:
             code = run.stop()
         full = run.log_path.read_text(errors="replace").count("DiskFull")
@@ -405,7 +432,10 @@ def test_kill_9_cdc_run_then_run_again(
 
     try:
         first.wait_ready()
-        outcome = run_scenario(source_dsn, [sink], inject, clear, health_port=files.health_port)
+        audit = SlotAudit(source_dsn, files, [sink])
+        outcome = run_scenario(
+            source_dsn, [sink], inject, clear, health_port=files.health_port, slot_audit=audit
+        )
         if second.process is not None and second.process.poll() is not None:
             problems.append(f"the second cdc run exited {second.process.returncode}")
     finally:
