@@ -97,7 +97,7 @@ class PipelineLock:
 
     def _running_message(self) -> str:
         pid = holder_pid(self.pipeline_id)
-        who = f"pid {pid}" if pid is not None else "pid unknown"
+        who = describe_holder(pid)
         return (
             f"pipeline '{self.pipeline_id}' is already running on this machine ({who}; "
             f"lock {self.path}): stop it first"
@@ -111,6 +111,20 @@ def holder_pid(pipeline_id: str) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
+
+
+def describe_holder(pid: int | None) -> str:
+    """`pid N`, or what is known when the `cdc run` that wrote it is gone (its stages,
+    which inherited the lock, are still stopping)."""
+    if not pid:
+        return "pid unknown"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f"pid {pid} has exited, its stages are still stopping"
+    except PermissionError:
+        pass
+    return f"pid {pid}"
 
 
 def running_here(pipeline_id: str) -> int | None:

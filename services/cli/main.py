@@ -120,13 +120,13 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_undeploy(args: argparse.Namespace) -> int:
-    from services.lifecycle import running_here
+    from services.lifecycle import describe_holder, running_here
     from services.ops import UndeployError, undeploy
 
     pipeline, platform = _load(args)
     pid = running_here(pipeline.pipeline_id)
     if pid is not None:
-        who = f"pid {pid}" if pid else "pid unknown"
+        who = describe_holder(pid)
         print(
             f"error: pipeline '{pipeline.pipeline_id}' is running on this machine ({who}):"
             " stop it first (SIGTERM), then undeploy",
