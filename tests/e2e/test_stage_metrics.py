@@ -7,6 +7,7 @@ import urllib.request
 from pathlib import Path
 
 import psycopg
+import yaml
 
 from services.status import Scrape, latency, parse_metrics
 from tests.support.pipeline import (
@@ -162,5 +163,70 @@ def test_ingest_and_sink_metrics_count_every_change(pg, tmp_path: Path) -> None:
         print(stage_logs(ingest, sink))
         raise
     finally:
+        codes = [s.terminate() for s in (ingest, sink) if s.alive()]
+    assert codes == [0, 0], stage_logs(ingest, sink)
+
+
+def test_a_sink_database_outage_shows_as_retries_and_not_ready(
+    pg, fresh_pg_server, tmp_path: Path
+) -> None:
+    """The replica on a server of its own, stopped mid-stream: the sink's /readyz turns 503,
+    its retries counter grows, and once it is back every change is counted exactly once."""
+    source_dsn, _, files = new_pipeline(pg, tmp_path, snapshot_mode="never")
+    fresh_pg_server.create_database("replica")
+    replica_dsn = fresh_pg_server.dsn("replica")
+    spec = yaml.safe_load(files.pipeline.read_text())
+    spec["sinks"][0]["postgres"].update(
+        host=fresh_pg_server.host,
+        port=fresh_pg_server.port,
+        database="replica",
+        connect_timeout_seconds=2,
+    )
+    files.pipeline.write_text(yaml.safe_dump(spec, sort_keys=False))
+    sink, ingest, sink_http = _stages(files, tmp_path)
+    sink.start()
+    ingest.start()
+    try:
+        wait_until(lambda: http_status(files.health_port, "/readyz") == 200, 60, "ingest ready")
+        wait_until(lambda: "replication.started" in ingest.log_path.read_text(), 60, "streaming")
+        with psycopg.connect(source_dsn, autocommit=True) as conn:
+            conn.execute("INSERT INTO public.orders (id, amount) VALUES (1, 1)")
+        wait_until(
+            lambda: _metrics(sink_http).total("cdc_sink_events_total") == 1, 30, "first change"
+        )
+        assert _metrics(sink_http).total("cdc_sink_write_retries_total") == 0
+
+        fresh_pg_server.stop()
+        with psycopg.connect(source_dsn, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO public.orders (id, amount) SELECT g, g FROM generate_series(2, 50) g"
+            )
+        wait_until(
+            lambda: _metrics(sink_http).total("cdc_sink_write_retries_total") >= 2,
+            60,
+            "the sink retrying",
+        )
+        wait_until(lambda: http_status(sink_http, "/readyz") == 503, 30, "sink not ready")
+        assert _metrics(sink_http).total("cdc_sink_ready") == 0
+        assert _metrics(files.health_port).total("cdc_ingest_unacked_batches") >= 1
+
+        fresh_pg_server.start()
+        wait_until(
+            lambda: _metrics(sink_http).total("cdc_sink_events_total") == 50, 90, "caught up"
+        )
+        wait_until(lambda: http_status(sink_http, "/readyz") == 200, 30, "sink ready again")
+        out = _metrics(sink_http)
+        assert out.total("cdc_sink_ready") == 1
+        assert out.total("cdc_sink_end_to_end_latency_seconds_count") == 50
+        # the changes that waited out the outage are the slow tail
+        assert latency(None, out, "cdc_sink_end_to_end_latency_seconds")["p99"] >= 1.0
+        with psycopg.connect(replica_dsn) as conn:
+            assert conn.execute("SELECT count(*) FROM public.orders").fetchone() == (50,)
+    except BaseException:
+        print(stage_logs(ingest, sink))
+        raise
+    finally:
+        if not fresh_pg_server.is_running():
+            fresh_pg_server.start()
         codes = [s.terminate() for s in (ingest, sink) if s.alive()]
     assert codes == [0, 0], stage_logs(ingest, sink)
