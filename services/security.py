@@ -8,6 +8,7 @@ code 2 without a traceback.
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -63,6 +64,28 @@ def _read(setting: str, path: str | None) -> bytes | None:
     return data
 
 
+def _check_pem(tls: GrpcTlsConfig) -> None:
+    """The key must belong to the certificate and the CA file must parse: gRPC would only
+    say "Failed to bind" (server) or fail every handshake (client)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if tls.cert_file is not None and tls.key_file is not None:
+        try:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+        except ssl.SSLError as exc:
+            raise StartupSecurityError(
+                f"grpc_tls: the key_file {tls.key_file} and the cert_file {tls.cert_file} "
+                f"are not a certificate and its private key ({exc.reason or exc})"
+            ) from None
+    if tls.ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=tls.ca_file)
+        except ssl.SSLError as exc:
+            raise StartupSecurityError(
+                f"grpc_tls.ca_file: {tls.ca_file} holds no usable CA certificate "
+                f"({exc.reason or exc})"
+            ) from None
+
+
 def server_credentials(tls: GrpcTlsConfig) -> grpc.ServerCredentials | None:
     """The sink's TLS credentials (client certificates required with require_client_cert);
     None when TLS is off."""
@@ -72,6 +95,7 @@ def server_credentials(tls: GrpcTlsConfig) -> grpc.ServerCredentials | None:
     key = _read("key_file", tls.key_file)
     ca = _read("ca_file", tls.ca_file)
     assert cert is not None and key is not None  # guaranteed by GrpcTlsConfig
+    _check_pem(tls)
     import grpc
 
     try:
@@ -93,12 +117,14 @@ def channel_credentials(tls: GrpcTlsConfig) -> grpc.ChannelCredentials | None:
     when TLS is off."""
     if not tls.enabled:
         return None
+    ca = _read("ca_file", tls.ca_file)
+    key = _read("key_file", tls.key_file)
+    cert = _read("cert_file", tls.cert_file)
+    _check_pem(tls)
     import grpc
 
     return grpc.ssl_channel_credentials(
-        root_certificates=_read("ca_file", tls.ca_file),
-        private_key=_read("key_file", tls.key_file),
-        certificate_chain=_read("cert_file", tls.cert_file),
+        root_certificates=ca, private_key=key, certificate_chain=cert
     )
 
 

@@ -78,3 +78,21 @@ def test_settings_holding_a_conninfo_do_not_print_it() -> None:
         publication_name="p",
     )
     assert "hunter2-secret" not in repr(settings) and "slot_name='s'" in repr(settings)
+
+
+def test_a_key_of_another_certificate_or_a_bad_ca_file_is_named(tmp_path: Path) -> None:
+    from tests.support.tls import make_pki
+
+    a, b = make_pki(tmp_path / "a"), make_pki(tmp_path / "b")
+    good = GrpcTlsConfig(enabled=True, cert_file=a["cert"], key_file=a["key"], ca_file=a["ca"])
+    assert security.server_credentials(good) is not None
+    assert security.channel_credentials(good) is not None
+    mixed = good.model_copy(update={"key_file": b["key"]})
+    for build in (security.server_credentials, security.channel_credentials):
+        with pytest.raises(security.StartupSecurityError) as info:
+            build(mixed)
+        assert f"the key_file {b['key']} and the cert_file {a['cert']}" in str(info.value)
+    bad_ca = tmp_path / "ca.crt"
+    bad_ca.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
+    with pytest.raises(security.StartupSecurityError, match=re.escape(f"ca_file: {bad_ca}")):
+        security.channel_credentials(good.model_copy(update={"ca_file": str(bad_ca)}))
