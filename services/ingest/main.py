@@ -33,7 +33,9 @@ async def run_ingest(
     router = container.router()
     missing = [s for s in router.sink_ids if s not in sink_endpoints]
     if missing:
-        raise ValueError(f"no --sink-endpoint given for sink(s): {', '.join(missing)}")
+        raise lifecycle.StartupError(
+            f"no --sink-endpoint (or CDC_SINK_ENDPOINTS) for sink(s): {', '.join(missing)}"
+        )
     tracing.setup_tracing(
         f"{platform.tracing.service_name_prefix}-ingest", platform.tracing.otlp_endpoint
     )

@@ -219,6 +219,14 @@ def test_grpc_ports_in_use_exit_2_with_json_only_stderr(pg: Any, tmp_path: Path)
         assert len(failed) == 1 and setting in failed[0]["error"], result.stderr
 
 
+def test_ingest_without_a_sink_endpoint_exits_2_naming_it(pg: Any, tmp_path: Path) -> None:
+    _source, _replica, files = new_pipeline(pg, tmp_path)
+    result = _cdc(files, "ingest", env={"CDC_SINK_ENDPOINTS": ""})
+    assert result.returncode == 2, result.stderr
+    [line] = _json_lines(result.stderr)
+    assert "--sink-endpoint" in line["error"] and "replica" in line["error"], line
+
+
 def test_a_sink_type_without_a_writer_is_refused_naming_the_setting(
     pg: Any, tmp_path: Path
 ) -> None:
