@@ -1,11 +1,11 @@
 """`cdc status PIPELINE`: a live view of a running pipeline, from its stages' HTTP endpoints.
 
-Where the endpoints are: the ingest serves `/readyz` and `/metrics` on `health_port`
-(platform.yaml; `--ingest-url` overrides). Its `/readyz` body lists where each sink serves
-its own (`sink_http_endpoints`: `cdc run` starts every sink with `--http-port` and tells the
-ingest with `--sink-http-endpoint`; elsewhere give the ingest `--sink-http-endpoint` or
-`CDC_SINK_HTTP_ENDPOINTS`). So one address, known from the config files, finds everything,
-and nothing is left behind on disk when the pipeline stops.
+Where the endpoints are: the ingest serves `/readyz` and `/metrics` on `health_port` at its
+`listen_host` (platform.yaml; `--ingest-url` overrides). Its `/readyz` body lists where each
+sink serves its own (`sink_http_endpoints`: `cdc run` starts every sink with `--http-port`
+and tells the ingest with `--sink-http-endpoint`; elsewhere give the ingest `--sink-http-
+endpoint` or `CDC_SINK_HTTP_ENDPOINTS`). So one address, known from the config files, finds
+everything, and nothing is left behind on disk when the pipeline stops.
 
 Rates come from two scrapes `--interval` seconds apart; latency percentiles are
 interpolated from the histogram buckets (as PromQL's histogram_quantile does) over that
@@ -363,7 +363,12 @@ def run_status(args: argparse.Namespace) -> int:
         )
         return 1
     else:
-        url = f"http://127.0.0.1:{platform.health_port}"
+        from services import security
+
+        # Where the ingest listens (platform listen_host / CDC_LISTEN_HOST), seen from here.
+        host = security.connect_host(security.listen_host(platform))
+        host = f"[{host}]" if ":" in host else host
+        url = f"http://{host}:{platform.health_port}"
     interval = max(0.1, float(args.interval))
     sink_urls: dict[str, str] = {}
     for item in args.sink_url or []:
