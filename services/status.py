@@ -3,9 +3,9 @@
 Where the endpoints are: the ingest serves `/readyz` and `/metrics` on `health_port` at its
 `listen_host` (platform.yaml; `--ingest-url` overrides). Its `/readyz` body lists where each
 sink serves its own (`sink_http_endpoints`: `cdc run` starts every sink with `--http-port`
-and tells the ingest with `--sink-http-endpoint`; elsewhere give the ingest `--sink-http-
-endpoint` or `CDC_SINK_HTTP_ENDPOINTS`). So one address, known from the config files, finds
-everything, and nothing is left behind on disk when the pipeline stops.
+and tells the ingest with `--sink-http-endpoint`; elsewhere give the ingest
+`--sink-http-endpoint` or `CDC_SINK_HTTP_ENDPOINTS`). So one address, known from the config
+files, finds everything, and nothing is left behind on disk when the pipeline stops.
 
 Rates come from two scrapes `--interval` seconds apart; latency percentiles are
 interpolated from the histogram buckets (as PromQL's histogram_quantile does) over that
