@@ -197,6 +197,7 @@ def test_no_configured_secret_appears_in_any_output(pg, pg_server_factory, tmp_p
         "webhook hmac_secret": _secret("hmac"),
         "webhook header": _secret("bearer"),
         "iceberg s3_secret_access_key": _secret("s3secret"),
+        "kafka sasl_password": _secret("saslpw"),
     }
     replica = pg_server_factory()
     replica.create_database("replica")
@@ -259,6 +260,23 @@ def test_no_configured_secret_appears_in_any_output(pg, pg_server_factory, tmp_p
     assert result.returncode == 2, outputs["validate broken"]
     assert "password cannot be combined with dsn" in result.stderr, result.stderr
     assert "sinks[1].webhook.hmac_secret" in result.stderr, result.stderr
+    # The Kafka transport's SASL password (platform.yaml), accepted and refused.
+    kafka = {
+        "bootstrap_servers": "broker:9092",
+        "security_protocol": "SASL_SSL",
+        "auth_mechanism": "sasl_plain",
+        "sasl_username": "cdc",
+        "sasl_password": secrets["kafka sasl_password"],
+    }
+    kafka_platform = tmp_path / "platform-kafka.yaml"
+    kafka_platform.write_text(yaml.safe_dump({"transport_mode": "kafka", "kafka": kafka}))
+    argv = cdc_argv("validate", str(files.pipeline), "--platform-config", str(kafka_platform))
+    assert cdc("validate kafka", *argv).returncode == 0, outputs["validate kafka"]
+    kafka["sasl_password"] = {"nested": secrets["kafka sasl_password"]}
+    kafka["acks"] = "most"
+    kafka_platform.write_text(yaml.safe_dump({"transport_mode": "kafka", "kafka": kafka}))
+    result = cdc("validate kafka broken", *argv)
+    assert result.returncode == 2 and "kafka.sasl_password" in result.stderr, result.stderr
 
     log_path = tmp_path / "run.log"
     with log_path.open("wb") as log:
