@@ -148,7 +148,9 @@ def test_container_env_listens_on_every_interface_and_config_wins(pg, tmp_path: 
         wait_until(lambda: ready("127.0.0.1", files.health_port), 90, "ready")
         assert sink.process is not None and ingest.process is not None
         # gRPC listens on 0.0.0.0 through a dual-stack IPv6 socket: "::"
-        assert {a for a, _ in listening(sink.process.pid)} <= EVERY_INTERFACE
+        sink_sockets = listening(sink.process.pid)
+        assert port in {p for _, p in sink_sockets}, sink_sockets
+        assert {a for a, _ in sink_sockets} <= EVERY_INTERFACE, sink_sockets
         assert ("0.0.0.0", files.health_port) in listening(ingest.process.pid)
         assert {a for a, _ in listening(ingest.process.pid)} <= EVERY_INTERFACE
     finally:
@@ -161,7 +163,8 @@ def test_container_env_listens_on_every_interface_and_config_wins(pg, tmp_path: 
     try:
         assert sink.process is not None
         wait_until(lambda: len(listening(sink.process.pid)) >= 1, 30, "sink listening")  # type: ignore[union-attr]
-        assert listening(sink.process.pid) == {("127.0.0.1", port)}
+        sockets = listening(sink.process.pid)
+        assert ("127.0.0.1", port) in sockets and {a for a, _ in sockets} == {"127.0.0.1"}
     finally:
         assert sink.terminate() == 0, stage_logs(sink)
 
