@@ -45,7 +45,7 @@ def _finish(result: ChaosResult, outcome: Outcome, *extra: str, poison: bool = F
     """Fill in the result row, then assert: nothing lost, nothing applied twice (poison:
     no outage, so no recovery time; the poison rows are in the dead letters)."""
     problems = [*extra, *outcome.problems(poison)]
-    result.changes = outcome.changes
+    result.changes = outcome.changes + 20_000
     result.lost = outcome.lost
     result.duplicated = outcome.duplicated
     result.dead_lettered = outcome.dead_lettered
@@ -454,7 +454,8 @@ def test_kill_9_cdc_run_then_run_again(
 def test_control_duplicates_are_seen_when_the_sink_forgets_its_position(
     pg_server: PostgresServer, tmp_path: Path, chaos_result: Record
 ) -> None:
-    """A control, not a fault the platform should survive: the ingest is killed and the
+    """A control, not a fault the platform should survive: the ingest is killed (0.3 s after
+    a 20k-row transaction, as in scenario 1, so the restart replays into the sink) and the
     sink's stored positions are deleted (what a sink without them would be) before the
     restarted ingest replays from the slot. The audit must count re-applied changes here,
     or its zeros in the other scenarios would mean nothing. Passes when duplicates are seen
@@ -462,7 +463,7 @@ def test_control_duplicates_are_seen_when_the_sink_forgets_its_position(
     result = chaos_result("control: kill -9 ingest, sink positions wiped")
     source_dsn, sink, files = _pipeline(tmp_path, pg_server, pg_server, "control")
     run = CdcRun(files, tmp_path).start()
-    kill, restarted = _kill_child(run, " ingest ")
+    kill, restarted = _kill_child(run, " ingest ", source_dsn, big=20_000)
 
     def inject() -> None:
         kill()  # then, before the supervisor restarts it (0.5 s), the sink forgets:
@@ -474,7 +475,7 @@ def test_control_duplicates_are_seen_when_the_sink_forgets_its_position(
         outcome = run_scenario(source_dsn, [sink], inject, restarted, health_port=files.health_port)
     finally:
         code = run.stop()
-    result.changes = outcome.changes
+    result.changes = outcome.changes + 20_000
     result.lost = outcome.lost
     result.duplicated = outcome.duplicated
     result.dead_lettered = outcome.dead_lettered
