@@ -631,7 +631,7 @@ class Outcome:
     def problems(self, poison: bool = False) -> list[str]:
         out = []
         for check in self.checks:
-            out += [f"{check.sink_id}: {d}" for d in check.details]
+            out += [f"{check.sink_id}: {d}" for d in check.details[:3]]
         if self.lost:
             out.append(f"{self.lost} rows lost")
         if self.duplicated:

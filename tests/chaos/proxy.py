@@ -24,6 +24,7 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
+        self._frozen: set[socket.socket] = set()  # kept open, never read or written again
         self.accepted = 0
         self.cut = 0
 
@@ -65,8 +66,25 @@ class TcpProxy:
     def heal(self) -> None:
         self.start()
 
+    def freeze(self) -> None:
+        """Make every open connection half-open: nothing passes through it any more, in
+        either direction, and it is never closed (a peer that vanished without a FIN or RST,
+        a route that now drops its packets). New connections are forwarded as before."""
+        with self._lock:
+            frozen, self._conns = self._conns, set()
+            self._frozen |= frozen
+
+    def reset_frozen(self) -> int:
+        """RST the frozen connections (what the peer's host would answer once back)."""
+        with self._lock:
+            frozen, self._frozen = self._frozen, set()
+        for conn in frozen:
+            _reset(conn)
+        return len(frozen)
+
     def stop(self) -> None:
         self.partition()
+        self.reset_frozen()
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -98,6 +116,9 @@ class TcpProxy:
                 data = src.recv(65536)
                 if not data:
                     break
+                if src in self._frozen:
+                    self._hold(src)
+                    return
                 dst.sendall(data)
         except OSError:
             pass
@@ -110,6 +131,11 @@ class TcpProxy:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
+
+    def _hold(self, sock: socket.socket) -> None:
+        """A frozen connection: stop reading (the sender's window fills up) until stop()."""
+        while sock in self._frozen:
+            time.sleep(0.2)
 
 
 def _reset(sock: socket.socket) -> None:

@@ -27,6 +27,8 @@ from tests.chaos.harness import (
     SlotAudit,
     alive,
     big_transaction,
+    check_sink,
+    converged,
     prepare_sink,
     prepare_source,
     run_scenario,
@@ -486,3 +488,55 @@ def test_control_duplicates_are_seen_when_the_sink_forgets_its_position(
     )
     assert outcome.duplicated > 0, "the audit saw no re-applied change"
     assert outcome.lost == 0 and code == 0, (outcome.problems(), code)
+
+
+def test_half_open_connection_to_the_sink(
+    pg_server: PostgresServer, tmp_path: Path, chaos_result: Record
+) -> None:
+    """The connection between the ingest and its sink goes half-open: nothing passes any
+    more and nobody closes it (the sink's host vanished, a route drops the packets, a hung
+    peer whose kernel still holds the socket), while a new connection would reach the sink
+    at once. The ingest has to notice on its own; the bound is 30 s. Afterwards the frozen
+    connection is reset (RST) to show whether what was missing is recoverable."""
+    result = chaos_result("6b. half-open connection ingest -> sink")
+    source_dsn, sink, files = _pipeline(tmp_path, pg_server, pg_server, "half_open")
+    sink_port = free_port()
+    stages = [sink_stage(files, tmp_path, sink_port).start()]
+    proxy = TcpProxy(sink_port).start()
+    stages.append(ingest_stage(files, tmp_path, {"replica": proxy.port}).start())
+    after: list[str] = []
+    try:
+        wait_until(lambda: http_status(files.health_port, "/readyz") == 200, 60, "ready")
+        audit = SlotAudit(source_dsn, files, [sink])
+        outcome = run_scenario(
+            source_dsn,
+            [sink],
+            proxy.freeze,
+            time.monotonic,
+            recovery_timeout=30,
+            converge_timeout=5,
+            health_port=files.health_port,
+            slot_audit=audit,
+        )
+        if outcome.recovery_s is None:
+            ready = http_status(files.health_port, "/readyz")
+            reset_at = time.monotonic()
+            proxy.reset_frozen()
+            try:
+                wait_until(lambda: converged(source_dsn, [sink]), 30, "converged after RST")
+                final = check_sink(source_dsn, sink)
+                after.append(
+                    "not lost for good: the slot kept them;"
+                    f" stalled (/readyz {ready}) until the frozen connection was reset by the"
+                    f" test, then converged in {time.monotonic() - reset_at:.1f} s with"
+                    f" {final.lost} lost, {final.duplicated} duplicated"
+                )
+            except AssertionError:
+                after.append("did not converge even after the frozen connection was reset")
+    finally:
+        proxy.stop()
+        for stage in stages:
+            if stage.alive():
+                stage.terminate()
+    result.notes = "; ".join(after)
+    _finish(result, outcome)
