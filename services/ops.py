@@ -95,7 +95,7 @@ async def undeploy(
     *,
     force: bool = False,
     retry_seconds: float = 10.0,
-    settle_seconds: float = 2.0,
+    settle_seconds: float = 6.0,
 ) -> list[str]:
     """Drop the pipeline's slot and publication; sink data is never touched.
 
@@ -150,15 +150,20 @@ async def undeploy(
         else:
             done.append(f"publication {publication} did not exist")
         await forget_slot_state(conn, slot)
-        # A pipeline still running somewhere re-creates its slot within a second or so.
-        await asyncio.sleep(settle_seconds)
-        state = await _slot_user(conn, slot)
-        if state is not None:
-            raise UndeployError(
-                f"replication slot {slot} was re-created right after the drop ({state[1]}):"
-                " the pipeline is still running; stop it, then undeploy again",
-                done,
-            )
+        # A pipeline still running somewhere re-creates its slot within seconds (measured:
+        # about 2 s when its ingest is restarted by `cdc run`).
+        settled = time.monotonic() + settle_seconds
+        while True:
+            state = await _slot_user(conn, slot)
+            if state is not None:
+                raise UndeployError(
+                    f"replication slot {slot} was re-created right after the drop ({state[1]}):"
+                    " the pipeline is still running; stop it, then undeploy again",
+                    done,
+                )
+            if time.monotonic() >= settled:
+                break
+            await asyncio.sleep(0.25)
     return done
 
 
