@@ -17,6 +17,7 @@ from domain.events import UNCHANGED, Column, Operation, Position, SourceEvent, T
 from domain.health import ComponentHealth, Status
 from domain.ports import SinkBatch, WriteResult
 from domain.rows import RowFormatError, encode_row
+from services.metrics import SinkMetrics
 from services.sink.server import SinkServicer
 from services.wire import WireFormatError, decode_batch, encode_batch
 
@@ -157,6 +158,10 @@ def _messages(ids: list[int]) -> list[events_pb2.EventBatch]:
     return [encode_batch(i, "p", "0", _events()[:2]) for i in ids]
 
 
+def _servicer(writer: _Writer) -> SinkServicer:
+    return SinkServicer(writer, "s", SinkMetrics("p", "s"))
+
+
 async def _deliver(servicer: SinkServicer, messages: list[events_pb2.EventBatch]) -> list:
     async def requests() -> AsyncIterator[events_pb2.EventBatch]:
         for m in messages:
@@ -168,7 +173,7 @@ async def _deliver(servicer: SinkServicer, messages: list[events_pb2.EventBatch]
 
 def test_servicer_writes_in_order_and_acks_each_batch() -> None:
     writer = _Writer()
-    acks = asyncio.run(_deliver(SinkServicer(writer, "s"), _messages(list(range(1, 8)))))
+    acks = asyncio.run(_deliver(_servicer(writer), _messages(list(range(1, 8)))))
     assert writer.written == list(range(1, 8))
     assert [a.batch_id for a in acks] == list(range(1, 8))
     assert all(a.status == sink_pb2.ACK_STATUS_WRITTEN and a.written == 2 for a in acks)
@@ -176,7 +181,11 @@ def test_servicer_writes_in_order_and_acks_each_batch() -> None:
 
 def test_after_a_rejected_batch_the_rest_of_the_stream_is_rejected_unwritten() -> None:
     writer = _Writer(fail={3})
-    acks = asyncio.run(_deliver(SinkServicer(writer, "s"), _messages([1, 2, 3, 4, 5])))
+    servicer = _servicer(writer)
+    acks = asyncio.run(_deliver(servicer, _messages([1, 2, 3, 4, 5])))
+    batches = servicer.metrics.batches
+    assert batches.labels(pipeline="p", sink="s", result="written")._value.get() == 2
+    assert batches.labels(pipeline="p", sink="s", result="rejected")._value.get() == 3
     assert writer.written == [1, 2]
     assert [a.batch_id for a in acks] == [1, 2, 3, 4, 5]
     assert [a.status for a in acks] == [sink_pb2.ACK_STATUS_WRITTEN] * 2 + [
@@ -188,7 +197,7 @@ def test_an_undecodable_batch_is_rejected_and_nothing_after_it_written() -> None
     writer = _Writer()
     messages = _messages([1, 2, 3])
     messages[1].events[0].after = b"\xff"
-    acks = asyncio.run(_deliver(SinkServicer(writer, "s"), messages))
+    acks = asyncio.run(_deliver(_servicer(writer), messages))
     assert writer.written == [1]
     assert [a.status for a in acks] == [
         sink_pb2.ACK_STATUS_WRITTEN,
@@ -206,7 +215,7 @@ def test_a_broken_request_stream_propagates_after_the_batches_before_it() -> Non
         raise ConnectionError("stream lost")
 
     async def run() -> list:
-        return [a async for a in SinkServicer(writer, "s").Deliver(requests(), None)]
+        return [a async for a in _servicer(writer).Deliver(requests(), None)]
 
     with pytest.raises(ConnectionError):
         asyncio.run(run())
