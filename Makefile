@@ -28,7 +28,7 @@ typecheck: $(STAMP)
 	$(PY) -m mypy
 
 proto: $(STAMP)
-	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/cdc_proto/v1/*.proto
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/cdc_proto/v1/*.proto proto/cdc_proto/v2/*.proto
 
 clean:
 	rm -rf $(VENV) .demo build *.egg-info
