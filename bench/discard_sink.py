@@ -15,15 +15,22 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from bench.stats import latency_summary_ms, self_usage, write_json
-from cdc_proto.v1 import events_pb2, sink_pb2, sink_pb2_grpc
+from cdc_proto.v2 import events_pb2, sink_pb2, sink_pb2_grpc
+from domain.ports import SinkBatch
 from services.grpc_health import add_health, set_status
-from services.wire import decode_batch
+from services.wire import WIRE_VERSION, decode_batch
 
 
-def _is_end_marker(after: object) -> bool:
-    return isinstance(after, tuple) and bool(after) and after[0] in ("-1", b"-1")
+def _has_end_marker(batch: SinkBatch) -> bool:
+    """The end marker row (first column "-1") is among the batch's changes."""
+    return any(
+        len(b) and b.schema.columns and pc.any(pc.equal(b.column(0), "-1")).as_py()
+        for b in batch.blocks
+    )
 
 
 class DiscardServicer(sink_pb2_grpc.SinkServiceServicer):
@@ -36,6 +43,9 @@ class DiscardServicer(sink_pb2_grpc.SinkServiceServicer):
         self.latencies: list[float] = []
         self.done = False
 
+    async def Describe(self, request: object, context: object) -> sink_pb2.DescribeReply:
+        return sink_pb2.DescribeReply(wire_version=WIRE_VERSION, sink_id="discard")
+
     async def Deliver(
         self, request_iterator: AsyncIterator[events_pb2.EventBatch], context: object
     ) -> AsyncIterator[sink_pb2.BatchAck]:
@@ -45,16 +55,18 @@ class DiscardServicer(sink_pb2_grpc.SinkServiceServicer):
             if not self.first:
                 self.first = now
             self.last = now
-            self.count += len(batch.events)
+            self.count += len(batch)
             if self.latency:
-                self.latencies.extend(now - e.commit_time_us / 1e6 for e in batch.events)
-            if not self.done and batch.events and _is_end_marker(batch.events[-1].after):
+                for block in batch.blocks:
+                    times = block.records.column("@commit_time").cast(pa.int64()).to_pylist()
+                    self.latencies.extend(now - us / 1e6 for us in times)
+            if not self.done and _has_end_marker(batch):
                 self.done = True
                 self._report()
             yield sink_pb2.BatchAck(
                 batch_id=message.batch_id,
                 status=sink_pb2.ACK_STATUS_WRITTEN,
-                written=len(batch.events),
+                written=len(batch),
             )
 
     def _report(self) -> None:
@@ -76,7 +88,7 @@ async def serve(port: int, servicer: DiscardServicer) -> None:
     health = add_health(server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
-    await set_status(health, True, "cdc.v1.SinkService")
+    await set_status(health, True, "cdc.v2.SinkService")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

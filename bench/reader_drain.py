@@ -36,8 +36,8 @@ async def drain(args: argparse.Namespace) -> dict[str, float]:
         if chunk.events and not first:
             first = time.time()
         count += len(chunk.events)
-        if chunk.checkpoint is not None:
-            await source.commit(source.partition, chunk.checkpoint)
+        if chunk.ack is not None:
+            await source.ack(chunk.lane, [chunk.ack])
         if count >= args.expect:
             break
     last = time.time()

@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from domain.types import LogicalType, from_postgres
+
 
 class Operation(enum.Enum):
     """Debezium's operation letters, which every sink and tool already knows."""
@@ -46,10 +48,29 @@ TextRow = tuple[str | None, ...]
 
 @dataclass(frozen=True, slots=True)
 class Column:
+    """One column of a source table.
+
+    `type_name` is the source's own type text (`source_type`: ``numeric(12,2)``,
+    ``DATETIME(6)``), used for same-engine DDL; `type_oid` the PostgreSQL type OID (0 for
+    other engines). `logical_type` is the neutral type (domain.types) in its text form;
+    empty means "derive it from the PostgreSQL type", which is what PostgreSQL sources do.
+    """
+
     name: str
     type_oid: int
     type_name: str
     is_key: bool = False
+    logical_type: str = ""
+
+    @property
+    def source_type(self) -> str:
+        return self.type_name
+
+    @property
+    def logical(self) -> LogicalType:
+        if self.logical_type:
+            return LogicalType.parse(self.logical_type)
+        return from_postgres(self.type_oid, self.type_name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +182,6 @@ class SourceEvent:
         "commit_time_us",
         "extra",
         "operation",
-        "partition",
         "position",
         "source_database",
         "table",
@@ -172,7 +192,6 @@ class SourceEvent:
         "operation",
         "table",
         "position",
-        "partition",
         "before",
         "after",
         "commit_time_us",
@@ -186,7 +205,6 @@ class SourceEvent:
         operation: Operation,
         table: TableSchema,
         position: Position,
-        partition: str = "0",
         before: TextRow | None = None,
         after: TextRow | None = None,
         commit_time_us: int = 0,
@@ -204,7 +222,6 @@ class SourceEvent:
         self.operation = operation
         self.table = table
         self.position = position
-        self.partition = partition
         self._before = before
         self._after = after
         self._before_wire = before_wire

@@ -5,37 +5,104 @@ Adapters implement them; services depend only on these.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import enum
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from domain.blocks import ChangeBlock, build_blocks, events_of_blocks
 from domain.events import Position, SchemaChange, SourceEvent
 from domain.health import ComponentHealth
 
 C = TypeVar("C")
 
 
+# What a source hands out with a chunk and gets back (`EventSource.ack`) once the chunk and
+# everything before it in its lane is durable everywhere: an LSN, an offset, a Kinesis
+# sequence number, a Pub/Sub ack id. Opaque to everyone but its source.
+AckHandle = Any
+
+
 @dataclass(slots=True)
 class SourceChunk:
-    """Events one partition produced in one read, in order.
+    """Events one lane produced in one read, in order.
 
-    `checkpoint` is the transport position that may be committed once these events and
-    all earlier ones are handled (None when the chunk ends inside a transaction).
-    `schema_changes` are the table shapes that changed before these events.
+    A *lane* is the unit whose order sinks keep (a replication slot, a Kafka partition, a
+    key-hash lane of our Pub/Sub or Kinesis publisher). `ack` is released to the source
+    (`EventSource.ack`) once these events and all earlier ones of the lane are durably
+    handled (None: nothing to release with this chunk, e.g. it ends inside a transaction).
+    `schema_changes` are the table shapes that changed before these events. `revoked`
+    names lanes this reader lost before this chunk (a Kafka rebalance, a Kinesis lease):
+    their in-flight batches are abandoned and nothing of theirs is acked afterwards.
     """
 
-    partition: str
+    lane: str
     events: list[SourceEvent]
-    checkpoint: Any = None
+    ack: AckHandle | None = None
     schema_changes: list[SchemaChange] = field(default_factory=list)
+    revoked: frozenset[str] = frozenset()
 
 
-@dataclass(slots=True)
+class Guarantee(enum.Enum):
+    """What a sink promises about a change delivered more than once (docs/architecture.md)."""
+
+    EXACTLY_ONCE_EFFECT = "exactly-once effect"  # replays skipped by the stored position
+    AT_LEAST_ONCE_IDEMPOTENCY_KEY = "at-least-once, idempotency key"  # replays resent, keyed
+
+
 class SinkBatch:
-    pipeline_id: str
-    partition: str
-    batch_id: int
-    events: Sequence[SourceEvent]
+    """A batch as a sink receives it: its changes as columnar blocks (one per table shape,
+    the bulk form, `domain.blocks`) and/or as events (the row-level view). Either is
+    derived from the other on first use."""
+
+    __slots__ = ("_blocks", "_events", "batch_id", "lanes", "partition", "pipeline_id",
+                 "source_database")
+
+    def __init__(
+        self,
+        pipeline_id: str,
+        partition: str,
+        batch_id: int,
+        events: Sequence[SourceEvent] | None = None,
+        *,
+        blocks: Sequence[ChangeBlock] | None = None,
+        lanes: Sequence[str] | None = None,
+        source_database: str = "",
+    ) -> None:
+        if events is None and blocks is None:
+            events = []
+        self.pipeline_id = pipeline_id
+        self.partition = partition
+        self.batch_id = batch_id
+        self._events = events
+        self._blocks = blocks
+        self.lanes: tuple[str, ...] = tuple(lanes) if lanes else (partition,)
+        self.source_database = source_database
+
+    @property
+    def events(self) -> Sequence[SourceEvent]:
+        if self._events is None:
+            assert self._blocks is not None
+            self._events = events_of_blocks(self._blocks, self.lanes, self.source_database)
+        return self._events
+
+    @property
+    def blocks(self) -> Sequence[ChangeBlock]:
+        if self._blocks is None:
+            assert self._events is not None
+            self._blocks = build_blocks(self._events)
+        return self._blocks
+
+    @property
+    def has_blocks(self) -> bool:
+        """Whether the batch came as blocks (the columnar path needs no conversion)."""
+        return self._blocks is not None
+
+    def __len__(self) -> int:
+        if self._events is not None:
+            return len(self._events)
+        assert self._blocks is not None
+        return sum(len(b) for b in self._blocks)
 
 
 @dataclass(slots=True)
@@ -43,6 +110,36 @@ class WriteResult:
     written: int = 0
     skipped: int = 0  # already applied earlier (a replay)
     dead_lettered: int = 0
+    # False: accepted but buffered; the position becomes durable with a later flush().
+    durable: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryAck:
+    """A sink's answer to one batch, transport-neutral (the gRPC BatchAck, a publisher's
+    confirmation). `accepted` returns the batch's credit; `durable` releases its positions:
+    a sink that commits every few seconds accepts at once and reports durability later,
+    per lane (`durable_positions`), so it never stalls the ingest's credits."""
+
+    batch_id: int
+    accepted: bool
+    durable: bool = True
+    written: int = 0
+    skipped: int = 0
+    dead_lettered: int = 0
+    error: str = ""
+    durable_positions: Mapping[str, Position] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class OutboundBatch:
+    """A routed batch on its way out of the ingest pump."""
+
+    batch_id: int
+    pipeline_id: str
+    lanes: tuple[str, ...]
+    events: Sequence[SourceEvent]
+    trace_context: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -54,13 +151,17 @@ class DeadLetter:
 
 
 class EventSource(Protocol):
-    """Reads a transport and yields chunks of events; commits positions it is told to."""
+    """Reads a transport and yields chunks of events per lane, each with an ack handle.
+
+    `ack(lane, handles)` gets, in order, every handle of the lane whose chunks (and all
+    earlier ones) are durable everywhere: a position-based source commits the newest, a
+    per-message one acks each. Unacked chunks are delivered again after a restart."""
 
     async def start(self) -> None: ...
 
     def chunks(self) -> AsyncIterator[SourceChunk]: ...
 
-    async def commit(self, partition: str, checkpoint: Any) -> None: ...
+    async def ack(self, lane: str, handles: Sequence[AckHandle]) -> None: ...
 
     async def health(self) -> ComponentHealth: ...
 
@@ -94,15 +195,50 @@ class ErrorRouter(Protocol):
 
 
 class SinkWriter(Protocol):
-    """Writes batches durably and idempotently: a replayed batch changes nothing."""
+    """Writes batches idempotently: a replayed batch changes nothing.
+
+    `write()` may buffer (its result says whether the batch is durable already);
+    `flush()` makes everything written durable and returns the durable position per lane.
+    `guarantee` says what the sink promises for a change delivered twice."""
+
+    guarantee: Guarantee
 
     async def start(self) -> None: ...
 
     async def write(self, batch: SinkBatch) -> WriteResult: ...
 
+    async def flush(self) -> Mapping[str, Position]: ...
+
     async def health(self) -> ComponentHealth: ...
 
     async def stop(self) -> None: ...
+
+
+class AckCallback(Protocol):
+    async def __call__(self, outlet: str, ack: DeliveryAck) -> None: ...
+
+
+class Outlet(Protocol):
+    """Where the ingest pump sends routed batches: a sink service's gRPC stream today; a
+    Pub/Sub or Kinesis publisher for the capture stage of those transports. `send` waits
+    for a credit (the backpressure on reading the source); acks come back through the
+    callback the outlet was made with."""
+
+    @property
+    def name(self) -> str: ...
+
+    def start(self) -> None: ...
+
+    async def send(self, batch: OutboundBatch) -> None: ...
+
+    @property
+    def unacked(self) -> int: ...
+
+    async def drain(self, timeout: float) -> bool: ...
+
+    async def stop(self) -> None: ...
+
+    def health(self) -> ComponentHealth: ...
 
 
 class CheckpointStore(Protocol):

@@ -8,6 +8,7 @@ receives, what crosses the wire, and what a sink decodes, so no stage invents an
 from __future__ import annotations
 
 from struct import Struct
+from struct import error as StructError
 
 from domain.events import UNCHANGED, TextRow
 
@@ -77,3 +78,51 @@ def decode_row(buf: bytes | memoryview, offset: int = 0) -> tuple[TextRow, int]:
         if isinstance(exc, RowFormatError):
             raise
         raise RowFormatError(f"malformed row: {exc}") from exc
+
+
+def decode_columns(
+    rows: list[bytes], ncols: int
+) -> tuple[list[list[str | None]], list[list[int] | None] | None]:
+    """Decode many rows of `ncols` columns straight into columns (the bulk form of
+    `decode_row`, for building blocks): per column a list of values (None for NULL and for
+    an unchanged TOASTed value), and per row the columns that were unchanged (None when no
+    row had one)."""
+    columns: list[list[str | None]] = [[] for _ in range(ncols)]
+    appends = [c.append for c in columns]
+    unchanged: list[list[int] | None] | None = None
+    unpack = _U32.unpack_from
+    count_of = _I16.unpack_from
+    for r, buf in enumerate(rows):
+        try:
+            if (buf[0] << 8 | buf[1]) != ncols:
+                raise RowFormatError(
+                    f"row has {count_of(buf, 0)[0]} values but the table has {ncols} columns"
+                )
+            pos = 2
+            for append in appends:
+                kind = buf[pos]
+                if kind == 116:  # 't'
+                    start = pos + 5
+                    pos = start + unpack(buf, pos + 1)[0]
+                    append(buf[start:pos].decode())
+                elif kind == 110:  # 'n'
+                    pos += 1
+                    append(None)
+                elif kind == 117:  # 'u'
+                    pos += 1
+                    append(None)
+                    if unchanged is None:
+                        unchanged = [None] * len(rows)
+                    i = appends.index(append)
+                    missing = unchanged[r]
+                    if missing is None:
+                        unchanged[r] = [i]
+                    else:
+                        missing.append(i)
+                else:
+                    raise RowFormatError(f"unsupported column kind {kind!r} at byte {pos}")
+            if pos > len(buf):
+                raise RowFormatError("value runs past the end of the row")
+        except (IndexError, UnicodeDecodeError, StructError) as exc:
+            raise RowFormatError(f"malformed row: {exc}") from exc
+    return columns, unchanged

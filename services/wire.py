@@ -1,26 +1,94 @@
-"""Conversion between domain events and the cdc.v1 protobuf messages."""
+"""Conversion between domain batches and the cdc.v2 protobuf messages.
+
+A batch travels as one block per table shape (`domain.blocks`), each an Arrow IPC stream
+of one record batch. `WIRE_VERSION` is what the Describe handshake compares: an ingest and
+a sink of different wire versions refuse each other instead of misreading batches.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from cdc_proto.v1 import events_pb2 as pb
-from domain.events import Column, Operation, Position, SourceEvent, TableSchema
-from domain.ports import SinkBatch
-from domain.rows import decode_row, encode_row
+import pyarrow as pa
+import pyarrow.compute as pc
 
-_TO_PB = {
-    Operation.CREATE: pb.OPERATION_CREATE,
-    Operation.UPDATE: pb.OPERATION_UPDATE,
-    Operation.DELETE: pb.OPERATION_DELETE,
-    Operation.READ: pb.OPERATION_READ,
-    Operation.TRUNCATE: pb.OPERATION_TRUNCATE,
+from cdc_proto.v2 import events_pb2 as pb
+from domain.blocks import (
+    ENCODING_ARROW,
+    ENCODING_POSTGRES_TEXT,
+    META_COLUMNS,
+    BlockError,
+    ChangeBlock,
+    build_blocks,
+)
+from domain.events import Column, SourceEvent, TableSchema
+from domain.ports import SinkBatch
+
+WIRE_VERSION = "cdc.v2"
+
+_ENCODINGS = {
+    ENCODING_POSTGRES_TEXT: pb.COLUMN_ENCODING_POSTGRES_TEXT,
+    ENCODING_ARROW: pb.COLUMN_ENCODING_ARROW,
 }
-_FROM_PB = {v: k for k, v in _TO_PB.items()}
+_FROM_ENCODING = {v: k for k, v in _ENCODINGS.items()}
 
 
 class WireFormatError(ValueError):
     pass
+
+
+def wire_version_mismatch(ours: str, theirs: str, role: str) -> str:
+    """The message both sides give when the handshake finds different wire versions."""
+    return (
+        f"wire version mismatch: this {role} speaks {ours}, the other side {theirs or 'cdc.v1'}; "
+        "run the ingest and its sinks from the same release"
+    )
+
+
+def _ipc(records: pa.RecordBatch) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, records.schema) as writer:
+        writer.write_batch(records)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def encode_blocks(
+    batch_id: int,
+    pipeline_id: str,
+    lanes: Sequence[str],
+    blocks: Sequence[ChangeBlock],
+    trace_context: Mapping[str, str] | None = None,
+    source_database: str = "",
+) -> pb.EventBatch:
+    message = pb.EventBatch(
+        batch_id=batch_id,
+        pipeline_id=pipeline_id,
+        lanes=list(lanes),
+        trace_context=dict(trace_context or {}),
+        source_database=source_database,
+        events=sum(len(b) for b in blocks),
+    )
+    add = message.blocks.add
+    for block in blocks:
+        schema = block.schema
+        add(
+            schema=schema.schema,
+            table=schema.table,
+            columns=[
+                pb.Column(
+                    name=c.name,
+                    logical_type=str(c.logical),
+                    source_type=c.type_name,
+                    is_key=c.is_key,
+                    postgres_type_oid=c.type_oid,
+                )
+                for c in schema.columns
+            ],
+            encoding=_ENCODINGS[block.encoding],
+            records=_ipc(block.records),
+            rows=len(block),
+        )
+    return message
 
 
 def encode_batch(
@@ -30,92 +98,89 @@ def encode_batch(
     events: Sequence[SourceEvent],
     trace_context: Mapping[str, str] | None = None,
 ) -> pb.EventBatch:
-    message = pb.EventBatch(
-        batch_id=batch_id,
-        pipeline_id=pipeline_id,
-        partition=partition,
-        trace_context=dict(trace_context or {}),
-    )
-    add_table = message.tables.add
-    add_event = message.events.add  # fills the repeated field in place: no Event copies
-    to_pb = _TO_PB
-    refs: dict[int, int] = {}
-    source_database = ""
-    for event in events:
-        schema = event.table
-        ref = refs.get(id(schema))
-        if ref is None:
-            ref = refs[id(schema)] = len(refs)
-            add_table(
-                ref=ref,
-                schema=schema.schema,
-                table=schema.table,
-                columns=[
-                    pb.Column(
-                        name=c.name, type_oid=c.type_oid, type_name=c.type_name, is_key=c.is_key
-                    )
-                    for c in schema.columns
-                ],
+    """The events of one lane (`partition`) as a batch of blocks."""
+    try:
+        blocks = build_blocks(events)
+    except BlockError as exc:
+        raise WireFormatError(str(exc)) from exc
+    database = events[-1].source_database if events else ""
+    return encode_blocks(batch_id, pipeline_id, [partition], blocks, trace_context, database)
+
+
+def _schema(block: pb.TableBlock) -> TableSchema:
+    return TableSchema(
+        block.schema,
+        block.table,
+        tuple(
+            Column(
+                c.name,
+                c.postgres_type_oid,
+                c.source_type,
+                c.is_key,
+                # PostgreSQL columns derive it from their type (same value, one Column).
+                "" if c.postgres_type_oid else c.logical_type,
             )
-        source_database = event.source_database
-        # Rows read from the WAL are still in their wire encoding: passed on as they are.
-        before = event.before_wire
-        if before is None:
-            row = event.before
-            before = b"" if row is None else encode_row(row)
-        after = event.after_wire
-        if after is None:
-            row = event.after
-            after = b"" if row is None else encode_row(row)
-        position = event.position
-        add_event(
-            operation=to_pb[event.operation],
-            table_ref=ref,
-            position=position.major,
-            sequence=position.minor,
-            commit_time_us=event.commit_time_us,
-            transaction_id=event.transaction_id,
-            before=before,
-            after=after,
-        )
-    message.source_database = source_database
-    return message
+            for c in block.columns
+        ),
+    )
+
+
+def decode_blocks(message: pb.EventBatch) -> list[ChangeBlock]:
+    blocks: list[ChangeBlock] = []
+    lanes = len(message.lanes)
+    for b in message.blocks:
+        encoding = _FROM_ENCODING.get(b.encoding)
+        if encoding is None:
+            raise WireFormatError(f"batch {message.batch_id}: unknown column encoding {b.encoding}")
+        try:
+            reader = pa.ipc.open_stream(pa.py_buffer(b.records))
+            records = reader.read_next_batch()
+        except (pa.ArrowInvalid, StopIteration, OSError) as exc:
+            raise WireFormatError(
+                f"batch {message.batch_id}: unreadable block of {b.schema}.{b.table}: {exc}"
+            ) from exc
+        schema = _schema(b)
+        if records.num_columns != META_COLUMNS + len(schema.columns):
+            raise WireFormatError(
+                f"batch {message.batch_id}: block of {schema.qualified_name} has "
+                f"{records.num_columns - META_COLUMNS} value columns, its schema "
+                f"{len(schema.columns)}"
+            )
+        if records.num_rows != b.rows:
+            raise WireFormatError(f"batch {message.batch_id}: block row count differs")
+        if lanes and records.num_rows:
+            top = pc.max(records.column(6)).as_py()
+            if int(top) >= lanes:
+                raise WireFormatError(f"batch {message.batch_id}: change of an unknown lane")
+        blocks.append(ChangeBlock(schema, records, encoding))
+    return blocks
 
 
 def decode_batch(message: pb.EventBatch) -> SinkBatch:
-    schemas = {
-        t.ref: TableSchema(
-            t.schema,
-            t.table,
-            tuple(Column(c.name, c.type_oid, c.type_name, c.is_key) for c in t.columns),
-        )
-        for t in message.tables
-    }
-    partition = message.partition
-    database = message.source_database
-    events: list[SourceEvent] = []
-    append = events.append
-    from_pb = _FROM_PB
-    for e in message.events:
-        schema = schemas.get(e.table_ref)
-        operation = from_pb.get(e.operation)
-        if schema is None or operation is None:
-            raise WireFormatError(
-                f"batch {message.batch_id}: event with unknown table or operation"
-            )
-        before = e.before
-        after = e.after
-        append(
-            SourceEvent(
-                operation,
-                schema,
-                Position(e.position, e.sequence),
-                partition,
-                decode_row(before)[0] if before else None,
-                decode_row(after)[0] if after else None,
-                e.commit_time_us,
-                e.transaction_id,
-                database,
-            )
-        )
-    return SinkBatch(message.pipeline_id, partition, message.batch_id, events)
+    blocks = decode_blocks(message)
+    lanes = list(message.lanes) or ["0"]
+    batch = SinkBatch(
+        message.pipeline_id,
+        lanes[0],
+        message.batch_id,
+        blocks=blocks,
+        lanes=lanes,
+        source_database=message.source_database,
+    )
+    try:
+        # Validates operations up front, as the row view is what most sinks read; the
+        # PostgreSQL sink reads the blocks (it checks them itself).
+        _check_ops(blocks)
+    except BlockError as exc:
+        raise WireFormatError(f"batch {message.batch_id}: {exc}") from exc
+    return batch
+
+
+_KNOWN_OPS = pa.array(["c", "u", "d", "r", "t"])
+
+
+def _check_ops(blocks: Sequence[ChangeBlock]) -> None:
+    for block in blocks:
+        ops = block.records.column(1)
+        if not pc.all(pc.is_in(ops, value_set=_KNOWN_OPS)).as_py() and len(block):
+            raise BlockError("change with an unknown operation")

@@ -149,7 +149,6 @@ class PgOutputDecoder:
             op,
             rel.schema,
             Position(self._commit_lsn, seq),
-            "0",
             before,
             after,
             self._commit_time_us,

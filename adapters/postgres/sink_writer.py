@@ -67,17 +67,22 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import psycopg
+import pyarrow as pa
+import pyarrow.compute as pc
 import structlog
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from adapters.config.pipeline import CHANGE_LOG_SUFFIX, PostgresSinkConfig
+from adapters.postgres.copy_text import copy_buffer, copy_escape
 from adapters.postgres.dead_letter import (
     DEAD_LETTER_TABLE,
     FailedEvent,
     create_dead_letter_table_sql,
     insert_dead_letters,
 )
+from domain.blocks import META_COLUMNS, OP, ChangeBlock, after_position, last_position
+from domain.collapse import KeyCollapse, collapse_block, simple_block
 from domain.errors import PermanentError, SinkUnavailableError
 from domain.events import (
     UNCHANGED,
@@ -89,7 +94,7 @@ from domain.events import (
     TextRow,
 )
 from domain.health import ComponentHealth, Status
-from domain.ports import SinkBatch, WriteResult
+from domain.ports import Guarantee, SinkBatch, WriteResult
 
 __all__ = ["COLUMNS_TABLE", "OFFSETS_TABLE", "PostgresSinkWriter"]
 
@@ -116,10 +121,6 @@ _HEALTH_TIMEOUT_SECONDS: Final = 2.0
 _CHECK_IDLE_SECONDS: Final = 1.0  # a connection idle longer is checked before a write
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_DELETED: Final = ("d", None, None)  # a key whose last change in the segment is a delete
-
-_Key = tuple[str | None, ...]
-_Pending = tuple[str, TextRow | None, _Key | None]  # ("u", row, origin key) or _DELETED
 _Plans = dict[int, "_Plan"]  # by id() of the TableSchema objects of the batch at hand
 
 
@@ -226,59 +227,15 @@ class _Plan:
         return query
 
 
-class _Segment:
-    """The changes of one table (one schema) between two flushes, collapsed per key.
+class _Segment(KeyCollapse):
+    """The changes of one table (one schema) between two flushes, collapsed per key
+    (`domain.collapse.KeyCollapse`)."""
 
-    For each key only its last change is kept: a delete, or the row to upsert plus the key
-    of the stored row that supplies the columns the source did not send (unchanged TOAST):
-    the same key, or the old key when the primary key changed.
-    """
-
-    __slots__ = ("plan", "state")
+    __slots__ = ("plan",)
 
     def __init__(self, plan: _Plan) -> None:
+        super().__init__(plan.key_idx)
         self.plan = plan
-        self.state: dict[_Key, _Pending] = {}
-
-    def add(self, ev: SourceEvent) -> None:
-        kidx = self.plan.key_idx
-        state = self.state
-        if ev.operation is Operation.DELETE:
-            row = ev.before if ev.before is not None else ev.after
-            assert row is not None  # validated
-            key = (row[kidx[0]],) if len(kidx) == 1 else tuple([row[i] for i in kidx])
-            state.pop(key, None)
-            state[key] = _DELETED
-            return
-        after = ev.after
-        assert after is not None  # validated
-        key = (after[kidx[0]],) if len(kidx) == 1 else tuple([after[i] for i in kidx])
-        origin: _Key | None = None
-        before = ev.before
-        if before is not None and ev.operation is Operation.UPDATE:
-            old = tuple([before[i] for i in kidx])
-            if old != key:  # primary key change: the old key goes away
-                origin = old
-        if origin is not None:
-            base = state.pop(origin, None)
-            state[origin] = _DELETED
-            state.pop(key, None)
-        else:
-            base = state.pop(key, None)
-        if UNCHANGED in after:
-            if base is not None and base[0] == "u":
-                _, base_row, base_origin = base
-                assert base_row is not None
-                after = tuple(
-                    [b if v is UNCHANGED else v for v, b in zip(after, base_row, strict=True)]
-                )
-                if base_origin is not None:
-                    origin = base_origin
-            if UNCHANGED not in after:
-                origin = None
-        else:
-            origin = None
-        state[key] = ("u", after, origin)
 
 
 @dataclass(slots=True)
@@ -287,7 +244,11 @@ class _TxState:
 
 
 class PostgresSinkWriter:
-    """`domain.ports.SinkWriter` for PostgreSQL: durable, idempotent, ordered per partition."""
+    """`domain.ports.SinkWriter` for PostgreSQL: durable on return from `write()` (one
+    transaction per batch, the applied position stored with the rows), idempotent, ordered
+    per lane: an exactly-once effect."""
+
+    guarantee = Guarantee.EXACTLY_ONCE_EFFECT
 
     def __init__(self, settings: PostgresSinkConfig, pipeline_id: str, sink_id: str) -> None:
         self._settings = settings
@@ -299,6 +260,7 @@ class PostgresSinkWriter:
         self._stopping = asyncio.Event()
         self._last_error: str | None = None
         self.retries = 0  # write attempts retried after a transient error (sink metrics)
+        self.columnar_batches = 0  # batches written by the columnar path (tests, profiles)
         self._applied: dict[str, Position] = {}
         self._meta_ready = False
         self._targets: dict[str, _Target] = {}
@@ -417,12 +379,20 @@ class PostgresSinkWriter:
 
     # -- writing ---------------------------------------------------------------------------
 
+    async def flush(self) -> dict[str, Position]:
+        """Nothing is buffered: every write is durable on return. The applied position per
+        lane, as far as this process wrote or read it."""
+        return dict(self._applied)
+
     async def write(self, batch: SinkBatch) -> WriteResult:
         total = WriteResult()
-        if not batch.events:
+        if not len(batch):
             return total
         async with self._lock:
             size = max(1, self._settings.batch_size)
+            if batch.has_blocks and len(batch) <= size:
+                # The columnar path (falls back to the rows inside when it does not apply).
+                return await self._write_with_retry(batch, None)
             events = batch.events
             for start in range(0, len(events), size):
                 part = events[start : start + size]
@@ -433,8 +403,10 @@ class PostgresSinkWriter:
         return total
 
     async def _write_with_retry(
-        self, batch: SinkBatch, events: Sequence[SourceEvent]
+        self, batch: SinkBatch, events: Sequence[SourceEvent] | None
     ) -> WriteResult:
+        """`events`: a part of the batch's changes; None: the whole batch, from its blocks
+        where the columnar path applies."""
         backoff = _RETRY_INITIAL_SECONDS
         attempt = 0
         while True:
@@ -491,10 +463,23 @@ class PostgresSinkWriter:
         self,
         pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]],
         batch: SinkBatch,
-        events: Sequence[SourceEvent],
+        events: Sequence[SourceEvent] | None,
     ) -> WriteResult:
         async with pool.connection() as conn:
             await self._meta(conn)
+            if events is None:
+                blocks = batch.blocks
+                block_plans = await self._block_plans(conn, batch, blocks)
+                if block_plans is not None:
+                    try:
+                        result = await self._apply_blocks(conn, batch, blocks, block_plans)
+                        self._used_ok[conn] = time.monotonic()
+                        return result
+                    except Exception as exc:
+                        if not _is_data_error(exc):
+                            raise
+                        return await self._isolate_after_rejection(conn, batch, exc)
+                events = batch.events
             newest = _newest_schemas(events, await self._applied_hint(conn, batch.partition))
             schemas = _distinct_schemas(events)
             plans = await self._prepare(conn, schemas, newest)
@@ -507,20 +492,128 @@ class PostgresSinkWriter:
                 except Exception as exc:
                     if not _is_data_error(exc):
                         raise
-                    log.warning(
-                        "postgres_sink.batch_rejected",
-                        sink_id=self._sink_id,
-                        partition=batch.partition,
-                        batch_id=batch.batch_id,
-                        events=len(events),
-                        error=_describe(exc),
-                        action="applying in parts; events that fail go to the dead letters",
-                    )
-                # The target may have changed under us (dropped, altered): look again.
-                self._targets.clear()
-                self._plans.clear()
-                plans = await self._prepare(conn, schemas, newest)
+                    return await self._isolate_after_rejection(conn, batch, exc, events)
             return await self._apply_isolating(conn, batch, events, plans)
+
+    async def _isolate_after_rejection(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        batch: SinkBatch,
+        exc: BaseException,
+        events: Sequence[SourceEvent] | None = None,
+    ) -> WriteResult:
+        """The fast path's transaction failed on the data: apply again in parts."""
+        if events is None:
+            events = batch.events
+        log.warning(
+            "postgres_sink.batch_rejected",
+            sink_id=self._sink_id,
+            partition=batch.partition,
+            batch_id=batch.batch_id,
+            events=len(events),
+            error=_describe(exc),
+            action="applying in parts; events that fail go to the dead letters",
+        )
+        # The target may have changed under us (dropped, altered): look again.
+        self._targets.clear()
+        self._plans.clear()
+        newest = _newest_schemas(events, await self._applied_hint(conn, batch.partition))
+        plans = await self._prepare(conn, _distinct_schemas(events), newest)
+        return await self._apply_isolating(conn, batch, events, plans)
+
+    # -- the columnar path -----------------------------------------------------------------
+
+    async def _block_plans(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        batch: SinkBatch,
+        blocks: Sequence[ChangeBlock],
+    ) -> _Plans | None:
+        """Plans for writing `blocks` column-wise, or None when a block needs the row path
+        (append mode, a table without a usable plan, truncates, unchanged values, key
+        changes, changes that cannot be applied)."""
+        hint = await self._applied_hint(conn, batch.partition)
+        newest: dict[str, int] = {}
+        for block in blocks:
+            if len(after_position(block, hint)):
+                newest[block.schema.qualified_name] = id(block.schema)
+        schemas = list({id(b.schema): b.schema for b in blocks}.values())
+        plans = await self._prepare(conn, schemas, frozenset(newest.values()))
+        for block in blocks:
+            plan = plans[id(block.schema)]
+            if plan.error is not None or plan.append or not simple_block(block, plan.key_idx):
+                return None
+        return plans
+
+    async def _apply_blocks(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        batch: SinkBatch,
+        blocks: Sequence[ChangeBlock],
+        plans: _Plans,
+    ) -> WriteResult:
+        """`_apply_batch` for blocks: per block, the last change per key is computed on whole
+        columns (domain.collapse) and COPYed as one buffer built from whole columns."""
+        total = len(batch)
+        try:
+            cur = await conn.execute(self._begin_lock_sql(batch.partition), prepare=False)
+            cur.nextset()  # the first result is BEGIN's
+            applied = _position(await cur.fetchone())
+            todo = [after_position(b, applied) for b in blocks]
+            count = sum(len(b) for b in todo)
+            if count:
+                tx = _TxState()
+                last: Position | None = None
+                for block in todo:
+                    if not len(block):
+                        continue
+                    plan = plans[id(block.schema)]
+                    rows = collapse_block(block, plan.key_idx, checked=True)
+                    assert rows is not None
+                    await self._flush_columns(conn, plan, rows, tx)
+                    top = last_position(block)
+                    if top is not None and (last is None or top > last):
+                        last = top
+                assert last is not None
+                await conn.execute(self._save_commit_sql(batch.partition, last), prepare=False)
+                applied = last
+            else:
+                await conn.execute("COMMIT", prepare=False)
+        except BaseException:
+            await _rollback(conn)
+            raise
+        self._remember(batch.partition, applied)
+        self.columnar_batches += 1
+        return WriteResult(written=count, skipped=total - count)
+
+    async def _flush_columns(
+        self, conn: psycopg.AsyncConnection[Any], plan: _Plan, rows: pa.RecordBatch, tx: _TxState
+    ) -> None:
+        """`_flush` for rows collapsed column-wise: no unchanged values, no key changes."""
+        assert plan.copy_stage is not None and plan.truncate_stage is not None
+        if plan.stage in tx.dirty_stages:
+            await conn.execute(plan.truncate_stage, prepare=False)
+        tx.dirty_stages.add(plan.stage)
+        m = rows.num_rows
+        deletes = pc.equal(rows.column(OP), "d")
+        n_deletes = int(pc.sum(deletes).as_py() or 0)
+        null = pa.nulls(m, pa.string())
+        columns = [
+            pc.cast(pa.array(range(1, m + 1), pa.int64()), pa.string()),
+            pc.if_else(deletes, "d", "u"),
+            null,  # _unchanged
+            *[copy_escape(rows.column(META_COLUMNS + i)) for i in range(plan.ncols)],
+            *[null for _ in plan.key_idx],  # origin keys
+        ]
+        async with conn.cursor() as cur, cur.copy(plan.copy_stage) as copy:
+            await copy.write(copy_buffer(columns))
+        async with conn.pipeline():
+            if n_deletes:
+                assert plan.delete_sql is not None
+                await conn.execute(plan.delete_sql)
+            if n_deletes < m:
+                assert plan.insert_sql is not None
+                await conn.execute(plan.insert_sql)
 
     async def _apply_batch(
         self,

@@ -104,7 +104,9 @@ class ReaderCheckpoint:
 
 
 class PostgresWalSource:
-    """EventSource over one replication slot. The slot name is the partition.
+    """EventSource over one replication slot. The slot name is the lane (one lane: the
+    slot's changes are in commit order); ack handles are LSNs (or ReaderCheckpoints
+    carrying snapshot progress), so only the newest of those released matters.
 
     Besides the stream it runs two background tasks while streaming: `_maintain`
     (heartbeats, polling the signal table for backfills) and `_run_jobs` (watermarked
@@ -182,6 +184,12 @@ class PostgresWalSource:
             detail["error"] = self._last_error
             return ComponentHealth("source", Status.ERROR, detail)
         return ComponentHealth("source", Status.OK, detail)
+
+    async def ack(self, lane: str, handles: Sequence[Any]) -> None:
+        """Every handle released for the lane, oldest first: positions and progress are
+        cumulative, so the newest covers the others."""
+        if handles:
+            await self.commit(lane, handles[-1])
 
     async def commit(self, partition: str, checkpoint: Any) -> None:
         lsn: int | None

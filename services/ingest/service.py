@@ -1,4 +1,8 @@
-"""The ingest loop: transport -> routed batches -> sink streams -> ordered commits."""
+"""The ingest pump: source lanes -> routed batches -> outlets -> acks released in order.
+
+One pump serves `cdc ingest` (outlets: the sink services' gRPC streams) and a capture stage
+that publishes to a broker (outlets: a Pub/Sub or Kinesis publisher): it depends only on
+the `EventSource` and `Outlet` ports."""
 
 from __future__ import annotations
 
@@ -10,16 +14,20 @@ from typing import Any
 
 import structlog
 
-from cdc_proto.v1 import sink_pb2
 from domain.commit_tracker import CommitTracker
 from domain.events import SchemaChange, SourceEvent
 from domain.health import ComponentHealth, Status, overall
-from domain.ports import EventSource, SourceChunk, SourceMonitor
+from domain.ports import (
+    DeliveryAck,
+    EventSource,
+    OutboundBatch,
+    Outlet,
+    SourceChunk,
+    SourceMonitor,
+)
 from domain.routing import Router
 from services import tracing
-from services.ingest.sink_channel import SinkChannel
 from services.metrics import IngestMetrics
-from services.wire import encode_batch
 
 log = structlog.get_logger(__name__)
 
@@ -30,7 +38,7 @@ class IngestService:
         pipeline_id: str,
         source: EventSource,
         router: Router,
-        channels: Mapping[str, SinkChannel],
+        channels: Mapping[str, Outlet],
         batch_max_events: int,
         drain_timeout_seconds: float = 30.0,
         monitor: SourceMonitor | None = None,
@@ -102,7 +110,7 @@ class IngestService:
         deadline = time.monotonic() + self.drain_timeout_seconds
         for channel in self.channels.values():
             if not await channel.drain(max(0.0, deadline - time.monotonic())):
-                log.warning("ingest.drain_timeout", sink=channel.sink_id, unacked=channel.unacked)
+                log.warning("ingest.drain_timeout", sink=channel.name, unacked=channel.unacked)
         self.unacked_at_stop = sum(c.unacked for c in self.channels.values())
         await self._commit_ready()
         for channel in self.channels.values():
@@ -117,6 +125,9 @@ class IngestService:
             await self._dispatch(chunk)
 
     async def _dispatch(self, chunk: SourceChunk) -> None:
+        if chunk.revoked:
+            dropped = self.tracker.revoke(chunk.revoked)
+            log.info("ingest.lanes_revoked", lanes=sorted(chunk.revoked), abandoned=dropped)
         for change in chunk.schema_changes:
             self._schema_changed(change)
         events = chunk.events
@@ -124,12 +135,12 @@ class IngestService:
         self.metrics.count_read(events)
         size = self.batch_max_events
         if not events:
-            await self._send(chunk.partition, [], chunk.checkpoint)
+            await self._send(chunk.lane, [], chunk.ack)
             return
         for start in range(0, len(events), size):
             part = events[start : start + size]
             last = start + size >= len(events)
-            await self._send(chunk.partition, part, chunk.checkpoint if last else None)
+            await self._send(chunk.lane, part, chunk.ack if last else None)
 
     def _schema_changed(self, change: SchemaChange) -> None:
         if not change.is_change:  # a table seen for the first time in this process
@@ -145,21 +156,21 @@ class IngestService:
             retyped=list(change.retyped),
         )
 
-    async def _send(self, partition: str, events: list[SourceEvent], checkpoint: Any) -> None:
+    async def _send(self, lane: str, events: list[SourceEvent], handle: Any) -> None:
         batch_id = self._next_batch_id
         self._next_batch_id += 1
         by_sink = self.router.split(events)
         targets = [sink_id for sink_id, evs in by_sink.items() if evs]
-        self.tracker.register(partition, batch_id, targets, checkpoint)
+        self.tracker.register(batch_id, targets, {lane: handle})
         if not targets:
-            await self._commit_ready(partition)
+            await self._commit_ready(lane)
             return
         commit_us = events[-1].commit_time_us
         with self._tracer.start_as_current_span(
             "ingest.batch",
             attributes={
                 "cdc.pipeline_id": self.pipeline_id,
-                "cdc.partition": partition,
+                "cdc.lane": lane,
                 "cdc.batch_id": batch_id,
                 "cdc.events": len(events),
                 "cdc.sinks": ",".join(targets),
@@ -167,22 +178,25 @@ class IngestService:
         ):
             context = tracing.inject()
             for sink_id in targets:
-                message = encode_batch(
-                    batch_id, self.pipeline_id, partition, by_sink[sink_id], context
+                await self.channels[sink_id].send(
+                    OutboundBatch(batch_id, self.pipeline_id, (lane,), by_sink[sink_id], context)
                 )
-                await self.channels[sink_id].send(message)
                 self._sent_at[(batch_id, sink_id)] = (time.monotonic(), commit_us)
                 self.metrics.count_sent(sink_id, by_sink[sink_id])
                 self.metrics.unacked.labels(self.pipeline_id, sink_id).set(
                     self.channels[sink_id].unacked
                 )
 
-    async def on_ack(self, sink_id: str, ack: sink_pb2.BatchAck) -> None:
+    async def on_ack(self, sink_id: str, ack: DeliveryAck) -> None:
+        """An outlet's answer. Accepted-but-not-durable answers only count; a durable one
+        releases the batch for this sink."""
         m, p = self.metrics, self.pipeline_id
         m.events_acked.labels(p, sink_id, "written").inc(ack.written)
         m.events_acked.labels(p, sink_id, "skipped").inc(ack.skipped)
         m.events_acked.labels(p, sink_id, "dead_lettered").inc(ack.dead_lettered)
         m.unacked.labels(p, sink_id).set(self.channels[sink_id].unacked)
+        if not ack.durable:
+            return
         sent = self._sent_at.pop((ack.batch_id, sink_id), None)
         if sent is not None:
             sent_at, commit_us = sent
@@ -190,17 +204,16 @@ class IngestService:
             if commit_us:
                 seconds = max(0.0, time.time() - commit_us / 1e6)
                 m.commit_to_ack.labels(p, sink_id).observe(seconds)
-        partition = self.tracker.partition_of(ack.batch_id)
-        self.tracker.ack(ack.batch_id, sink_id)
-        await self._commit_ready(partition)
+        for lane in self.tracker.ack(ack.batch_id, sink_id):
+            await self._commit_ready(lane)
 
-    async def _commit_ready(self, partition: str | None = None) -> None:
-        partitions = [partition] if partition is not None else list(self.tracker.partitions())
+    async def _commit_ready(self, lane: str | None = None) -> None:
+        lanes = [lane] if lane is not None else list(self.tracker.lanes())
         async with self._commit_lock:
-            for p in partitions:
-                checkpoint = self.tracker.take_committable(p)
-                if checkpoint is not None:
-                    await self.source.commit(p, checkpoint)
+            for name in lanes:
+                handles = self.tracker.take_released(name)
+                if handles:
+                    await self.source.ack(name, handles)
                     self.metrics.commits.labels(self.pipeline_id).inc()
 
     async def health(self) -> dict[str, Any]:

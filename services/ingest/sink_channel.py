@@ -1,8 +1,16 @@
-"""One gRPC Deliver stream from the ingest service to one sink service.
+"""One gRPC Deliver stream from the ingest service to one sink service: the `Outlet` of
+`cdc ingest`.
 
-At most `max_in_flight` batches are unacknowledged (credits): when they are used up,
-`send` waits, which is the backpressure that slows reading the transport. Unacked batches
-are kept and resent in order after a reconnect; the sink skips positions it applied.
+At most `max_in_flight` batches are not yet accepted (credits): when they are used up,
+`send` waits, which is the backpressure that slows reading the transport. An ack returns
+the credit once the sink accepted the batch; the batch is released (the ack callback with
+`durable`) when the sink says it is durable, on that ack or later ones (`durable_positions`
+per lane, for sinks that commit every few seconds). Batches not yet durable are kept and
+resent in order after a reconnect; the sink skips positions it applied.
+
+Every connection starts with the Describe handshake: a sink of another wire version is
+refused with a clear message (logged, and in this channel's health) and asked again after
+a backoff, instead of being sent batches it would misread.
 """
 
 from __future__ import annotations
@@ -19,12 +27,15 @@ import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cdc_proto.v1 import events_pb2, sink_pb2, sink_pb2_grpc
+from cdc_proto.v2 import events_pb2, sink_pb2, sink_pb2_grpc
+from domain.events import Position
 from domain.health import ComponentHealth, Status
+from domain.ports import DeliveryAck, OutboundBatch
+from services.wire import WIRE_VERSION, encode_batch, wire_version_mismatch
 
 log = structlog.get_logger(__name__)
 
-AckHandler = Callable[[str, "sink_pb2.BatchAck"], Awaitable[None]]
+AckHandler = Callable[[str, DeliveryAck], Awaitable[None]]
 
 
 class SinkChannel:
@@ -43,7 +54,10 @@ class SinkChannel:
         self._credentials = credentials
         self._options = list(options)
         self._credits = asyncio.Semaphore(max_in_flight)
+        # Not yet durable at the sink, in send order (resent after a reconnect).
         self._unacked: OrderedDict[int, events_pb2.EventBatch] = OrderedDict()
+        self._accepted: set[int] = set()  # of those, accepted: their credit is back
+        self._last: dict[int, tuple[str, Position]] = {}  # batch -> (lane, newest position)
         self._outbox: asyncio.Queue[events_pb2.EventBatch] = asyncio.Queue()
         self._on_ack = on_ack
         self._channel: grpc.aio.Channel | None = None
@@ -52,8 +66,14 @@ class SinkChannel:
         self._last_error: str | None = None
         self._sink_status = "UNKNOWN"
         self._stopping = False
+        self.sink_description: sink_pb2.DescribeReply | None = None
+        self._wire_refused: str | None = None
         self.acked_batches = 0
         self.last_ack_monotonic = time.monotonic()
+
+    @property
+    def name(self) -> str:
+        return self.sink_id
 
     @property
     def unacked(self) -> int:
@@ -62,10 +82,22 @@ class SinkChannel:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"sink-channel-{self.sink_id}")
 
-    async def send(self, batch: events_pb2.EventBatch) -> None:
+    async def send(self, batch: OutboundBatch | events_pb2.EventBatch) -> None:
+        if isinstance(batch, OutboundBatch):
+            if batch.events:
+                self._last[batch.batch_id] = (batch.lanes[0], batch.events[-1].position)
+            message = encode_batch(
+                batch.batch_id,
+                batch.pipeline_id,
+                batch.lanes[0],
+                batch.events,
+                batch.trace_context,
+            )
+        else:
+            message = batch
         await self._credits.acquire()
-        self._unacked[batch.batch_id] = batch
-        self._outbox.put_nowait(batch)
+        self._unacked[message.batch_id] = message
+        self._outbox.put_nowait(message)
 
     async def drain(self, timeout: float) -> bool:
         """Wait until every sent batch is acked; False on timeout."""
@@ -92,6 +124,9 @@ class SinkChannel:
         }
         if self._last_error:
             detail["error"] = self._last_error
+        if self._wire_refused:
+            detail["error"] = self._wire_refused
+            return ComponentHealth(f"sink:{self.sink_id}", Status.ERROR, detail)
         # The sink's own health check says whether it is up and its destination reachable;
         # a broken stream is retried on its own and shows up in `detail`.
         ok = self._sink_status == "SERVING"
@@ -106,7 +141,8 @@ class SinkChannel:
                 try:
                     await self._stream_once()
                 except (grpc.aio.AioRpcError, ConnectionError, OSError) as exc:
-                    self._last_error = f"{type(exc).__name__}: {getattr(exc, 'details', str)()}"
+                    details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+                    self._last_error = f"{type(exc).__name__}: {details}"
                     log.warning("sink.stream_lost", sink=self.sink_id, error=self._last_error)
                 finally:
                     self._connected = False
@@ -131,6 +167,7 @@ class SinkChannel:
                     self.target, self._credentials, options=options
                 )
         stub = sink_pb2_grpc.SinkServiceStub(self._channel)
+        await self._describe(stub)
         call = stub.Deliver(wait_for_ready=True)
         # Everything not yet acked goes again, in order, then new batches follow.
         self._outbox = asyncio.Queue()
@@ -151,6 +188,31 @@ class SinkChannel:
                 await writer
             call.cancel()
 
+    async def _describe(self, stub: Any) -> None:
+        """The handshake: both sides must speak the same wire version."""
+        try:
+            reply = await stub.Describe(
+                sink_pb2.DescribeRequest(wire_version=WIRE_VERSION), wait_for_ready=True
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+                # A sink of an older release: it has no cdc.v2 service at all.
+                self._refuse(wire_version_mismatch(WIRE_VERSION, "cdc.v1", "ingest"))
+            if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
+                self._refuse(exc.details() or "the sink refused the handshake")
+            raise
+        if reply.wire_version != WIRE_VERSION:
+            self._refuse(wire_version_mismatch(WIRE_VERSION, reply.wire_version, "ingest"))
+        self.sink_description = reply
+        self._wire_refused = None
+
+    def _refuse(self, message: str) -> None:
+        self._last_error = self._wire_refused = message
+        log.error(
+            "sink.wire_version_mismatch", sink=self.sink_id, target=self.target, error=message
+        )
+        raise ConnectionError(message)
+
     async def _write_loop(self, call: Any, outbox: asyncio.Queue[events_pb2.EventBatch]) -> None:
         while True:
             batch = await outbox.get()
@@ -163,12 +225,59 @@ class SinkChannel:
         if ack.status != sink_pb2.ACK_STATUS_WRITTEN:
             # Not processed: keep it; it is resent on the next stream.
             raise ConnectionError(f"sink rejected batch {ack.batch_id}: {ack.error}")
-        if self._unacked.pop(ack.batch_id, None) is None:
-            return  # an ack for a batch resent after a reconnect that was acked before
-        self._credits.release()
-        self.acked_batches += 1
+        batch_id = ack.batch_id
+        if ack.durable_positions:
+            await self._release_durable(ack)
+        if batch_id not in self._unacked:
+            # Batch 0: only durable positions; else an ack for a batch resent after a
+            # reconnect that was acked before.
+            return
         self.last_ack_monotonic = time.monotonic()
-        await self._on_ack(self.sink_id, ack)
+        first = batch_id not in self._accepted
+        if first:
+            self._accepted.add(batch_id)
+            self._credits.release()
+        if ack.durable:
+            await self._release(batch_id, ack if first else None)
+        elif first:
+            await self._on_ack(
+                self.sink_id,
+                DeliveryAck(
+                    batch_id,
+                    accepted=True,
+                    durable=False,
+                    written=ack.written,
+                    skipped=ack.skipped,
+                    dead_lettered=ack.dead_lettered,
+                ),
+            )
+
+    async def _release_durable(self, ack: sink_pb2.BatchAck) -> None:
+        """Release the accepted batches the sink's durable positions cover."""
+        durable = {d.lane: Position(d.position, d.sequence) for d in ack.durable_positions}
+        for other in [b for b in self._unacked if b in self._accepted]:
+            last = self._last.get(other)
+            if last is not None and last[0] in durable and last[1] <= durable[last[0]]:
+                await self._release(other, None)
+
+    async def _release(self, batch_id: int, ack: sink_pb2.BatchAck | None) -> None:
+        """The batch is durable at the sink: forget it and tell the pump (with the counts
+        of `ack` when this is also its first answer)."""
+        self._unacked.pop(batch_id, None)
+        self._accepted.discard(batch_id)
+        self._last.pop(batch_id, None)
+        self.acked_batches += 1
+        await self._on_ack(
+            self.sink_id,
+            DeliveryAck(
+                batch_id,
+                accepted=True,
+                durable=True,
+                written=ack.written if ack else 0,
+                skipped=ack.skipped if ack else 0,
+                dead_lettered=ack.dead_lettered if ack else 0,
+            ),
+        )
 
     async def _poll_health(self) -> None:
         while True:

@@ -7,21 +7,23 @@ import contextlib
 import signal
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import structlog
 
 from adapters.config import PipelineConfig, PlatformConfig
-from cdc_proto.v1 import events_pb2, sink_pb2, sink_pb2_grpc
+from cdc_proto.v1 import sink_pb2_grpc as v1_sink_pb2_grpc
+from cdc_proto.v2 import events_pb2, sink_pb2, sink_pb2_grpc
 from domain.errors import CdcError
 from domain.health import Status
-from domain.ports import SinkBatch, SinkWriter
+from domain.ports import Guarantee, SinkBatch, SinkWriter
 from services import lifecycle, security, tracing
 from services.grpc_health import add_health, set_status
 from services.health_http import HealthState, serve_health
 from services.metrics import SinkMetrics
 from services.sink.container import AVAILABLE_SINK_TYPES, SinkContainer
-from services.wire import WireFormatError, decode_batch
+from services.wire import WIRE_VERSION, WireFormatError, decode_batch, wire_version_mismatch
 
 log = structlog.get_logger(__name__)
 
@@ -31,15 +33,55 @@ _DECODE_AHEAD = 2
 _Decoded = tuple[events_pb2.EventBatch, SinkBatch | None, str | None]
 
 
+_GUARANTEES = {
+    Guarantee.EXACTLY_ONCE_EFFECT: sink_pb2.GUARANTEE_EXACTLY_ONCE_EFFECT,
+    Guarantee.AT_LEAST_ONCE_IDEMPOTENCY_KEY: sink_pb2.GUARANTEE_AT_LEAST_ONCE_IDEMPOTENCY_KEY,
+}
+
+
 class SinkServicer(sink_pb2_grpc.SinkServiceServicer):
-    def __init__(self, writer: SinkWriter, sink_id: str, metrics: SinkMetrics) -> None:
+    def __init__(
+        self, writer: SinkWriter, sink_id: str, metrics: SinkMetrics, sink_type: str = ""
+    ) -> None:
         self.writer = writer
         self.sink_id = sink_id
+        self.sink_type = sink_type
         self.metrics = metrics
         self._tracer = tracing.tracer("cdc.sink")
         # One writer, one order: concurrent streams (a reconnect racing the old stream)
         # must not interleave batches.
         self._lock = asyncio.Lock()
+        self._buffered = False  # the writer accepted a batch without making it durable
+
+    async def _flushed(self) -> sink_pb2.BatchAck:
+        async with self._lock:
+            positions = await self.writer.flush()
+        self._buffered = False
+        return sink_pb2.BatchAck(
+            batch_id=0,
+            status=sink_pb2.ACK_STATUS_WRITTEN,
+            durable=True,
+            durable_positions=[
+                sink_pb2.LanePosition(lane=lane, position=p.major, sequence=p.minor)
+                for lane, p in positions.items()
+            ],
+        )
+
+    async def Describe(
+        self, request: sink_pb2.DescribeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> sink_pb2.DescribeReply:
+        """The handshake: an ingest of another wire version is refused, by name."""
+        if request.wire_version != WIRE_VERSION:
+            message = wire_version_mismatch(WIRE_VERSION, request.wire_version, "sink")
+            log.error("sink.wire_version_mismatch", sink_id=self.sink_id, error=message)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, message)
+        guarantee = getattr(self.writer, "guarantee", Guarantee.EXACTLY_ONCE_EFFECT)
+        return sink_pb2.DescribeReply(
+            wire_version=WIRE_VERSION,
+            sink_id=self.sink_id,
+            sink_type=self.sink_type,
+            guarantee=_GUARANTEES.get(guarantee, sink_pb2.GUARANTEE_UNSPECIFIED),
+        )
 
     async def Deliver(
         self, request_iterator: AsyncIterator[events_pb2.EventBatch], context: object
@@ -72,6 +114,12 @@ class SinkServicer(sink_pb2_grpc.SinkServiceServicer):
                     yield ack
                 finally:
                     in_flight.dec()
+                if ack.status == sink_pb2.ACK_STATUS_WRITTEN and not ack.durable:
+                    self._buffered = True
+                if self._buffered and decoded.empty():
+                    # A writer that buffers: make what it accepted durable while the stream
+                    # is idle, and say up to where (batch_id 0: not about one batch).
+                    yield await self._flushed()
             await reader  # done; a broken request stream propagates
         finally:
             if not reader.done():
@@ -111,7 +159,7 @@ class SinkServicer(sink_pb2_grpc.SinkServiceServicer):
             attributes={
                 "cdc.sink_id": self.sink_id,
                 "cdc.batch_id": message.batch_id,
-                "cdc.events": len(batch.events),
+                "cdc.events": len(batch),
             },
         ):
             async with self._lock:
@@ -122,8 +170,8 @@ class SinkServicer(sink_pb2_grpc.SinkServiceServicer):
                     # Not written: the ingest service keeps the batch and resends it later.
                     log.error("sink.write_failed", batch_id=message.batch_id, error=str(exc))
                     return _rejected(message.batch_id, str(exc))
-                self.metrics.written(
-                    batch.events,
+                self.metrics.written_batch(
+                    batch,
                     result.skipped,
                     result.dead_lettered,
                     time.monotonic() - started,
@@ -135,7 +183,24 @@ class SinkServicer(sink_pb2_grpc.SinkServiceServicer):
             written=result.written,
             skipped=result.skipped,
             dead_lettered=result.dead_lettered,
+            durable=result.durable,
         )
+
+
+class RefuseOlderWire(v1_sink_pb2_grpc.SinkServiceServicer):
+    """Answers an ingest of the previous wire version (cdc.v1) with a clear refusal instead
+    of an UNIMPLEMENTED that says nothing about versions."""
+
+    def __init__(self, sink_id: str) -> None:
+        self.sink_id = sink_id
+
+    async def Deliver(
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        message = wire_version_mismatch(WIRE_VERSION, "cdc.v1", "sink")
+        log.error("sink.wire_version_mismatch", sink_id=self.sink_id, error=message)
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, message)
+        yield  # pragma: no cover  (abort raises)
 
 
 def _rejected(batch_id: int, error: str) -> sink_pb2.BatchAck:
@@ -172,7 +237,10 @@ async def run_sink(
         ]
     )
     metrics = SinkMetrics(pipeline.pipeline_id, sink_id)
-    sink_pb2_grpc.add_SinkServiceServicer_to_server(SinkServicer(writer, sink_id, metrics), server)
+    sink_pb2_grpc.add_SinkServiceServicer_to_server(
+        SinkServicer(writer, sink_id, metrics, sink.sink_type), server
+    )
+    v1_sink_pb2_grpc.add_SinkServiceServicer_to_server(RefuseOlderWire(sink_id), server)
     health = add_health(server)
     address = security.grpc_address(host, port)
     try:
@@ -219,7 +287,7 @@ async def run_sink(
             with contextlib.suppress(Exception):
                 report = await writer.health()
                 ready = report.status is not Status.ERROR
-                await set_status(health, ready, "cdc.v1.SinkService")
+                await set_status(health, ready, "cdc.v2.SinkService")
                 metrics.ready.labels(pipeline.pipeline_id, sink_id).set(ready)
                 metrics.writer_retries(int(getattr(writer, "retries", 0)))
                 state.update(
@@ -237,7 +305,7 @@ async def run_sink(
     await stop.wait()
     watcher.cancel()
     state.update({"status": "stopping", "ready": False, "sink_id": sink_id})
-    await set_status(health, False, "cdc.v1.SinkService")
+    await set_status(health, False, "cdc.v2.SinkService")
     # Finish the batch in hand; an unacked batch is resent by the ingest service later.
     # All within this stage's part of the shutdown budget (services/lifecycle.py).
     budget = lifecycle.sink_stop_seconds(platform.shutdown_timeout_seconds)

@@ -1,6 +1,7 @@
 """The hexagonal import rule, enforced on the source with ast (nothing is imported).
 
-- `domain` imports only the standard library and itself, and nothing that does I/O.
+- `domain` imports only the standard library, itself and pyarrow as a value library (arrays
+  and compute; not its file systems, files, IPC or Flight), and nothing that does I/O.
 - `adapters` import `domain` and third-party packages, never `services` or `cdc_proto`.
 - only `services` (where the entry points live) and `tests` import `services`.
 """
@@ -50,6 +51,24 @@ DOMAIN_FORBIDDEN_STDLIB = frozenset(
         "logging",
         "builtins",
         "importlib",
+    }
+)
+# Third-party libraries the domain may use as value libraries, and their parts that do I/O.
+DOMAIN_VALUE_LIBRARIES = frozenset({"pyarrow"})
+DOMAIN_FORBIDDEN_VALUE_MODULES = frozenset(
+    {
+        "pyarrow.fs",
+        "pyarrow.ipc",
+        "pyarrow.csv",
+        "pyarrow.json",
+        "pyarrow.parquet",
+        "pyarrow.feather",
+        "pyarrow.orc",
+        "pyarrow.dataset",
+        "pyarrow.flight",
+        "pyarrow.cuda",
+        "pyarrow.substrait",
+        "pyarrow.acero",
     }
 )
 DOMAIN_FORBIDDEN_CALLS = frozenset({"open", "print", "input", "exec", "eval", "__import__"})
@@ -134,6 +153,12 @@ def domain_violations(root: Path) -> list[str]:
     for path in files_under(root, "domain"):
         for imp in imports_of(path, root):
             if imp.top == "domain":
+                continue
+            if imp.top in DOMAIN_VALUE_LIBRARIES:
+                parts = imp.module.split(".")
+                prefixes = {".".join(parts[:i]) for i in range(2, len(parts) + 1)}
+                if prefixes & DOMAIN_FORBIDDEN_VALUE_MODULES:
+                    problems.append(f"{imp} (I/O in the pure core)")
                 continue
             if imp.top not in sys.stdlib_module_names:
                 problems.append(f"{imp} (not standard library)")
@@ -250,13 +275,26 @@ def test_checker_flags_domain_violations(tmp_path: Path) -> None:
                 from adapters.config import load
                 from .. import services
                 __import__("psycopg")
+                import pyarrow.parquet
+            """,
+            "domain/values.py": """
+                import pyarrow as pa
+                import pyarrow.compute as pc
             """,
         },
     )
     problems = domain_violations(root)
-    assert len(problems) == 6, problems
+    assert len(problems) == 7, problems
     assert all(p.startswith("domain/bad.py:") for p in problems)
-    for needle in ("os.path", "yaml", "socket", "adapters.config", "services", "psycopg"):
+    for needle in (
+        "os.path",
+        "yaml",
+        "socket",
+        "adapters.config",
+        "services",
+        "psycopg",
+        "pyarrow.parquet",
+    ):
         assert any(needle in p for p in problems), (needle, problems)
     assert not any("ok.py" in p for p in problems)
 

@@ -19,6 +19,7 @@ from domain.routing import Router
 from services.health_http import HealthState, serve_health
 from services.ingest.service import IngestService
 from services.stack.postgres import find_free_port
+from tests.support.fakes import FakeSource
 
 V1 = TableSchema(
     "shop",
@@ -36,32 +37,6 @@ V2 = TableSchema(
 )
 V3 = TableSchema("shop", "orders", (Column("id", 20, "bigint", is_key=True),))
 ITEMS = TableSchema("shop", "items", (Column("id", 23, "integer", is_key=True),))
-
-
-class FakeSource:
-    """An EventSource that yields the chunks it was given, then ends."""
-
-    def __init__(self, chunks: list[SourceChunk], calls: list[str] | None = None) -> None:
-        self._chunks = chunks
-        self.calls = calls if calls is not None else []
-        self.committed: list[Any] = []
-        self.status = Status.OK
-
-    async def start(self) -> None:
-        self.calls.append("source.start")
-
-    async def chunks(self) -> AsyncIterator[SourceChunk]:
-        for chunk in self._chunks:
-            yield chunk
-
-    async def commit(self, partition: str, checkpoint: Any) -> None:
-        self.committed.append(checkpoint)
-
-    async def health(self) -> ComponentHealth:
-        return ComponentHealth("source", self.status, {"slot": "s"})
-
-    async def stop(self) -> None:
-        self.calls.append("source.stop")
 
 
 class FakeMonitor:

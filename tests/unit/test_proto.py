@@ -141,3 +141,34 @@ def test_batch_ack_round_trip_and_service_shape() -> None:
 def test_proto_operations_cover_domain_operations() -> None:
     names = set(events_pb2.Operation.keys()) - {"OPERATION_UNSPECIFIED"}
     assert names == {f"OPERATION_{op.name}" for op in Operation}
+
+
+def test_v2_batch_of_blocks_round_trips_and_the_service_has_the_handshake() -> None:
+    from cdc_proto.v2 import events_pb2 as v2_events
+    from cdc_proto.v2 import sink_pb2 as v2_sink
+
+    batch = v2_events.EventBatch(batch_id=2**63 + 5, pipeline_id="p", lanes=["slot"], events=3)
+    block = batch.blocks.add(
+        schema="public",
+        table="orders",
+        encoding=v2_events.COLUMN_ENCODING_POSTGRES_TEXT,
+        records=b"\x00arrow",
+        rows=3,
+    )
+    block.columns.add(name="id", logical_type="int64", source_type="bigint", is_key=True)
+    block.columns.add(name="total", logical_type="decimal(12,2)", source_type="numeric(12,2)")
+    restored = v2_events.EventBatch.FromString(batch.SerializeToString())
+    assert restored == batch
+    assert restored.blocks[0].columns[1].logical_type == "decimal(12,2)"
+
+    service = v2_sink.DESCRIPTOR.services_by_name["SinkService"]
+    assert service.full_name == "cdc.v2.SinkService"
+    describe = service.methods_by_name["Describe"]
+    assert describe.input_type.full_name == "cdc.v2.DescribeRequest"
+    assert not describe.client_streaming and not describe.server_streaming
+    deliver = service.methods_by_name["Deliver"]
+    assert deliver.input_type.full_name == "cdc.v2.EventBatch"
+    assert deliver.output_type.full_name == "cdc.v2.BatchAck"
+    ack = v2_sink.BatchAck(batch_id=1, status=v2_sink.ACK_STATUS_WRITTEN, durable=True)
+    ack.durable_positions.add(lane="slot", position=7, sequence=2)
+    assert v2_sink.BatchAck.FromString(ack.SerializeToString()) == ack

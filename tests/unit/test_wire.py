@@ -1,6 +1,7 @@
-"""services.wire and the sink servicer: batches round-trip, rows read from the WAL cross the
-wire as the bytes the WAL reader received, rows in wire form decode lazily, and the sink
-writes the batches of a stream in order while it decodes the next ones."""
+"""services.wire and the sink servicer: batches round-trip as typed columnar blocks (one per
+table shape), unchanged TOASTed values stay distinct from NULL, rows in wire form decode
+lazily, the Describe handshake refuses another wire version, and the sink writes the
+batches of a stream in order while it decodes the next ones."""
 
 from __future__ import annotations
 
@@ -9,17 +10,19 @@ import copy
 import pickle
 from collections.abc import AsyncIterator
 
+import grpc
 import pytest
 
-from cdc_proto.v1 import events_pb2, sink_pb2
+from cdc_proto.v2 import events_pb2, sink_pb2
+from domain.blocks import META_COLUMNS, UNCHANGED_COL
 from domain.errors import SinkUnavailableError
 from domain.events import UNCHANGED, Column, Operation, Position, SourceEvent, TableSchema
 from domain.health import ComponentHealth, Status
 from domain.ports import SinkBatch, WriteResult
-from domain.rows import RowFormatError, encode_row
+from domain.rows import encode_row
 from services.metrics import SinkMetrics
 from services.sink.server import SinkServicer
-from services.wire import WireFormatError, decode_batch, encode_batch
+from services.wire import WIRE_VERSION, WireFormatError, decode_batch, encode_batch
 
 ITEMS = TableSchema(
     "public",
@@ -71,25 +74,39 @@ def test_batch_round_trips_through_bytes() -> None:
     assert len(decoded.events) == len(events)
     for got, want in zip(decoded.events, events, strict=True):
         assert _same(got, want)
-        assert got.partition == "slot_a"
         assert (got.commit_time_us, got.transaction_id, got.source_database) == (
             want.commit_time_us,
             77,
             "shop",
         )
-    assert len(message.tables) == 2  # one entry per distinct schema
+    assert len(message.blocks) == 2  # one block per distinct schema
+    assert [b.rows for b in message.blocks] == [4, 1]
+    assert message.events == 5
+    assert list(message.lanes) == ["slot_a"]
     assert dict(message.trace_context) == {"traceparent": "00-abc"}
+    # Each column carries its neutral logical type and the source's own type text.
+    columns = message.blocks[0].columns
+    assert [(c.name, c.logical_type, c.source_type) for c in columns] == [
+        ("id", "int64", "bigint"),
+        ("name", "string", "text"),
+        ("doc", "string", "text"),
+    ]
+    assert message.blocks[0].encoding == events_pb2.COLUMN_ENCODING_POSTGRES_TEXT
 
 
-def test_rows_in_wire_form_are_passed_on_unchanged() -> None:
+def test_rows_in_wire_form_become_columns_with_unchanged_apart_from_null() -> None:
     raw_after = encode_row(("7", "n", UNCHANGED))
     raw_before = encode_row(("6", None, None))
     event = SourceEvent(
         Operation.UPDATE, ITEMS, Position(3, 1), before_wire=raw_before, after_wire=raw_after
     )
     message = encode_batch(1, "p", "0", [event])
-    assert message.events[0].after == raw_after
-    assert message.events[0].before == raw_before
+    (block,) = decode_batch(message).blocks
+    records = block.records
+    # The columns hold the new row; "doc" is null there and listed as unchanged (sidecar).
+    assert records.column(META_COLUMNS + 1).to_pylist() == ["n"]
+    assert records.column(META_COLUMNS + 2).to_pylist() == [None]
+    assert records.column(UNCHANGED_COL).to_pylist() == [[2]]
     (got,) = decode_batch(message).events
     assert got.after == ("7", "n", UNCHANGED)
     assert got.before == ("6", None, None)
@@ -108,7 +125,8 @@ def test_wire_form_decodes_lazily_and_compares_as_decoded() -> None:
     assert copy.deepcopy(lazy) == plain
     lazy.after = ("2", "b", "c")  # assigning drops the wire form
     assert lazy.after_wire is None
-    assert encode_batch(1, "p", "0", [lazy]).events[0].after == encode_row(("2", "b", "c"))
+    (got,) = decode_batch(encode_batch(1, "p", "0", [lazy])).events
+    assert got.after == ("2", "b", "c")
 
 
 def test_a_row_is_given_once() -> None:
@@ -116,15 +134,27 @@ def test_a_row_is_given_once() -> None:
         SourceEvent(Operation.CREATE, ITEMS, Position(1), after=("1",), after_wire=b"\x00\x00")
 
 
-def test_malformed_rows_and_unknown_tables_are_format_errors() -> None:
+def test_malformed_blocks_are_format_errors() -> None:
     message = encode_batch(1, "p", "0", _events()[:1])
-    message.events[0].after = b"\x00\x03t\x00\x00\x00\x09ab"
-    with pytest.raises(RowFormatError):
-        decode_batch(message)
-    message = encode_batch(1, "p", "0", _events()[:1])
-    message.events[0].table_ref = 9
+    message.blocks[0].records = b"\xff\x00garbage"
     with pytest.raises(WireFormatError):
         decode_batch(message)
+    message = encode_batch(1, "p", "0", _events()[:1])
+    del message.blocks[0].columns[-1]  # the schema says 2 columns, the records hold 3
+    with pytest.raises(WireFormatError):
+        decode_batch(message)
+    message = encode_batch(1, "p", "0", _events()[:1])
+    del message.lanes[:]
+    message.lanes.append("0")
+    message.blocks[0].rows = 7
+    with pytest.raises(WireFormatError):
+        decode_batch(message)
+
+
+def test_a_row_that_does_not_fit_its_table_is_a_format_error_at_the_ingest() -> None:
+    event = SourceEvent(Operation.CREATE, ITEMS, Position(1), after=("1", "x"))
+    with pytest.raises(WireFormatError):
+        encode_batch(1, "p", "0", [event])
 
 
 # --- the sink servicer -------------------------------------------------------------------
@@ -196,7 +226,7 @@ def test_after_a_rejected_batch_the_rest_of_the_stream_is_rejected_unwritten() -
 def test_an_undecodable_batch_is_rejected_and_nothing_after_it_written() -> None:
     writer = _Writer()
     messages = _messages([1, 2, 3])
-    messages[1].events[0].after = b"\xff"
+    messages[1].blocks[0].records = b"\xff"
     acks = asyncio.run(_deliver(_servicer(writer), messages))
     assert writer.written == [1]
     assert [a.status for a in acks] == [
@@ -220,3 +250,103 @@ def test_a_broken_request_stream_propagates_after_the_batches_before_it() -> Non
     with pytest.raises(ConnectionError):
         asyncio.run(run())
     assert writer.written == [1, 2]
+
+
+# --- the Describe handshake ----------------------------------------------------------------
+
+
+async def _server(*servicers: object) -> tuple[grpc.aio.Server, str]:
+    from cdc_proto.v1 import sink_pb2_grpc as v1_grpc
+    from cdc_proto.v2 import sink_pb2_grpc as v2_grpc
+
+    server = grpc.aio.server()
+    for servicer in servicers:
+        if isinstance(servicer, v2_grpc.SinkServiceServicer):
+            v2_grpc.add_SinkServiceServicer_to_server(servicer, server)
+        else:
+            v1_grpc.add_SinkServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+def test_describe_names_the_wire_version_and_refuses_another() -> None:
+    from cdc_proto.v2 import sink_pb2_grpc
+
+    async def scenario() -> None:
+        server, target = await _server(_servicer(_Writer()))
+        try:
+            async with grpc.aio.insecure_channel(target) as channel:
+                stub = sink_pb2_grpc.SinkServiceStub(channel)
+                reply = await stub.Describe(sink_pb2.DescribeRequest(wire_version=WIRE_VERSION))
+                assert reply.wire_version == WIRE_VERSION == "cdc.v2"
+                assert reply.guarantee == sink_pb2.GUARANTEE_EXACTLY_ONCE_EFFECT
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.Describe(sink_pb2.DescribeRequest(wire_version="cdc.v3"))
+                assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+                assert "cdc.v2" in refused.value.details()
+                assert "cdc.v3" in refused.value.details()
+        finally:
+            await server.stop(None)
+
+    asyncio.run(scenario())
+
+
+def test_an_ingest_of_the_previous_wire_version_is_refused_by_name() -> None:
+    from cdc_proto.v1 import events_pb2 as v1_events
+    from cdc_proto.v1 import sink_pb2_grpc as v1_grpc
+    from services.sink.server import RefuseOlderWire
+
+    async def scenario() -> None:
+        server, target = await _server(_servicer(_Writer()), RefuseOlderWire("s"))
+        try:
+            async with grpc.aio.insecure_channel(target) as channel:
+                call = v1_grpc.SinkServiceStub(channel).Deliver()
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    # The refusal may come before the write (it then raises) or after it.
+                    await call.write(v1_events.EventBatch(batch_id=1))
+                    await call.read()
+                assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+                assert "wire version mismatch" in refused.value.details()
+                assert "cdc.v1" in refused.value.details()
+        finally:
+            await server.stop(None)
+
+    asyncio.run(scenario())
+
+
+def test_the_ingest_refuses_a_sink_of_the_previous_wire_version() -> None:
+    """A sink of the previous release has no cdc.v2 service: the channel says why it sends
+    nothing, in its health, and keeps the batch for when the sink is upgraded."""
+    from cdc_proto.v1 import sink_pb2_grpc as v1_grpc
+    from services.ingest.sink_channel import SinkChannel
+
+    class OldSink(v1_grpc.SinkServiceServicer):
+        async def Deliver(self, request_iterator: object, context: object) -> AsyncIterator:
+            raise AssertionError("must not be called")
+            yield
+
+    async def scenario() -> None:
+        server, target = await _server(OldSink())
+        acks: list[int] = []
+
+        async def on_ack(sink_id: str, ack: sink_pb2.BatchAck) -> None:
+            acks.append(ack.batch_id)
+
+        channel = SinkChannel("old", target, 4, on_ack)
+        try:
+            channel.start()
+            await channel.send(encode_batch(1, "p", "0", _events()[:1]))
+            for _ in range(100):
+                if "wire version mismatch" in str(channel.health().detail.get("error")):
+                    break
+                await asyncio.sleep(0.05)
+            health = channel.health()
+            assert health.status is Status.ERROR
+            assert "cdc.v1" in health.detail["error"] and "cdc.v2" in health.detail["error"]
+            assert channel.unacked == 1 and acks == []
+        finally:
+            await channel.stop()
+            await server.stop(None)
+
+    asyncio.run(scenario())

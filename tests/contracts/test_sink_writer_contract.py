@@ -1,0 +1,224 @@
+"""The contract every sink writer passes, parametrized by factory: the PostgreSQL sink
+writer (on a real database) and the shared fake (tests/support/fakes.py). A new sink adds
+its factory here (docs/adding-adapters.md).
+
+Batches reach the writer as the sink service receives them: through the wire (columnar
+blocks, `services.wire`)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from adapters.config.pipeline import PostgresSinkConfig
+from adapters.postgres.sink_writer import PostgresSinkWriter
+from domain.events import UNCHANGED, Column, Operation, Position, SourceEvent, TableSchema
+from domain.ports import Guarantee, SinkBatch, SinkWriter, WriteResult
+from services.wire import decode_batch, encode_batch
+from tests.support.fakes import FakeSinkWriter
+from tests.support.postgres import PgTestContext
+
+ITEMS = TableSchema(
+    "public",
+    "items",
+    (
+        Column("id", 20, "bigint", is_key=True),
+        Column("name", 25, "text"),
+        Column("doc", 25, "text"),
+    ),
+)
+ITEMS_V2 = TableSchema("public", "items", (*ITEMS.columns, Column("color", 25, "text")))
+LANE = "slot_a"
+
+Rows = dict[tuple[str, ...], dict[str, str | None]]
+
+
+@dataclass
+class Harness:
+    writer: SinkWriter
+    rows: Callable[[TableSchema], Rows]
+    dead_letters: Callable[[], int]
+
+    def write(self, events: Sequence[SourceEvent], batch_id: int = 1) -> WriteResult:
+        message = encode_batch(batch_id, "contract", LANE, list(events))
+        batch: SinkBatch = decode_batch(message)
+        return run(self.writer.write(batch))
+
+    def flush(self) -> dict[str, Position]:
+        return dict(run(self.writer.flush()))
+
+
+def run(coro: Any) -> Any:
+    return asyncio.get_event_loop_policy().get_event_loop().run_until_complete(coro)
+
+
+@pytest.fixture
+def loop() -> Iterator[None]:
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        yield
+    finally:
+        loop.close()
+        asyncio.set_event_loop(None)
+
+
+def _postgres(pg: PgTestContext) -> Iterator[Harness]:
+    db = pg.new_database("contract")
+    conn = pg.connect(db)
+    settings = PostgresSinkConfig(dsn=pg.dsn(db), target_schema="sink")
+    writer = PostgresSinkWriter(settings, "contract", "replica")
+    run(writer.start())
+
+    def rows(table: TableSchema) -> Rows:
+        names = [c.name for c in table.columns]
+        have = {
+            r[0]
+            for r in conn.execute(
+                "SELECT column_name FROM information_schema.columns"
+                " WHERE table_schema = 'sink' AND table_name = %s",
+                (table.table,),
+            ).fetchall()
+        }
+        if not have:
+            return {}
+        names = [n for n in names if n in have]
+        select = ", ".join(f'"{n}"::text' for n in names)
+        out: Rows = {}
+        for r in conn.execute(f'SELECT {select} FROM sink."{table.table}"').fetchall():
+            row = dict(zip(names, r, strict=True))
+            key = tuple(str(row[c.name]) for c in table.columns if c.is_key)
+            out[key] = row
+        return out
+
+    def dead() -> int:
+        return int(conn.execute("SELECT count(*) FROM sink._cdc_dead_letters").fetchone()[0])
+
+    try:
+        yield Harness(writer, rows, dead)
+    finally:
+        run(writer.stop())
+
+
+def _fake() -> Iterator[Harness]:
+    writer = FakeSinkWriter()
+
+    def rows(table: TableSchema) -> Rows:
+        return {k: dict(v) for k, v in writer.rows(table).items()}
+
+    yield Harness(writer, rows, lambda: len(writer.dead_letters))
+
+
+@pytest.fixture(params=["postgres", "fake"])
+def sink(request: pytest.FixtureRequest, loop: None) -> Iterator[Harness]:
+    if request.param == "postgres":
+        yield from _postgres(request.getfixturevalue("pg"))
+    else:
+        yield from _fake()
+
+
+class Changes:
+    """Events with increasing positions."""
+
+    def __init__(self, major: int = 100) -> None:
+        self.major = major
+        self.minor = 0
+
+    def _next(self) -> Position:
+        self.minor += 1
+        return Position(self.major, self.minor)
+
+    def ins(self, *row: str | None, table: TableSchema = ITEMS) -> SourceEvent:
+        return SourceEvent(Operation.CREATE, table, self._next(), after=tuple(row))
+
+    def upd(self, *row: Any, table: TableSchema = ITEMS) -> SourceEvent:
+        return SourceEvent(Operation.UPDATE, table, self._next(), after=tuple(row))
+
+    def dele(self, key: str, table: TableSchema = ITEMS) -> SourceEvent:
+        before = (key,) + (None,) * (len(table.columns) - 1)
+        return SourceEvent(Operation.DELETE, table, self._next(), before=before)
+
+
+def _plain(rows: Rows) -> dict[str, tuple[str | None, ...]]:
+    return {k[0]: tuple(v.values()) for k, v in rows.items()}
+
+
+def test_every_sink_declares_its_guarantee(sink: Harness) -> None:
+    assert isinstance(sink.writer.guarantee, Guarantee)
+
+
+def test_replay_changes_nothing(sink: Harness) -> None:
+    c = Changes()
+    events = [c.ins("1", "a", "x"), c.ins("2", "b", "y"), c.upd("1", "a2", "x"), c.dele("2")]
+    first = sink.write(events, batch_id=1)
+    assert (first.written, first.skipped) == (4, 0)
+    before = sink.rows(ITEMS)
+    again = sink.write(events, batch_id=2)  # the ingest resent it (a reconnect, a restart)
+    assert (again.written, again.skipped) == (0, 4)
+    # A partly replayed batch applies only what is new.
+    more = [*events[2:], c.ins("3", "c", "z")]
+    partly = sink.write(more, batch_id=3)
+    assert (partly.written, partly.skipped) == (1, 2)
+    assert sink.rows(ITEMS) == {**before, ("3",): {"id": "3", "name": "c", "doc": "z"}}
+
+
+def test_order_per_key_is_kept_within_and_across_batches(sink: Harness) -> None:
+    c = Changes()
+    sink.write(
+        [
+            c.ins("1", "a", None),
+            c.upd("1", "b", None),
+            c.ins("2", "x", None),
+            c.dele("2"),
+            c.ins("2", "y", None),
+            c.ins("3", "z", None),
+            c.dele("3"),
+        ],
+        batch_id=1,
+    )
+    sink.write([c.upd("1", "c", None), c.dele("1"), c.ins("1", "d", "doc")], batch_id=2)
+    assert _plain(sink.rows(ITEMS)) == {"1": ("1", "d", "doc"), "2": ("2", "y", None)}
+
+
+def test_unchanged_toasted_values_are_kept_not_nulled(sink: Harness) -> None:
+    c = Changes()
+    sink.write([c.ins("1", "a", "big value"), c.ins("2", "b", "other")], batch_id=1)
+    sink.write([c.upd("1", "a2", UNCHANGED)], batch_id=2)  # stored value supplies it
+    sink.write([c.ins("3", "c", "in batch"), c.upd("3", "c2", UNCHANGED)], batch_id=3)
+    sink.write([c.upd("2", "b2", None)], batch_id=4)  # NULL is NULL
+    assert _plain(sink.rows(ITEMS)) == {
+        "1": ("1", "a2", "big value"),
+        "2": ("2", "b2", None),
+        "3": ("3", "c2", "in batch"),
+    }
+
+
+def test_a_schema_change_adds_the_column(sink: Harness) -> None:
+    c = Changes()
+    sink.write([c.ins("1", "a", None)], batch_id=1)
+    sink.write([c.ins("2", "b", None, "red", table=ITEMS_V2)], batch_id=2)
+    rows = sink.rows(ITEMS_V2)
+    assert rows[("2",)]["color"] == "red"
+    assert rows[("1",)].get("color") is None
+    assert rows[("1",)]["name"] == "a"
+
+
+def test_a_change_that_cannot_be_applied_is_dead_lettered_and_the_rest_written(
+    sink: Harness,
+) -> None:
+    c = Changes()
+    result = sink.write([c.ins("1", "a", None), c.ins(None, "no key", None), c.ins("2", "b", None)])
+    assert (result.written, result.dead_lettered) == (2, 1)
+    assert sink.dead_letters() == 1
+    assert sorted(_plain(sink.rows(ITEMS))) == ["1", "2"]
+
+
+def test_flush_returns_the_durable_position_per_lane(sink: Harness) -> None:
+    c = Changes(major=7)
+    sink.write([c.ins("1", "a", None), c.ins("2", "b", None)], batch_id=1)
+    sink.write([c.upd("2", "c", None)], batch_id=2)
+    assert sink.flush() == {LANE: Position(7, 3)}
