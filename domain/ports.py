@@ -239,9 +239,3 @@ class Outlet(Protocol):
     async def stop(self) -> None: ...
 
     def health(self) -> ComponentHealth: ...
-
-
-class CheckpointStore(Protocol):
-    """Where a sink keeps the last position it applied per (pipeline, partition)."""
-
-    async def applied(self, pipeline_id: str, partition: str) -> Position | None: ...

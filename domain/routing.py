@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from operator import attrgetter
 
 from domain.events import Operation, SourceEvent
+
+_TABLE = attrgetter("table")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +38,7 @@ class Router:
         if len(ids) != len(set(ids)):
             raise ValueError(f"duplicate sink ids in routing rules: {ids}")
         self._cache: dict[tuple[str, Operation], tuple[str, ...]] = {}
+        self._by_table_only = all(not r.operations for r in self._rules)
 
     @property
     def sink_ids(self) -> tuple[str, ...]:
@@ -51,6 +55,18 @@ class Router:
     def split(self, events: Sequence[SourceEvent]) -> dict[str, list[SourceEvent]]:
         """Group events by target sink, keeping their order within each sink."""
         out: dict[str, list[SourceEvent]] = {sink_id: [] for sink_id in self.sink_ids}
+        if events and self._by_table_only:
+            # Targets depend on the table alone: when every event's table goes to the same
+            # sinks (the usual batch), each gets the whole list, with no per-event work.
+            tables = list(map(_TABLE, events))
+            distinct = dict(zip(map(id, tables), tables, strict=True))
+            if len(distinct) == 1 or len(
+                {self.targets(t.qualified_name, Operation.CREATE) for t in distinct.values()}
+            ) == 1:
+                table = next(iter(distinct.values()))
+                for sink_id in self.targets(table.qualified_name, Operation.CREATE):
+                    out[sink_id] = list(events)
+                return out
         for event in events:
             for sink_id in self.targets(event.table.qualified_name, event.operation):
                 out[sink_id].append(event)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import bisect
 import threading
+from collections import Counter as Tally
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from operator import attrgetter
 from typing import Any
 
 import pyarrow as pa
@@ -310,16 +312,18 @@ class IngestMetrics:
 
 
 def per_table(events: Sequence[Any]) -> dict[str, int]:
-    """Events per source table name (`schema.table`)."""
-    counts: dict[int, tuple[str, int]] = {}
-    for ev in events:  # one lookup per event; the name once per distinct table object
-        key = id(ev.table)
-        seen = counts.get(key)
-        counts[key] = (seen[0], seen[1] + 1) if seen else (ev.table.qualified_name, 1)
+    """Events per source table name (`schema.table`). Counted by table object identity in
+    C (Counter over map), the name looked up once per distinct table object."""
+    tables = list(map(_TABLE, events))
+    by_id = dict(zip(map(id, tables), tables, strict=True))
     out: dict[str, int] = {}
-    for name, n in counts.values():
+    for key, n in Tally(map(id, tables)).items():
+        name = by_id[key].qualified_name
         out[name] = out.get(name, 0) + n
     return out
+
+
+_TABLE = attrgetter("table")
 
 
 class SinkMetrics:

@@ -208,6 +208,7 @@ class _Plan:
     copy_stage: sql.Composed | None = None
     delete_sql: sql.Composed | None = None
     insert_sql: sql.Composed | None = None
+    insert_distinct_sql: sql.Composed | None = None  # staging rows are one per key
     truncate_target: sql.Composed | None = None
     copy_append: sql.Composed | None = None
     fill_template: tuple[sql.Composed, ...] = ()  # per column: its SET clause
@@ -612,8 +613,8 @@ class PostgresSinkWriter:
                 assert plan.delete_sql is not None
                 await conn.execute(plan.delete_sql)
             if n_deletes < m:
-                assert plan.insert_sql is not None
-                await conn.execute(plan.insert_sql)
+                assert plan.insert_distinct_sql is not None
+                await conn.execute(plan.insert_distinct_sql)
 
     async def _apply_batch(
         self,
@@ -1395,6 +1396,18 @@ class PostgresSinkWriter:
             )
         else:
             on_conflict = sql.SQL("DO NOTHING")
+        # Rows collapsed column-wise have one row per key already: no DISTINCT ON (a sort).
+        plan.insert_distinct_sql = sql.SQL(
+            "INSERT INTO {target} ({columns}) SELECT {values} FROM {stage} s WHERE _op = 'u'"
+            " ON CONFLICT ({key_names}) {on_conflict}"
+        ).format(
+            target=plan.target,
+            columns=comma.join(names),
+            values=comma.join(sql.SQL("s.{}::{}").format(c[i], casts[i]) for i in range(n)),
+            stage=stage,
+            key_names=comma.join(names[i] for i in key_idx),
+            on_conflict=on_conflict,
+        )
         plan.insert_sql = sql.SQL(
             "INSERT INTO {target} ({columns}) SELECT {values} FROM"
             " (SELECT DISTINCT ON ({keys}) * FROM {stage} WHERE _op = 'u'"
