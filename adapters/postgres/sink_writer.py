@@ -72,6 +72,7 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from adapters.config.pipeline import CHANGE_LOG_SUFFIX, PostgresSinkConfig
+from adapters.config.platform import RetryConfig
 from adapters.postgres.dead_letter import (
     DEAD_LETTER_TABLE,
     FailedEvent,
@@ -110,8 +111,6 @@ _APPEND_META: Final[tuple[tuple[str, str], ...]] = (
     ("_before", "jsonb"),
 )
 
-_RETRY_INITIAL_SECONDS: Final = 0.2
-_RETRY_MAX_SECONDS: Final = 10.0
 _HEALTH_TIMEOUT_SECONDS: Final = 2.0
 _CHECK_IDLE_SECONDS: Final = 1.0  # a connection idle longer is checked before a write
 
@@ -289,8 +288,21 @@ class _TxState:
 class PostgresSinkWriter:
     """`domain.ports.SinkWriter` for PostgreSQL: durable, idempotent, ordered per partition."""
 
-    def __init__(self, settings: PostgresSinkConfig, pipeline_id: str, sink_id: str) -> None:
+    def __init__(
+        self,
+        settings: PostgresSinkConfig,
+        pipeline_id: str,
+        sink_id: str,
+        *,
+        retry: RetryConfig | None = None,
+    ) -> None:
+        """``retry`` (platform.yaml ``retry``): the backoff between attempts of a batch that
+        failed on a connection problem; after ``max_attempts`` the write raises
+        SinkUnavailableError (the batch is rejected, the ingest resends it). None: retry
+        with the same backoff until the database answers or stop() is called."""
         self._settings = settings
+        self._retry = retry if retry is not None else RetryConfig()
+        self._retry_forever = retry is None
         self._pipeline_id = pipeline_id
         self._sink_id = sink_id
         self._schema = settings.target_schema
@@ -435,7 +447,8 @@ class PostgresSinkWriter:
     async def _write_with_retry(
         self, batch: SinkBatch, events: Sequence[SourceEvent]
     ) -> WriteResult:
-        backoff = _RETRY_INITIAL_SECONDS
+        policy = self._retry
+        backoff = policy.initial_wait_seconds
         attempt = 0
         while True:
             if self._stopping.is_set() or self._pool is None:
@@ -448,8 +461,13 @@ class PostgresSinkWriter:
                     self._last_error = _describe(exc)
                     if self._stopping.is_set():
                         raise SinkUnavailableError(self._unavailable_message()) from exc
+                    if not self._retry_forever and attempt >= policy.max_attempts:
+                        raise SinkUnavailableError(
+                            f"postgres sink {self._sink_id}: gave up after {attempt} attempts"
+                            f" (retry.max_attempts): {self._last_error}"
+                        ) from exc
                     self.retries += 1
-                    delay = backoff * random.uniform(0.75, 1.25)
+                    delay = backoff * random.uniform(0.75, 1.25) if policy.jitter else backoff
                     log.warning(
                         "postgres_sink.write_retry",
                         sink_id=self._sink_id,
@@ -460,7 +478,7 @@ class PostgresSinkWriter:
                         retry_in=round(delay, 2),
                     )
                     await self._sleep_or_stop(delay)
-                    backoff = min(backoff * 2, _RETRY_MAX_SECONDS)
+                    backoff = min(backoff * policy.multiplier, policy.max_wait_seconds)
                     continue
                 if isinstance(exc, psycopg.Error):
                     # Not about one event (offsets or dead-letter table, privileges...).
