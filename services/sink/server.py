@@ -159,7 +159,7 @@ async def run_sink(
             f"sinks[{index}].sink_type: '{sink.sink_type}' (sink '{sink_id}') has no writer in "
             f"this release; available: {', '.join(AVAILABLE_SINK_TYPES)}"
         )
-    container = SinkContainer(pipeline=pipeline, sink=sink)
+    container = SinkContainer(pipeline=pipeline, sink=sink, platform=platform)
     writer: SinkWriter = container.writer()
     tracing.setup_tracing(
         f"{platform.tracing.service_name_prefix}-sink-{sink_id}", platform.tracing.otlp_endpoint
