@@ -20,6 +20,7 @@ import psycopg
 import pytest
 
 from services.stack.postgres import PostgresServer
+from services.stack.postgres import find_free_port as free_port
 from tests.chaos.harness import (
     CdcRun,
     Outcome,
@@ -36,7 +37,7 @@ from tests.chaos.harness import (
 )
 from tests.chaos.proxy import TcpProxy
 from tests.chaos.results import ChaosResult
-from tests.support.pipeline import free_port, http_status, ingest_stage, sink_stage, wait_until
+from tests.support.pipeline import http_status, ingest_stage, sink_stage, wait_until
 
 pytestmark = pytest.mark.timeout(150)
 
