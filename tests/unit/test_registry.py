@@ -277,3 +277,14 @@ def test_documented_refusal_is_the_real_output(
     assert not found.pipeline
     error = config_error("platform.yaml", found.platform)
     assert f"error: not supported by this release\n{error}" == expected
+
+
+def test_a_heartbeat_interval_without_heartbeats_is_refused() -> None:
+    from pydantic import ValidationError
+
+    source = {"database": "shop", "tables": ["public.orders"], "heartbeat_mode": "none"}
+    with pytest.raises(ValidationError, match="heartbeat_mode none sends no heartbeats"):
+        PipelineConfig.model_validate(
+            {"pipeline_id": "o", "source": {**source, "heartbeat_interval_seconds": 5}}
+        )
+    assert PipelineConfig.model_validate({"pipeline_id": "o", "source": source})
