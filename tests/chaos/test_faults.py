@@ -37,7 +37,13 @@ from tests.chaos.harness import (
 )
 from tests.chaos.proxy import TcpProxy
 from tests.chaos.results import ChaosResult
-from tests.support.pipeline import http_status, ingest_stage, sink_stage, wait_until
+from tests.support.pipeline import (
+    PipelineFiles,
+    http_status,
+    ingest_stage,
+    sink_stage,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -71,7 +77,7 @@ def _pipeline(
     sink_server: PostgresServer,
     name: str,
     **sink_kwargs: Any,
-) -> tuple[str, Sink, Any]:
+) -> tuple[str, Sink, PipelineFiles]:
     source_dsn = prepare_source(source, f"{name}_src")
     sink = prepare_sink(sink_server, f"{name}_sink", **sink_kwargs)
     files = write_chaos_configs(tmp_path, source, f"{name}_src", [sink], pipeline_id=name)
