@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, get_args
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -55,13 +55,13 @@ WriterFactory = Callable[[PipelineConfig, SinkConfig, PlatformConfig], SinkWrite
 # Every other shared setting (listen_host, health_*, ingest.*, tracing.*, grpc_tls.*, the
 # rest of wal_reader.*, ...) is read whatever the adapters are.
 ADAPTER_SETTINGS: Mapping[str, str] = {
-    "topic_prefix": "names the topics / streams of the transport",
-    "dlq": "dead-letter topics / streams of the transport",
-    "retry": "backoff of retried writes",
-    "max_buffered_messages": "events the consumer of the transport buffers",
+    "topic_prefix": "the names of the transport's topics / streams",
+    "dlq": "the transport's dead-letter topics / streams",
+    "retry": "the backoff of retried writes",
+    "max_buffered_messages": "how many events the transport's consumer buffers",
     "schema_monitor_interval_seconds": "polling the Schema Registry for schema changes",
     "stop_on_incompatible_schema": "stopping on an incompatible schema change",
-    "wal_reader.batch_size": "changes per message the WAL capture publishes",
+    "wal_reader.batch_size": "the changes per message the WAL capture publishes",
     "wal_reader.batch_timeout_seconds": "how long the WAL capture waits to fill a message",
 }
 
@@ -73,7 +73,7 @@ _INSTEAD: Mapping[str, str] = {
     "schema_monitor_interval_seconds": "transport_mode direct sees schema changes in the WAL"
     " as they happen",
     "stop_on_incompatible_schema": "a column change the postgres sink cannot follow is logged"
-    " (postgres_sink.retype_failed) and the values that do not fit are dead-lettered",
+    " as postgres_sink.retype_failed and the values that do not fit are dead-lettered",
     "wal_reader.batch_size": "with transport_mode direct, batches are ingest.batch_max_events",
     "wal_reader.batch_timeout_seconds": "with transport_mode direct, a partial batch waits"
     " ingest.batch_max_delay_ms",
@@ -252,15 +252,6 @@ def available_sink_types() -> tuple[SinkType, ...]:
     return tuple(name for name, s in SINKS.items() if s.available)
 
 
-def transport_names() -> tuple[str, ...]:
-    """Every name ``transport_mode`` accepts (the config Literal)."""
-    return get_args(TransportMode)
-
-
-def sink_type_names() -> tuple[str, ...]:
-    return get_args(SinkType)
-
-
 # ------------------------------------------------------------------------------ checks
 
 
@@ -279,6 +270,9 @@ class Problems:
         from adapters.config import format_path
 
         return [f"{format_path(loc)}: {msg}" for loc, msg in (*self.platform, *self.pipeline)]
+
+
+_UNSET = object()
 
 
 def _is_set(model: BaseModel, path: str) -> tuple[bool, Any]:
@@ -308,8 +302,8 @@ def check(pipeline: PipelineConfig, platform: PlatformConfig) -> Problems:
             (
                 ("transport_mode",),
                 f"'{transport.name}' ({transport.description}) has no adapter in this release;"
-                f" available: {_names(available_transports())}. Its settings are validated"
-                " only",
+                f" available: {_names(available_transports())} (its settings are validated"
+                " only)",
             )
         )
     sinks = []
@@ -359,6 +353,3 @@ def check(pipeline: PipelineConfig, platform: PlatformConfig) -> Problems:
         message += "; remove it"
         (found.pipeline if path == "topic_prefix" else found.platform).append((loc, message))
     return found
-
-
-_UNSET = object()
