@@ -19,8 +19,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from services.net import find_free_port as free_port
 from services.stack.postgres import PostgresServer
-from services.stack.postgres import find_free_port as free_port
 from tests.chaos.harness import (
     CdcRun,
     Outcome,
@@ -45,7 +45,7 @@ from tests.support.pipeline import (
     wait_until,
 )
 
-pytestmark = pytest.mark.timeout(150)
+pytestmark = pytest.mark.timeout(120)  # the longest (sink down 30 s, 6b) take about 60 s
 
 Record = Callable[[str], ChaosResult]
 
