@@ -45,7 +45,7 @@ from tests.support.pipeline import (
     wait_until,
 )
 
-pytestmark = pytest.mark.timeout(120)  # the longest (sink down 30 s, 6b) take about 60 s
+pytestmark = pytest.mark.timeout(120)  # the longest (sink down 30 s, 6b) take about 50 s
 
 Record = Callable[[str], ChaosResult]
 
