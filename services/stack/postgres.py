@@ -37,7 +37,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -56,10 +55,11 @@ from psycopg import errors, sql
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import TupleRow
 
+from services.net import find_free_port
+
 __all__ = [
     "DEFAULT_SETTINGS",
     "PostgresServer",
-    "find_free_port",
     "find_postgres_bin_dir",
     "reap_orphans",
 ]
@@ -101,7 +101,7 @@ _BIND_ERRORS: Final = (
 )
 
 
-# --------------------------------------------------------------------------- binaries, ports
+# --------------------------------------------------------------------------- binaries
 
 
 def find_postgres_bin_dir() -> Path:
@@ -158,23 +158,6 @@ def _has_server_binaries(path: Path) -> bool:
     return all(
         (path / exe).is_file() and os.access(path / exe, os.X_OK) for exe in ("initdb", "postgres")
     )
-
-
-_ISSUED_PORTS: set[int] = set()
-_ISSUED_PORTS_LOCK = threading.Lock()
-
-
-def find_free_port(host: str = HOST) -> int:
-    """A TCP port on ``host`` that is free now and not handed out before by this process."""
-    with _ISSUED_PORTS_LOCK:
-        for _ in range(50):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.bind((host, 0))
-                port = int(sock.getsockname()[1])
-            if port not in _ISSUED_PORTS:
-                _ISSUED_PORTS.add(port)
-                return port
-    raise RuntimeError(f"could not find a free TCP port on {host}")
 
 
 # --------------------------------------------------------------------------- OS user

@@ -18,7 +18,7 @@ from domain.ports import SourceChunk
 from domain.routing import Router
 from services.health_http import HealthState, serve_health
 from services.ingest.service import IngestService
-from services.stack.postgres import find_free_port
+from services.net import find_free_port
 
 V1 = TableSchema(
     "shop",
