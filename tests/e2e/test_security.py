@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import psutil
 import psycopg
+import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -190,6 +191,7 @@ def _secret(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex}"
 
 
+@pytest.mark.slow
 def test_no_configured_secret_appears_in_any_output(pg, pg_server_factory, tmp_path: Path) -> None:
     """A full `cdc run` with every secret field the configuration has, through changes, a sink
     outage (connection errors logged) and a stop: no secret value in any process's output,
@@ -415,6 +417,7 @@ def test_cdc_run_over_tls_checks_the_configured_server_name(pg, tmp_path: Path) 
         wait_until(lambda: tables_equal(source_dsn, replica_dsn, TABLES), 60, "replicated")
 
 
+@pytest.mark.slow
 def test_ingest_refuses_a_sink_whose_certificate_does_not_match(pg, tmp_path: Path) -> None:
     """A certificate for another name: the ingest does not deliver and reports the sink."""
     pki = make_pki(tmp_path / "pki", names=("elsewhere.example",))
