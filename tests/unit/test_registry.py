@@ -288,3 +288,23 @@ def test_a_heartbeat_interval_without_heartbeats_is_refused() -> None:
             {"pipeline_id": "o", "source": {**source, "heartbeat_interval_seconds": 5}}
         )
     assert PipelineConfig.model_validate({"pipeline_id": "o", "source": source})
+
+
+def test_cdc_run_refuses_before_starting_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cdc run` makes the same check as `cdc validate` (exit 2, one line), so an unsupported
+    setting never reaches a child process that would crash-loop. (`cdc ingest` and `cdc sink`
+    check too, after setting up their logging: tests/e2e/test_process_lifecycle.py.)"""
+    pipeline_file = tmp_path / "pipeline.yaml"
+    pipeline_file.write_text(
+        "pipeline_id: orders\nsource:\n  database: shop\n  tables: [public.orders]\n"
+        "sinks:\n  - sink_id: replica\n    sink_type: postgres\n    postgres: {database: r}\n"
+    )
+    platform_file = tmp_path / "platform.yaml"
+    platform_file.write_text("health_port: 8080\nwal_reader:\n  batch_timeout_seconds: 0.5\n")
+    code = main(["run", str(pipeline_file), "--platform-config", str(platform_file)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"{platform_file}:3: wal_reader.batch_timeout_seconds:" in err
+    assert len(err.strip().splitlines()) == 1, err
