@@ -433,7 +433,14 @@ def test_kill_9_cdc_run_then_run_again(
             )
             for pid in orphans:
                 os.kill(pid, signal.SIGTERM)
-            wait_until(lambda: not any(alive(p) for p in orphans), 40, "orphans gone")
+            deadline = time.monotonic() + 40
+            while time.monotonic() < deadline and any(alive(p) for p in orphans):
+                time.sleep(0.2)
+            stuck = [pid for pid in orphans if alive(pid)]
+            if stuck:
+                problems.append(f"orphans {stuck} ignored SIGTERM for 40 s; killed (-9)")
+                for pid in stuck:
+                    os.kill(pid, signal.SIGKILL)
 
     def clear() -> float:
         second.start()
