@@ -35,7 +35,6 @@ from tests.chaos.harness import (
     run_scenario,
     write_chaos_configs,
 )
-from tests.chaos.proxy import TcpProxy
 from tests.chaos.results import ChaosResult
 from tests.support.pipeline import (
     PipelineFiles,
@@ -44,6 +43,7 @@ from tests.support.pipeline import (
     sink_stage,
     wait_until,
 )
+from tests.support.proxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(120)  # the longest (sink down 30 s, 6b) take about 50 s
 
