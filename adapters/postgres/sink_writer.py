@@ -371,7 +371,10 @@ class PostgresSinkWriter:
         acquired = False
         wait = max(5.0, 2 * float(self._settings.connect_timeout_seconds))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._lock.acquire(), wait)
+            # not wait_for: on 3.11 it can swallow a cancel (or, cancelled as the lock is
+            # granted, lose the acquired lock)
+            async with asyncio.timeout(wait):
+                await self._lock.acquire()
             acquired = True
         try:
             if self._pool is not None:
@@ -503,7 +506,8 @@ class PostgresSinkWriter:
 
     async def _sleep_or_stop(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+            async with asyncio.timeout(seconds):  # not wait_for: it can swallow a cancel
+                await self._stopping.wait()
 
     async def _write_once(
         self,
