@@ -104,12 +104,21 @@ async def run_ingest(
 
     refresher = asyncio.create_task(refresh_health())
     loop = asyncio.get_running_loop()
+    watchdog: list[object] = []
+
+    def request_stop() -> None:
+        # Last resort: whatever the stop hangs on, the process ends within its budget.
+        if not watchdog:
+            budget = lifecycle.ingest_stop_seconds(platform.shutdown_timeout_seconds)
+            watchdog.append(lifecycle.start_shutdown_watchdog("ingest", budget))
+        service.request_stop()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, service.request_stop)
+        loop.add_signal_handler(sig, request_stop)
 
     def orphaned() -> None:
         log.warning("ingest.orphaned", reason="the supervising `cdc run` is gone; stopping")
-        service.request_stop()
+        request_stop()
 
     lifecycle.watch_parent(loop, orphaned)
     try:

@@ -235,12 +235,14 @@ async def run_sink(
 
     watcher = asyncio.create_task(watch_health())
     await stop.wait()
+    # Finish the batch in hand; an unacked batch is resent by the ingest service later.
+    # All within this stage's part of the shutdown budget (services/lifecycle.py), which a
+    # watchdog thread enforces whatever the stop hangs on.
+    budget = lifecycle.sink_stop_seconds(platform.shutdown_timeout_seconds)
+    lifecycle.start_shutdown_watchdog(f"sink:{sink_id}", max(budget, 1.5))
     watcher.cancel()
     state.update({"status": "stopping", "ready": False, "sink_id": sink_id})
     await set_status(health, False, "cdc.v1.SinkService")
-    # Finish the batch in hand; an unacked batch is resent by the ingest service later.
-    # All within this stage's part of the shutdown budget (services/lifecycle.py).
-    budget = lifecycle.sink_stop_seconds(platform.shutdown_timeout_seconds)
     await server.stop(grace=max(0.5, budget - 1.5))
     try:
         await asyncio.wait_for(writer.stop(), timeout=1.0)
