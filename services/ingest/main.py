@@ -51,6 +51,7 @@ async def run_ingest(
             on_ack=lambda s, a: service.on_ack(s, a),
             credentials=credentials,
             options=security.channel_options(platform.grpc_tls),
+            ack_timeout=platform.ingest.ack_timeout_seconds,
         )
         for sink_id in router.sink_ids
     }

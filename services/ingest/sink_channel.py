@@ -26,6 +26,21 @@ log = structlog.get_logger(__name__)
 
 AckHandler = Callable[[str, "sink_pb2.BatchAck"], Awaitable[None]]
 
+# HTTP/2 keepalive: a ping every 10 s, the connection dropped when one is not answered
+# within 10 s, so a half-open connection (a vanished peer, a route dropping packets) is
+# noticed within about 20 s. The sink allows pings this often (services/sink/server.py).
+KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+DEFAULT_ACK_TIMEOUT_SECONDS = 120.0  # platform.yaml ingest.ack_timeout_seconds
+
+
+class AckTimeoutError(ConnectionError):
+    """The oldest unacked batch waited longer than the ack timeout: the stream is dropped."""
+
 
 class SinkChannel:
     def __init__(
@@ -36,6 +51,7 @@ class SinkChannel:
         on_ack: AckHandler,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, str]] = (),
+        ack_timeout: float = DEFAULT_ACK_TIMEOUT_SECONDS,
     ) -> None:
         self.sink_id = sink_id
         self.target = target
@@ -54,6 +70,10 @@ class SinkChannel:
         self._stopping = False
         self.acked_batches = 0
         self.last_ack_monotonic = time.monotonic()
+        # Since when the oldest unacked batch could have been written by the sink: its send,
+        # the ack of the one before it, or the (re)start of the stream that resent it.
+        self._ack_timeout = ack_timeout
+        self._oldest_since = time.monotonic()
 
     @property
     def unacked(self) -> int:
@@ -64,6 +84,8 @@ class SinkChannel:
 
     async def send(self, batch: events_pb2.EventBatch) -> None:
         await self._credits.acquire()
+        if not self._unacked:
+            self._oldest_since = time.monotonic()
         self._unacked[batch.batch_id] = batch
         self._outbox.put_nowait(batch)
 
@@ -122,6 +144,7 @@ class SinkChannel:
             options: list[tuple[str, Any]] = [
                 ("grpc.max_receive_message_length", 256 << 20),
                 ("grpc.max_send_message_length", 256 << 20),
+                *KEEPALIVE_OPTIONS,
                 *self._options,
             ]
             if self._credentials is None:
@@ -136,10 +159,11 @@ class SinkChannel:
         self._outbox = asyncio.Queue()
         for batch in self._unacked.values():
             self._outbox.put_nowait(batch)
+        self._oldest_since = time.monotonic()
         writer = asyncio.create_task(self._write_loop(call, self._outbox))
         try:
             while True:
-                ack = await call.read()
+                ack = await self._next_ack(call)
                 if ack is grpc.aio.EOF:
                     raise ConnectionError("sink closed the stream")
                 self._connected = True
@@ -150,6 +174,33 @@ class SinkChannel:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await writer
             call.cancel()
+
+    async def _next_ack(self, call: Any) -> Any:
+        """The next message of the stream; raises AckTimeoutError when the oldest unacked
+        batch has waited longer than the ack timeout (a sink or connection that has stopped
+        answering without closing: keepalive pings may still be answered by a hung peer)."""
+        read = asyncio.ensure_future(call.read())
+        try:
+            while True:
+                done, _ = await asyncio.wait({read}, timeout=1.0)
+                if done:
+                    return read.result()
+                waited = time.monotonic() - self._oldest_since
+                if self._unacked and waited > self._ack_timeout:
+                    log.warning(
+                        "sink.ack_timeout",
+                        sink=self.sink_id,
+                        unacked=len(self._unacked),
+                        waited_seconds=round(waited, 1),
+                        ack_timeout_seconds=self._ack_timeout,
+                    )
+                    raise AckTimeoutError(
+                        f"no ack for {waited:.0f} s (ingest.ack_timeout_seconds"
+                        f" {self._ack_timeout:g}): reconnecting"
+                    )
+        finally:
+            if not read.done():
+                read.cancel()
 
     async def _write_loop(self, call: Any, outbox: asyncio.Queue[events_pb2.EventBatch]) -> None:
         while True:
@@ -167,7 +218,7 @@ class SinkChannel:
             return  # an ack for a batch resent after a reconnect that was acked before
         self._credits.release()
         self.acked_batches += 1
-        self.last_ack_monotonic = time.monotonic()
+        self.last_ack_monotonic = self._oldest_since = time.monotonic()
         await self._on_ack(self.sink_id, ack)
 
     async def _poll_health(self) -> None:

@@ -169,6 +169,11 @@ async def run_sink(
         options=[
             ("grpc.max_receive_message_length", 256 << 20),
             ("grpc.max_send_message_length", 256 << 20),
+            # The ingest pings every 10 s to notice a half-open connection
+            # (services/ingest/sink_channel.py KEEPALIVE_OPTIONS): allow it, or the server
+            # would answer with GOAWAY (too_many_pings) and drop the stream.
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
         ]
     )
     metrics = SinkMetrics(pipeline.pipeline_id, sink_id)

@@ -189,3 +189,74 @@ def test_one_credit_still_delivers_everything_in_order() -> None:
         assert acks.ids == list(range(1, 11))
 
     run(scenario, max_in_flight=1)
+
+
+def test_a_batch_unacked_past_the_ack_timeout_is_resent_on_a_new_stream_once_and_in_order() -> (
+    None
+):
+    """A sink that stops answering without closing (here: a write that never finishes, as
+    while its database is down and it retries): after `ack_timeout` the channel drops the
+    stream and resends everything unacked. The abandoned write is cancelled with the
+    dropped stream, so once the sink writes again each batch is applied once, in order."""
+    from structlog.testing import capture_logs
+
+    async def main() -> None:
+        writer = FakeSinkWriter()
+        server = SinkServer(writer)
+        await server.start()
+        acks = Acks()
+        channel = SinkChannel("s", f"127.0.0.1:{server.port}", 100, acks, ack_timeout=1.0)
+        channel.start()
+        try:
+            with capture_logs() as logs:
+                writer.hold()
+                for n in range(1, 4):
+                    await channel.send(batch(n))
+                await until(lambda: writer.waiting == 1)
+                # not before the timeout: nothing is dropped while the write is young
+                await asyncio.sleep(0.5)
+                assert not [e for e in logs if e["event"] == "sink.ack_timeout"]
+                await until(
+                    lambda: len([e for e in logs if e["event"] == "sink.ack_timeout"]) >= 2,
+                    timeout=15,
+                )
+                await until(lambda: writer.waiting == 1)  # the resent batch 1 waits again
+                assert acks.ids == [] and channel.unacked == 3
+                writer.release()
+                await until(lambda: len(acks.ids) == 3, timeout=15)
+            assert acks.ids == [1, 2, 3]
+            assert writer.batches == [1, 2, 3]  # the abandoned writes applied nothing
+            assert sorted(writer.table("shop.orders")) == [(str(n),) for n in range(1, 4)]
+            timeouts = [e for e in logs if e["event"] == "sink.ack_timeout"]
+            assert all(e["unacked"] == 3 and e["waited_seconds"] >= 1.0 for e in timeouts)
+        finally:
+            await channel.stop()
+            await server.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_no_ack_timeout_while_acks_keep_coming() -> None:
+    """The bound is on the oldest unacked batch, not on the stream: a steady flow of acks,
+    each within the timeout, never drops the stream however long it runs."""
+    from structlog.testing import capture_logs
+
+    async def main() -> None:
+        writer = FakeSinkWriter(delay=0.3)
+        server = SinkServer(writer)
+        await server.start()
+        acks = Acks()
+        channel = SinkChannel("s", f"127.0.0.1:{server.port}", 100, acks, ack_timeout=1.0)
+        channel.start()
+        try:
+            with capture_logs() as logs:
+                for n in range(1, 11):  # 3 s of writes in all, 0.3 s each
+                    await channel.send(batch(n))
+                await until(lambda: len(acks.ids) == 10, timeout=15)
+            assert acks.ids == list(range(1, 11))
+            assert not [e for e in logs if e["event"] == "sink.ack_timeout"]
+        finally:
+            await channel.stop()
+            await server.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
