@@ -28,18 +28,22 @@ AckHandler = Callable[[str, "sink_pb2.BatchAck"], Awaitable[None]]
 
 # HTTP/2 keepalive: a ping every 10 s, the connection dropped when one is not answered
 # within 10 s, so a half-open connection (a vanished peer, a route dropping packets) is
-# noticed within about 20 s. The sink allows pings this often (services/sink/server.py).
+# noticed within about 20 s while the stream is idle. The sink allows pings this often
+# (services/sink/server.py). Under load it is not enough: once the socket's send buffer is
+# full, gRPC cannot write the ping at all and its timeout never starts; the ack timeout
+# covers that.
 KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
-DEFAULT_ACK_TIMEOUT_SECONDS = 120.0  # platform.yaml ingest.ack_timeout_seconds
+DEFAULT_ACK_TIMEOUT_SECONDS = 20.0  # platform.yaml ingest.ack_timeout_seconds
 
 
 class AckTimeoutError(ConnectionError):
-    """The oldest unacked batch waited longer than the ack timeout: the stream is dropped."""
+    """The oldest unacked batch waited longer than the ack timeout while the sink did not
+    answer its health check: the stream and its connection are dropped."""
 
 
 class SinkChannel:
@@ -176,9 +180,12 @@ class SinkChannel:
             call.cancel()
 
     async def _next_ack(self, call: Any) -> Any:
-        """The next message of the stream; raises AckTimeoutError when the oldest unacked
-        batch has waited longer than the ack timeout (a sink or connection that has stopped
-        answering without closing: keepalive pings may still be answered by a hung peer)."""
+        """The next message of the stream. Raises AckTimeoutError, after closing the channel
+        (its connection is the stuck one; a new stream on it would be stuck too), when the
+        oldest unacked batch has waited longer than the ack timeout and the sink does not
+        answer its health check either: a half-open connection or a hung peer. A sink that
+        answers is only slow (a big batch, its database down and its writes retrying): it
+        acks or rejects the batch in its own time."""
         read = asyncio.ensure_future(call.read())
         try:
             while True:
@@ -186,17 +193,24 @@ class SinkChannel:
                 if done:
                     return read.result()
                 waited = time.monotonic() - self._oldest_since
-                if self._unacked and waited > self._ack_timeout:
+                answering = not self._sink_status.startswith("UNREACHABLE")
+                if self._unacked and waited > self._ack_timeout and not answering:
                     log.warning(
                         "sink.ack_timeout",
                         sink=self.sink_id,
                         unacked=len(self._unacked),
                         waited_seconds=round(waited, 1),
                         ack_timeout_seconds=self._ack_timeout,
+                        serving=self._sink_status,
                     )
+                    channel, self._channel = self._channel, None
+                    if channel is not None:
+                        with contextlib.suppress(Exception):
+                            async with asyncio.timeout(5):
+                                await channel.close()
                     raise AckTimeoutError(
                         f"no ack for {waited:.0f} s (ingest.ack_timeout_seconds"
-                        f" {self._ack_timeout:g}): reconnecting"
+                        f" {self._ack_timeout:g}) and no answer to health checks: reconnecting"
                     )
         finally:
             if not read.done():
@@ -232,4 +246,6 @@ class SinkChannel:
                     )
             except grpc.aio.AioRpcError as exc:
                 self._sink_status = f"UNREACHABLE ({exc.code().name})"
+            except grpc.aio.UsageError:
+                pass  # the channel was closed after an ack timeout; the next one is polled
             await asyncio.sleep(1.0)
