@@ -149,6 +149,9 @@ class SinkChannel:
                 ("grpc.max_receive_message_length", 256 << 20),
                 ("grpc.max_send_message_length", 256 << 20),
                 *KEEPALIVE_OPTIONS,
+                # Its own connection, not one shared through gRPC's global subchannel pool:
+                # closing this channel after an ack timeout must close the stuck connection.
+                ("grpc.use_local_subchannel_pool", 1),
                 *self._options,
             ]
             if self._credentials is None:

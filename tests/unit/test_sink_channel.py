@@ -268,6 +268,7 @@ def test_a_slow_write_on_a_sink_that_answers_is_never_cut_off() -> None:
 
     asyncio.run(asyncio.wait_for(main(), 60))
 
+
 def test_no_ack_timeout_while_acks_keep_coming() -> None:
     """The bound is on the oldest unacked batch, not on the stream: a steady flow of acks,
     each within the timeout, never drops the stream however long it runs."""
