@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import importlib.util
 import json
 import logging
@@ -185,20 +186,27 @@ def _server_os_user() -> _OsUser | None:
             return _OsUser(entry.pw_name, entry.pw_uid, entry.pw_gid)
     if configured:
         raise RuntimeError(f"{OS_USER_ENV}={configured}: no such OS user")
-    shell = "/usr/sbin/nologin" if Path("/usr/sbin/nologin").exists() else "/bin/false"
-    cmd = ["useradd", "--system", "--no-create-home", "--shell", shell, FALLBACK_OS_USER]
-    try:
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        with contextlib.suppress(KeyError):  # created concurrently by another process
+    # Parallel test workers start their servers at the same moment: one useradd at a time
+    # (a concurrent useradd fails on the locked /etc/passwd before the other's user exists).
+    with (Path(tempfile.gettempdir()) / "cdc-pg-useradd.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with contextlib.suppress(KeyError):  # created meanwhile by another process
             entry = pwd.getpwnam(FALLBACK_OS_USER)
             return _OsUser(entry.pw_name, entry.pw_uid, entry.pw_gid)
-        detail = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else exc
-        raise RuntimeError(
-            "PostgreSQL refuses to run as root and no unprivileged user exists. Create one "
-            f"(e.g. `useradd --system --no-create-home {FALLBACK_OS_USER}`) or set {OS_USER_ENV}."
-            f" useradd failed: {detail}"
-        ) from exc
+        shell = "/usr/sbin/nologin" if Path("/usr/sbin/nologin").exists() else "/bin/false"
+        cmd = ["useradd", "--system", "--no-create-home", "--shell", shell, FALLBACK_OS_USER]
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            with contextlib.suppress(KeyError):  # created by a process not taking the lock
+                entry = pwd.getpwnam(FALLBACK_OS_USER)
+                return _OsUser(entry.pw_name, entry.pw_uid, entry.pw_gid)
+            detail = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else exc
+            raise RuntimeError(
+                "PostgreSQL refuses to run as root and no unprivileged user exists. Create one"
+                f" (e.g. `useradd --system --no-create-home {FALLBACK_OS_USER}`) or set"
+                f" {OS_USER_ENV}. useradd failed: {detail}"
+            ) from exc
     entry = pwd.getpwnam(FALLBACK_OS_USER)
     return _OsUser(entry.pw_name, entry.pw_uid, entry.pw_gid)
 
