@@ -132,7 +132,8 @@ class SinkChannel:
                 try:
                     await self._stream_once()
                 except (grpc.aio.AioRpcError, ConnectionError, OSError) as exc:
-                    self._last_error = f"{type(exc).__name__}: {getattr(exc, 'details', str)()}"
+                    details = getattr(exc, "details", exc.__str__)()  # gRPC errors have details()
+                    self._last_error = f"{type(exc).__name__}: {details}"
                     log.warning("sink.stream_lost", sink=self.sink_id, error=self._last_error)
                 finally:
                     self._connected = False
