@@ -16,10 +16,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m services.demo
 
+# The suite mostly waits on PostgreSQL servers and cdc processes, so more pytest-xdist
+# workers than cores pays: on 2 cores, 4 workers took 239 s, 2 took 315 s, serial 446 s.
+# Each worker starts its own PostgreSQL server. TEST_WORKERS=0 runs serially; ARGS: more
+# pytest options (e.g. ARGS='-m "not slow and not e2e"').
+TEST_WORKERS ?= 4
+
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m mypy
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist worksteal $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -20,7 +20,8 @@ import yaml
 from bench import profile, workload
 from bench.procstats import ProcessStats, Sampler
 from bench.stats import latency_summary_ms
-from services.stack.postgres import PostgresServer, find_free_port
+from services.net import find_free_port
+from services.stack.postgres import PostgresServer
 
 REPO = Path(__file__).resolve().parents[1]
 

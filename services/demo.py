@@ -24,7 +24,8 @@ from pathlib import Path
 import psycopg
 import yaml
 
-from services.stack.postgres import PostgresServer, find_free_port
+from services.net import find_free_port
+from services.stack.postgres import PostgresServer
 from services.supervisor import cdc_command
 
 TABLES = ("public.orders", "public.customers")

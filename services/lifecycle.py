@@ -16,9 +16,14 @@ import errno
 import fcntl
 import os
 import signal
+import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+import structlog
 
 EXIT_OK = 0
 EXIT_STARTUP = 2  # configuration or startup error: restarting will not help
@@ -211,3 +216,49 @@ def ingest_drain_seconds(total: float) -> float:
     in-flight batches. The rest covers confirming the final position, the process exit and,
     under `cdc run`, stopping the sinks afterwards."""
     return max(0.5, total - sink_stop_seconds(total) - min(3.0, 0.1 * total))
+
+
+# ------------------------------------------------------------------- the last resort
+
+# Past a stage's part of the budget: time to log, exit and let the supervisor notice.
+WATCHDOG_MARGIN_SECONDS = 3.0
+
+
+def ingest_stop_seconds(total: float) -> float:
+    """Of a shutdown budget of `total` seconds, the ingest stage's part: everything but the
+    sinks' part (which comes after it under `cdc run`)."""
+    return total - sink_stop_seconds(total)
+
+
+def start_shutdown_watchdog(
+    stage: str, budget_seconds: float, exit_code: int = EXIT_DRAIN_INCOMPLETE
+) -> threading.Thread:
+    """Once a stop is requested: end the process with `exit_code` if it still runs
+    `budget_seconds` + WATCHDOG_MARGIN_SECONDS later, logging ``process.shutdown_forced``.
+
+    A daemon thread, so it works whatever the event loop does (a task that ignores its
+    cancel, a blocking call). It never fires on a stop that keeps to its budget; an exit
+    before it does not wait for it. Nothing acked is lost by it: what was not confirmed is
+    redelivered on the next start.
+    """
+    limit = budget_seconds + WATCHDOG_MARGIN_SECONDS
+    started = time.monotonic()
+
+    def watch() -> None:
+        time.sleep(limit)
+        with contextlib.suppress(Exception):
+            structlog.get_logger(__name__).error(
+                "process.shutdown_forced",
+                stage=stage,
+                after_seconds=round(time.monotonic() - started, 1),
+                budget_seconds=budget_seconds,
+                exit_code=exit_code,
+            )
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(exit_code)
+
+    thread = threading.Thread(target=watch, name=f"shutdown-watchdog-{stage}", daemon=True)
+    thread.start()
+    return thread

@@ -42,7 +42,7 @@ async def pipeline_health(
     if pipeline is not None:
         for sink in pipeline.enabled_sinks:
             try:
-                writer = SinkContainer(pipeline=pipeline, sink=sink).writer()
+                writer = SinkContainer(pipeline=pipeline, sink=sink, platform=platform).writer()
             except RuntimeError as exc:
                 components.append(
                     ComponentHealth(f"sink:{sink.sink_id}", Status.ERROR, {"error": str(exc)})

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from services import lifecycle
-from services.stack.postgres import find_free_port
+from services.net import find_free_port
 
 log = structlog.get_logger(__name__)
 

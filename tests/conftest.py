@@ -1,6 +1,8 @@
 """Suite-wide fixtures: real PostgreSQL servers (no Docker) from services.stack.postgres.
 
-* ``pg_server`` (session): one started server shared by the whole run.
+* ``pg_server`` (session): one started server shared by the whole run, or by one worker of a
+  parallel run (``-n``: each pytest-xdist worker is its own session, with its own server on
+  its own port and directory; ports come from services.net, which keeps workers' picks apart).
 * ``pg`` (function): the shared server plus isolation: ``pg.new_database(prefix)`` creates a
   uniquely named database that is dropped, with its replication slots, after the test.
 * ``fresh_pg_server`` (function): a dedicated server for tests that restart, kill or
@@ -24,16 +26,12 @@ if str(_ROOT) not in sys.path:  # the project is not necessarily pip-installed
 from services.stack.postgres import PostgresServer  # noqa: E402
 from tests.support.postgres import PgTestContext  # noqa: E402
 
-_DIR_MARKERS = {"integration": "integration", "e2e": "e2e"}
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "integration: talks to real servers started by the test")
-    config.addinivalue_line("markers", "e2e: drives real cdc processes")
+# Markers are declared in pyproject.toml; `slow` is put on the tests themselves.
+_DIR_MARKERS = {"integration": "integration", "e2e": "e2e", "deploy": "deploy"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests under tests/integration and tests/e2e get the marker of their directory."""
+    """Tests under tests/integration, tests/e2e and tests/deploy get their directory's marker."""
     tests_dir = Path(__file__).resolve().parent
     for item in items:
         try:

@@ -11,7 +11,7 @@ file with its path and line; ``str(err)`` prints one line per problem.
 """
 
 from .errors import ConfigError, ConfigProblem, format_path
-from .loader import load_pipeline, load_platform, loads_pipeline, loads_platform
+from .loader import config_error, load_pipeline, load_platform, loads_pipeline, loads_platform
 from .naming import derive_publication_name, derive_slot_name, pg_safe_name
 from .pipeline import (
     ALL_OPERATIONS,
@@ -83,6 +83,7 @@ __all__ = [
     "WalReaderConfig",
     "WebhookSinkConfig",
     "compatibility_problems",
+    "config_error",
     "derive_publication_name",
     "derive_slot_name",
     "format_path",

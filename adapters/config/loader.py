@@ -6,7 +6,7 @@ import difflib
 import os
 import re
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -83,6 +83,36 @@ def loads_platform(
         text, file, env, "transport_mode and the sections it needs; {} for all defaults"
     )
     return _validate(PlatformConfig, doc, file)
+
+
+def config_error(
+    path: str | Path | None,
+    problems: Sequence[tuple[Loc, str]],
+    env: Mapping[str, str] | None = None,
+    *,
+    default_file: str = "platform.yaml",
+) -> ConfigError:
+    """A ConfigError for problems found after loading (e.g. by the adapter registry:
+    services/registry.py), each with the line of its path in the file. ``path`` None: the
+    built-in defaults (no lines)."""
+    if path is None:
+        return ConfigError(
+            f"{default_file} (built-in defaults)",
+            [ConfigProblem(format_path(loc), None, msg) for loc, msg in problems],
+        )
+    try:
+        doc: ParsedDocument | None = _document(_read(path), str(path), env, "")
+    except ConfigError:
+        doc = None
+    return ConfigError(
+        str(path),
+        _sorted(
+            [
+                ConfigProblem(format_path(loc), doc.line_of(loc) if doc else None, msg)
+                for loc, msg in problems
+            ]
+        ),
+    )
 
 
 def _read(path: str | Path) -> str:

@@ -145,6 +145,14 @@ class SourceConfig(ConfigModel):
                         f"not {self.source_type}; remove it",
                     )
                 )
+        if self.heartbeat_mode == "none" and self.explicitly_set("heartbeat_interval_seconds"):
+            problems.append(
+                (
+                    ("heartbeat_interval_seconds",),
+                    "heartbeat_mode none sends no heartbeats, so nothing reads this interval;"
+                    " remove it (or choose heartbeat_mode message or table)",
+                )
+            )
         if self.source_type == "mysql" and self.mysql_server_id is None:
             problems.append(
                 (

@@ -249,6 +249,10 @@ class IngestConfig(ConfigModel):
     batch_max_delay_ms: NonNegativeInt = 20
     max_in_flight_batches: PositiveInt = 8
     grpc_port: Port = 50050
+    # How long the oldest unacked batch of a sink stream may wait, while the sink does not
+    # answer its health check either, before the stream and its connection are dropped and
+    # reopened (unacked batches resent in order). See docs/configuration.md.
+    ack_timeout_seconds: float = Field(default=20.0, ge=2.0, le=3600.0)
 
 
 class GrpcTlsConfig(ConfigModel):

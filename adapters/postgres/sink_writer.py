@@ -74,6 +74,7 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from adapters.config.pipeline import CHANGE_LOG_SUFFIX, PostgresSinkConfig
+from adapters.config.platform import RetryConfig
 from adapters.postgres.copy_text import copy_buffer, copy_escape
 from adapters.postgres.dead_letter import (
     DEAD_LETTER_TABLE,
@@ -115,8 +116,6 @@ _APPEND_META: Final[tuple[tuple[str, str], ...]] = (
     ("_before", "jsonb"),
 )
 
-_RETRY_INITIAL_SECONDS: Final = 0.2
-_RETRY_MAX_SECONDS: Final = 10.0
 _HEALTH_TIMEOUT_SECONDS: Final = 2.0
 _CHECK_IDLE_SECONDS: Final = 1.0  # a connection idle longer is checked before a write
 
@@ -251,8 +250,21 @@ class PostgresSinkWriter:
 
     guarantee = Guarantee.EXACTLY_ONCE_EFFECT
 
-    def __init__(self, settings: PostgresSinkConfig, pipeline_id: str, sink_id: str) -> None:
+    def __init__(
+        self,
+        settings: PostgresSinkConfig,
+        pipeline_id: str,
+        sink_id: str,
+        *,
+        retry: RetryConfig | None = None,
+    ) -> None:
+        """``retry`` (platform.yaml ``retry``): the backoff between attempts of a batch that
+        failed on a connection problem; after ``max_attempts`` the write raises
+        SinkUnavailableError (the batch is rejected, the ingest resends it). None: retry
+        with the same backoff until the database answers or stop() is called."""
         self._settings = settings
+        self._retry = retry if retry is not None else RetryConfig()
+        self._retry_forever = retry is None
         self._pipeline_id = pipeline_id
         self._sink_id = sink_id
         self._schema = settings.target_schema
@@ -322,7 +334,10 @@ class PostgresSinkWriter:
         acquired = False
         wait = max(5.0, 2 * float(self._settings.connect_timeout_seconds))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._lock.acquire(), wait)
+            # not wait_for: on 3.11 it can swallow a cancel (or, cancelled as the lock is
+            # granted, lose the acquired lock)
+            async with asyncio.timeout(wait):
+                await self._lock.acquire()
             acquired = True
         try:
             if self._pool is not None:
@@ -408,7 +423,8 @@ class PostgresSinkWriter:
     ) -> WriteResult:
         """`events`: a part of the batch's changes; None: the whole batch, from its blocks
         where the columnar path applies."""
-        backoff = _RETRY_INITIAL_SECONDS
+        policy = self._retry
+        backoff = policy.initial_wait_seconds
         attempt = 0
         while True:
             if self._stopping.is_set() or self._pool is None:
@@ -421,8 +437,13 @@ class PostgresSinkWriter:
                     self._last_error = _describe(exc)
                     if self._stopping.is_set():
                         raise SinkUnavailableError(self._unavailable_message()) from exc
+                    if not self._retry_forever and attempt >= policy.max_attempts:
+                        raise SinkUnavailableError(
+                            f"postgres sink {self._sink_id}: gave up after {attempt} attempts"
+                            f" (retry.max_attempts): {self._last_error}"
+                        ) from exc
                     self.retries += 1
-                    delay = backoff * random.uniform(0.75, 1.25)
+                    delay = backoff * random.uniform(0.75, 1.25) if policy.jitter else backoff
                     log.warning(
                         "postgres_sink.write_retry",
                         sink_id=self._sink_id,
@@ -433,7 +454,7 @@ class PostgresSinkWriter:
                         retry_in=round(delay, 2),
                     )
                     await self._sleep_or_stop(delay)
-                    backoff = min(backoff * 2, _RETRY_MAX_SECONDS)
+                    backoff = min(backoff * policy.multiplier, policy.max_wait_seconds)
                     continue
                 if isinstance(exc, psycopg.Error):
                     # Not about one event (offsets or dead-letter table, privileges...).
@@ -458,7 +479,8 @@ class PostgresSinkWriter:
 
     async def _sleep_or_stop(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+            async with asyncio.timeout(seconds):  # not wait_for: it can swallow a cancel
+                await self._stopping.wait()
 
     async def _write_once(
         self,

@@ -400,8 +400,12 @@ class PostgresWalSource:
                 ready.set_result(None)
 
         loop.add_reader(fd, wake)
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns normally when the
+        # socket turns readable in the loop iteration that cancels this task (CPython
+        # gh-86296), so a cancelled read loop would carry on (and block on a gone sink).
         try:
-            await asyncio.wait_for(ready, timeout)
+            async with asyncio.timeout(timeout):
+                await ready
         except TimeoutError:
             pass
         finally:
@@ -651,7 +655,8 @@ class PostgresWalSource:
 
     async def _sleep_or_stop(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+            async with asyncio.timeout(seconds):  # not wait_for: it can swallow a cancel
+                await self._stopping.wait()
 
     # -- background: heartbeats, signals, watermarked chunk reads ------------------------
 

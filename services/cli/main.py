@@ -21,6 +21,31 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     return pipeline, platform
 
 
+def _adapter_errors(args: argparse.Namespace, pipeline: Any, platform: Any) -> list[Any]:
+    """What services/registry.py refuses (a transport or enabled sink type without an adapter,
+    a setting nothing would read), as ConfigErrors with file and line."""
+    from adapters.config import config_error
+    from services import registry
+
+    found = registry.check(pipeline, platform)
+    errors = []
+    if found.platform:
+        errors.append(config_error(args.platform_config, found.platform))
+    if found.pipeline:
+        errors.append(config_error(args.pipeline, found.pipeline))
+    return errors
+
+
+def _refuse_unsupported(args: argparse.Namespace, pipeline: Any, platform: Any) -> None:
+    """For the commands that start stages: one StartupError (exit 2, one line) naming every
+    refused setting."""
+    from services.lifecycle import StartupError
+
+    errors = _adapter_errors(args, pipeline, platform)
+    if errors:
+        raise StartupError("; ".join(str(e).replace("\n", "; ") for e in errors))
+
+
 def _parse_endpoints(values: Sequence[str], env_var: str = "CDC_SINK_ENDPOINTS") -> dict[str, str]:
     items = list(values)
     env = os.environ.get(env_var, "")
@@ -36,13 +61,12 @@ def _parse_endpoints(values: Sequence[str], env_var: str = "CDC_SINK_ENDPOINTS")
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from services.ops import SourceChecksSkipped, source_warnings
-    from services.sink.container import unavailable_sinks
 
     pipeline, platform = _load(args)
-    missing_writers = unavailable_sinks(pipeline)
-    if missing_writers:
-        for problem in missing_writers:
-            print(f"error: {args.pipeline}: {problem}", file=sys.stderr)
+    errors = _adapter_errors(args, pipeline, platform)
+    if errors:
+        for error in errors:
+            print(f"error: not supported by this release\n{error}", file=sys.stderr)
         return EXIT_CONFIG
     print(
         f"ok: pipeline '{pipeline.pipeline_id}' ({len(pipeline.enabled_sinks)} enabled sink(s)),"
@@ -63,6 +87,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     pipeline, platform = _load(args)
     setup_logging(f"ingest:{pipeline.pipeline_id}")
+    _refuse_unsupported(args, pipeline, platform)
     endpoints = _parse_endpoints(args.sink_endpoint or [])
     http = _parse_endpoints(args.sink_http_endpoint or [], "CDC_SINK_HTTP_ENDPOINTS")
     return asyncio.run(run_ingest(pipeline, platform, endpoints, args.grpc_port, http))
@@ -79,22 +104,21 @@ def cmd_sink(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(f"sink:{args.sink_id}")
+    _refuse_unsupported(args, pipeline, platform)
     return asyncio.run(run_sink(pipeline, platform, args.sink_id, args.port, args.http_port))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from services import security
-    from services.lifecycle import PipelineLock, StartupError
+    from services.lifecycle import PipelineLock
     from services.logging import setup_logging
-    from services.sink.container import unavailable_sinks
     from services.supervisor import Supervisor
 
     pipeline, platform = _load(args)
     # A bad listen host or TLS file fails here once, not in every restarted stage.
     security.check_startup(platform)
-    missing_writers = unavailable_sinks(pipeline)
-    if missing_writers:
-        raise StartupError(f"{args.pipeline}: " + "; ".join(missing_writers))
+    # So does a transport, sink type or setting this release has no adapter for.
+    _refuse_unsupported(args, pipeline, platform)
     # One `cdc run` per pipeline on this machine (PipelineRunningError: exit 2, in main()).
     lock = PipelineLock(pipeline.pipeline_id).acquire()
     setup_logging(f"run:{pipeline.pipeline_id}")

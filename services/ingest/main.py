@@ -51,6 +51,7 @@ async def run_ingest(
             on_ack=lambda s, a: service.on_ack(s, a),
             credentials=credentials,
             options=security.channel_options(platform.grpc_tls),
+            ack_timeout=platform.ingest.ack_timeout_seconds,
         )
         for sink_id in router.sink_ids
     }
@@ -104,12 +105,21 @@ async def run_ingest(
 
     refresher = asyncio.create_task(refresh_health())
     loop = asyncio.get_running_loop()
+    watchdog: list[object] = []
+
+    def request_stop() -> None:
+        # Last resort: whatever the stop hangs on, the process ends within its budget.
+        if not watchdog:
+            budget = lifecycle.ingest_stop_seconds(platform.shutdown_timeout_seconds)
+            watchdog.append(lifecycle.start_shutdown_watchdog("ingest", budget))
+        service.request_stop()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, service.request_stop)
+        loop.add_signal_handler(sig, request_stop)
 
     def orphaned() -> None:
         log.warning("ingest.orphaned", reason="the supervising `cdc run` is gone; stopping")
-        service.request_stop()
+        request_stop()
 
     lifecycle.watch_parent(loop, orphaned)
     try:

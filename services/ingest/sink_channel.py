@@ -37,6 +37,25 @@ log = structlog.get_logger(__name__)
 
 AckHandler = Callable[[str, DeliveryAck], Awaitable[None]]
 
+# HTTP/2 keepalive: a ping every 10 s, the connection dropped when one is not answered
+# within 10 s, so a half-open connection (a vanished peer, a route dropping packets) is
+# noticed within about 20 s while the stream is idle. The sink allows pings this often
+# (services/sink/server.py). Under load it is not enough: once the socket's send buffer is
+# full, gRPC cannot write the ping at all and its timeout never starts; the ack timeout
+# covers that.
+KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+DEFAULT_ACK_TIMEOUT_SECONDS = 20.0  # platform.yaml ingest.ack_timeout_seconds
+
+
+class AckTimeoutError(ConnectionError):
+    """The oldest unacked batch waited longer than the ack timeout while the sink did not
+    answer its health check: the stream and its connection are dropped."""
+
 
 class SinkChannel:
     def __init__(
@@ -47,6 +66,7 @@ class SinkChannel:
         on_ack: AckHandler,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, str]] = (),
+        ack_timeout: float = DEFAULT_ACK_TIMEOUT_SECONDS,
     ) -> None:
         self.sink_id = sink_id
         self.target = target
@@ -70,6 +90,10 @@ class SinkChannel:
         self._wire_refused: str | None = None
         self.acked_batches = 0
         self.last_ack_monotonic = time.monotonic()
+        # Since when the oldest unacked batch could have been written by the sink: its send,
+        # the ack of the one before it, or the (re)start of the stream that resent it.
+        self._ack_timeout = ack_timeout
+        self._oldest_since = time.monotonic()
 
     @property
     def name(self) -> str:
@@ -96,6 +120,8 @@ class SinkChannel:
         else:
             message = batch
         await self._credits.acquire()
+        if not self._unacked:
+            self._oldest_since = time.monotonic()
         self._unacked[message.batch_id] = message
         self._outbox.put_nowait(message)
 
@@ -158,6 +184,10 @@ class SinkChannel:
             options: list[tuple[str, Any]] = [
                 ("grpc.max_receive_message_length", 256 << 20),
                 ("grpc.max_send_message_length", 256 << 20),
+                *KEEPALIVE_OPTIONS,
+                # Its own connection, not one shared through gRPC's global subchannel pool:
+                # closing this channel after an ack timeout must close the stuck connection.
+                ("grpc.use_local_subchannel_pool", 1),
                 *self._options,
             ]
             if self._credentials is None:
@@ -173,10 +203,11 @@ class SinkChannel:
         self._outbox = asyncio.Queue()
         for batch in self._unacked.values():
             self._outbox.put_nowait(batch)
+        self._oldest_since = time.monotonic()
         writer = asyncio.create_task(self._write_loop(call, self._outbox))
         try:
             while True:
-                ack = await call.read()
+                ack = await self._next_ack(call)
                 if ack is grpc.aio.EOF:
                     raise ConnectionError("sink closed the stream")
                 self._connected = True
@@ -213,6 +244,43 @@ class SinkChannel:
         )
         raise ConnectionError(message)
 
+    async def _next_ack(self, call: Any) -> Any:
+        """The next message of the stream. Raises AckTimeoutError, after closing the channel
+        (its connection is the stuck one; a new stream on it would be stuck too), when the
+        oldest unacked batch has waited longer than the ack timeout and the sink does not
+        answer its health check either: a half-open connection or a hung peer. A sink that
+        answers is only slow (a big batch, its database down and its writes retrying): it
+        acks or rejects the batch in its own time."""
+        read = asyncio.ensure_future(call.read())
+        try:
+            while True:
+                done, _ = await asyncio.wait({read}, timeout=1.0)
+                if done:
+                    return read.result()
+                waited = time.monotonic() - self._oldest_since
+                answering = not self._sink_status.startswith("UNREACHABLE")
+                if self._unacked and waited > self._ack_timeout and not answering:
+                    log.warning(
+                        "sink.ack_timeout",
+                        sink=self.sink_id,
+                        unacked=len(self._unacked),
+                        waited_seconds=round(waited, 1),
+                        ack_timeout_seconds=self._ack_timeout,
+                        serving=self._sink_status,
+                    )
+                    channel, self._channel = self._channel, None
+                    if channel is not None:
+                        with contextlib.suppress(Exception):
+                            async with asyncio.timeout(5):
+                                await channel.close()
+                    raise AckTimeoutError(
+                        f"no ack for {waited:.0f} s (ingest.ack_timeout_seconds"
+                        f" {self._ack_timeout:g}) and no answer to health checks: reconnecting"
+                    )
+        finally:
+            if not read.done():
+                read.cancel()
+
     async def _write_loop(self, call: Any, outbox: asyncio.Queue[events_pb2.EventBatch]) -> None:
         while True:
             batch = await outbox.get()
@@ -226,6 +294,9 @@ class SinkChannel:
             # Not processed: keep it; it is resent on the next stream.
             raise ConnectionError(f"sink rejected batch {ack.batch_id}: {ack.error}")
         batch_id = ack.batch_id
+        if ack.durable_positions or batch_id in self._unacked:
+            # The sink answers on this connection: the ack timeout starts again.
+            self._oldest_since = time.monotonic()
         if ack.durable_positions:
             await self._release_durable(ack)
         if batch_id not in self._unacked:
@@ -290,4 +361,6 @@ class SinkChannel:
                     )
             except grpc.aio.AioRpcError as exc:
                 self._sink_status = f"UNREACHABLE ({exc.code().name})"
+            except grpc.aio.UsageError:
+                pass  # the channel was closed after an ack timeout; the next one is polled
             await asyncio.sleep(1.0)

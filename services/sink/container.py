@@ -1,4 +1,5 @@
-"""The sink process's composition root: picks the SinkWriter for `sink_type`."""
+"""The sink process's composition root: the SinkWriter of `sink_type`, built from the adapter
+registry (services/registry.py)."""
 
 from __future__ import annotations
 
@@ -6,51 +7,42 @@ from typing import Any
 
 from dependency_injector import containers, providers
 
-from adapters.config import PipelineConfig
+from adapters.config import PipelineConfig, PlatformConfig
 from adapters.config.pipeline import SinkConfig
-from adapters.postgres.sink_writer import PostgresSinkWriter
+from services import registry
 
 
 class SinkNotAvailableError(RuntimeError):
-    pass
+    """The sink type is valid configuration but this release has no writer for it
+    (`cdc validate` refuses an enabled one first: registry.check)."""
 
 
 def _not_available(sink_type: str) -> Any:
     raise SinkNotAvailableError(
-        f"sink_type '{sink_type}' is valid configuration, but this release has no writer "
-        "for it yet; use sink_type: postgres"
+        f"sink_type '{sink_type}' has no writer in this release; available: "
+        f"{', '.join(registry.available_sink_types())}"
     )
 
 
-def build_postgres(pipeline: PipelineConfig, sink: SinkConfig) -> PostgresSinkWriter:
-    assert sink.postgres is not None
-    return PostgresSinkWriter(sink.postgres, pipeline.pipeline_id, sink.sink_id)
+# Derived from the registry (services/sink/server.py reads it).
+AVAILABLE_SINK_TYPES = registry.available_sink_types()
+
+
+def _writers(pipeline: Any, sink: Any, platform: Any) -> dict[str, Any]:
+    """One provider per registered sink type: its SinkWriter, or the refusal."""
+    return {
+        name: providers.Callable(_not_available, name)
+        if adapter.writer is None
+        else providers.Singleton(adapter.writer, pipeline, sink, platform)
+        for name, adapter in registry.SINKS.items()
+    }
 
 
 class SinkContainer(containers.DeclarativeContainer):
     pipeline = providers.Dependency(instance_of=PipelineConfig)
     sink = providers.Dependency(instance_of=SinkConfig)
+    platform = providers.Dependency(instance_of=PlatformConfig)
 
     writer = providers.Selector(
-        providers.Callable(lambda s: s.sink_type, sink),
-        postgres=providers.Singleton(build_postgres, pipeline, sink),
-        webhook=providers.Callable(_not_available, "webhook"),
-        iceberg=providers.Callable(_not_available, "iceberg"),
+        providers.Callable(lambda s: s.sink_type, sink), **_writers(pipeline, sink, platform)
     )
-
-
-# sink_types this release has a writer for; the others are valid configuration only.
-AVAILABLE_SINK_TYPES = ("postgres",)
-
-
-def unavailable_sinks(pipeline: PipelineConfig) -> list[str]:
-    """One message per enabled sink whose sink_type has no writer in this release, naming
-    `sinks[i].sink_type` (`cdc validate` and `cdc run` refuse them)."""
-    problems = []
-    for index, sink in enumerate(pipeline.sinks):
-        if sink.enabled and sink.sink_type not in AVAILABLE_SINK_TYPES:
-            problems.append(
-                f"sinks[{index}].sink_type: '{sink.sink_type}' (sink '{sink.sink_id}') has no "
-                f"writer in this release; available: {', '.join(AVAILABLE_SINK_TYPES)}"
-            )
-    return problems

@@ -224,7 +224,7 @@ async def run_sink(
             f"sinks[{index}].sink_type: '{sink.sink_type}' (sink '{sink_id}') has no writer in "
             f"this release; available: {', '.join(AVAILABLE_SINK_TYPES)}"
         )
-    container = SinkContainer(pipeline=pipeline, sink=sink)
+    container = SinkContainer(pipeline=pipeline, sink=sink, platform=platform)
     writer: SinkWriter = container.writer()
     tracing.setup_tracing(
         f"{platform.tracing.service_name_prefix}-sink-{sink_id}", platform.tracing.otlp_endpoint
@@ -234,6 +234,11 @@ async def run_sink(
         options=[
             ("grpc.max_receive_message_length", 256 << 20),
             ("grpc.max_send_message_length", 256 << 20),
+            # The ingest pings every 10 s to notice a half-open connection
+            # (services/ingest/sink_channel.py KEEPALIVE_OPTIONS): allow it, or the server
+            # would answer with GOAWAY (too_many_pings) and drop the stream.
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
         ]
     )
     metrics = SinkMetrics(pipeline.pipeline_id, sink_id)
@@ -303,12 +308,14 @@ async def run_sink(
 
     watcher = asyncio.create_task(watch_health())
     await stop.wait()
+    # Finish the batch in hand; an unacked batch is resent by the ingest service later.
+    # All within this stage's part of the shutdown budget (services/lifecycle.py), which a
+    # watchdog thread enforces whatever the stop hangs on.
+    budget = lifecycle.sink_stop_seconds(platform.shutdown_timeout_seconds)
+    lifecycle.start_shutdown_watchdog(f"sink:{sink_id}", max(budget, 1.5))
     watcher.cancel()
     state.update({"status": "stopping", "ready": False, "sink_id": sink_id})
     await set_status(health, False, "cdc.v2.SinkService")
-    # Finish the batch in hand; an unacked batch is resent by the ingest service later.
-    # All within this stage's part of the shutdown budget (services/lifecycle.py).
-    budget = lifecycle.sink_stop_seconds(platform.shutdown_timeout_seconds)
     await server.stop(grace=max(0.5, budget - 1.5))
     try:
         await asyncio.wait_for(writer.stop(), timeout=1.0)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import importlib.util
 import json
 import logging
@@ -37,7 +38,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -56,10 +56,11 @@ from psycopg import errors, sql
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import TupleRow
 
+from services.net import find_free_port
+
 __all__ = [
     "DEFAULT_SETTINGS",
     "PostgresServer",
-    "find_free_port",
     "find_postgres_bin_dir",
     "reap_orphans",
 ]
@@ -101,7 +102,7 @@ _BIND_ERRORS: Final = (
 )
 
 
-# --------------------------------------------------------------------------- binaries, ports
+# --------------------------------------------------------------------------- binaries
 
 
 def find_postgres_bin_dir() -> Path:
@@ -160,23 +161,6 @@ def _has_server_binaries(path: Path) -> bool:
     )
 
 
-_ISSUED_PORTS: set[int] = set()
-_ISSUED_PORTS_LOCK = threading.Lock()
-
-
-def find_free_port(host: str = HOST) -> int:
-    """A TCP port on ``host`` that is free now and not handed out before by this process."""
-    with _ISSUED_PORTS_LOCK:
-        for _ in range(50):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.bind((host, 0))
-                port = int(sock.getsockname()[1])
-            if port not in _ISSUED_PORTS:
-                _ISSUED_PORTS.add(port)
-                return port
-    raise RuntimeError(f"could not find a free TCP port on {host}")
-
-
 # --------------------------------------------------------------------------- OS user
 
 
@@ -202,20 +186,27 @@ def _server_os_user() -> _OsUser | None:
             return _OsUser(entry.pw_name, entry.pw_uid, entry.pw_gid)
     if configured:
         raise RuntimeError(f"{OS_USER_ENV}={configured}: no such OS user")
-    shell = "/usr/sbin/nologin" if Path("/usr/sbin/nologin").exists() else "/bin/false"
-    cmd = ["useradd", "--system", "--no-create-home", "--shell", shell, FALLBACK_OS_USER]
-    try:
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        with contextlib.suppress(KeyError):  # created concurrently by another process
+    # Parallel test workers start their servers at the same moment: one useradd at a time
+    # (a concurrent useradd fails on the locked /etc/passwd before the other's user exists).
+    with (Path(tempfile.gettempdir()) / "cdc-pg-useradd.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with contextlib.suppress(KeyError):  # created meanwhile by another process
             entry = pwd.getpwnam(FALLBACK_OS_USER)
             return _OsUser(entry.pw_name, entry.pw_uid, entry.pw_gid)
-        detail = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else exc
-        raise RuntimeError(
-            "PostgreSQL refuses to run as root and no unprivileged user exists. Create one "
-            f"(e.g. `useradd --system --no-create-home {FALLBACK_OS_USER}`) or set {OS_USER_ENV}."
-            f" useradd failed: {detail}"
-        ) from exc
+        shell = "/usr/sbin/nologin" if Path("/usr/sbin/nologin").exists() else "/bin/false"
+        cmd = ["useradd", "--system", "--no-create-home", "--shell", shell, FALLBACK_OS_USER]
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            with contextlib.suppress(KeyError):  # created by a process not taking the lock
+                entry = pwd.getpwnam(FALLBACK_OS_USER)
+                return _OsUser(entry.pw_name, entry.pw_uid, entry.pw_gid)
+            detail = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else exc
+            raise RuntimeError(
+                "PostgreSQL refuses to run as root and no unprivileged user exists. Create one"
+                f" (e.g. `useradd --system --no-create-home {FALLBACK_OS_USER}`) or set"
+                f" {OS_USER_ENV}. useradd failed: {detail}"
+            ) from exc
     entry = pwd.getpwnam(FALLBACK_OS_USER)
     return _OsUser(entry.pw_name, entry.pw_uid, entry.pw_gid)
 

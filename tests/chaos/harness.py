@@ -35,14 +35,15 @@ from typing import Any
 
 import psycopg
 import yaml
+from psycopg.types.json import Jsonb
 
+from adapters.postgres.catalog import parse_lsn
 from services.stack.postgres import PostgresServer
 from tests.support.pipeline import (
     REPO,
     CommitAudit,
     PipelineFiles,
     http_status,
-    parse_lsn,
     wait_until,
     write_configs,
 )
@@ -293,7 +294,7 @@ class Workload:
                     key,
                     rng.randint(1, 10**6) / 100,
                     "memo\twith tab" if rng.random() < 0.1 else None,
-                    psycopg.types.json.Jsonb({"k": key, "r": rng.random()}),
+                    Jsonb({"k": key, "r": rng.random()}),
                 ),
             )
         index = rng.randrange(len(live))

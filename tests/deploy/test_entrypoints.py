@@ -172,7 +172,6 @@ def test_image_entrypoints_start_and_answer_grpc_health(pg: Any, tmp_path: Path)
     (config / "pipeline.yaml").write_text(
         f"""\
 pipeline_id: deploy-entrypoints
-topic_prefix: cdc
 source:
   source_type: postgres
   host: ${{CDC_SOURCE_HOST}}

@@ -20,6 +20,7 @@ from typing import Any
 
 import psutil
 import psycopg
+import pytest
 import yaml
 
 from adapters.postgres.pgoutput import PgOutputDecoder
@@ -393,6 +394,7 @@ def _chunk_digests(dsn: str, table: str, chunk: int = 50_000) -> list[tuple[Any,
         ).fetchall()
 
 
+@pytest.mark.slow
 def test_one_million_row_transaction_with_bounded_memory(pg, tmp_path: Path) -> None:
     table = "public.bulk"
     source_dsn, replica_dsn, files = pipeline_with_ddl(
@@ -596,6 +598,7 @@ def _cdc_run(files: PipelineFiles, log_path: Path) -> Iterator[subprocess.Popen[
     assert code == 0, log_path.read_text()[-4000:]
 
 
+@pytest.mark.slow
 def test_undeploy_drops_slot_and_publication_keeps_data_and_run_recreates_them(
     pg, tmp_path: Path
 ) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 import yaml
 
 from tests.support.pipeline import (
@@ -264,6 +265,7 @@ def _assert_no_error_text_while_ready(files: PipelineFiles, seconds: float = 3.0
     assert samples > 0
 
 
+@pytest.mark.slow
 def test_sigterm_with_the_sink_database_down_exits_3_within_the_budget(
     pg: Any, pg_server_factory: Any, tmp_path: Path
 ) -> None:
@@ -335,6 +337,7 @@ def test_sigterm_with_the_sink_database_down_exits_3_within_the_budget(
 # ---------------------------------------------------------------------------- undeploy
 
 
+@pytest.mark.slow
 def test_undeploy_refuses_a_running_pipeline_and_works_once_it_stopped(
     pg: Any, tmp_path: Path
 ) -> None:

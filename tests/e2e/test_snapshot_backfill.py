@@ -244,12 +244,10 @@ def test_backfill_of_a_table_the_pipeline_does_not_capture_exits_2(pg, tmp_path:
 def test_idle_watched_tables_do_not_retain_wal_while_another_table_is_busy(
     pg, tmp_path: Path, heartbeat_mode: str
 ) -> None:
+    # heartbeat_mode none reads no interval, and cdc refuses a setting nothing reads
+    interval = {} if heartbeat_mode == "none" else {"heartbeat_interval_seconds": 1.0}
     source_dsn, replica_dsn, files = _setup(
-        pg,
-        tmp_path,
-        snapshot_mode="never",
-        heartbeat_mode=heartbeat_mode,
-        heartbeat_interval_seconds=1.0,
+        pg, tmp_path, snapshot_mode="never", heartbeat_mode=heartbeat_mode, **interval
     )
     with psycopg.connect(source_dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE public.busy (id bigserial PRIMARY KEY, pad text)")

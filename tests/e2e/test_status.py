@@ -22,6 +22,14 @@ from tests.support.pipeline import (
 from tests.support.workload import TABLES
 
 
+def _interruptible() -> None:
+    """Runs in the child before exec: Ctrl-C (SIGINT) back to its default. A background job of
+    a non-interactive shell (`make test &`, a CI step under nohup) starts with SIGINT ignored,
+    children inherit that, and Python then installs no KeyboardInterrupt handler: `cdc status`
+    would keep running after the SIGINT this test sends, as a user's Ctrl-C never could."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_status_once_json_reports_a_running_pipeline(pg, tmp_path: Path) -> None:
     source_dsn, replica_dsn, files = new_pipeline(pg, tmp_path, snapshot_mode="never")
     log = (tmp_path / "run.log").open("wb")
@@ -111,6 +119,7 @@ def test_status_once_json_reports_a_running_pipeline(pg, tmp_path: Path) -> None
             stderr=subprocess.PIPE,
             text=True,
             cwd=REPO,
+            preexec_fn=_interruptible,
         )
         assert live.stdout is not None
         frames = [json.loads(live.stdout.readline()) for _ in range(2)]
@@ -124,6 +133,7 @@ def test_status_once_json_reports_a_running_pipeline(pg, tmp_path: Path) -> None
             stderr=subprocess.PIPE,
             text=True,
             cwd=REPO,
+            preexec_fn=_interruptible,
         )
         time.sleep(4.0)  # start-up, two scrapes, the first frame
         live.send_signal(signal.SIGINT)

@@ -25,8 +25,8 @@ from adapters.postgres.slot_monitor import (
 )
 from domain.health import Status
 from services.metrics import IngestMetrics
+from services.net import find_free_port
 from services.ops import slot_health
-from services.stack.postgres import find_free_port
 from tests.support.pipeline import (
     free_port,
     http_json,

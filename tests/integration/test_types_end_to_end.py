@@ -35,7 +35,7 @@ from adapters.postgres.pgoutput import PgOutputDecoder
 from domain import pgtypes
 from domain.events import UNCHANGED, Column, Operation, SourceEvent, TableSchema
 from domain.pgtypes import row_to_python, to_python
-from services.stack.postgres import find_free_port as free_port
+from services.net import find_free_port as free_port
 from tests.support.pipeline import (
     PipelineFiles,
     Stage,

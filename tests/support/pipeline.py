@@ -20,7 +20,7 @@ import psycopg
 import yaml
 
 from adapters.postgres.catalog import parse_lsn
-from services.stack.postgres import find_free_port as free_port
+from services.net import find_free_port as free_port
 
 REPO = Path(__file__).resolve().parents[2]
 

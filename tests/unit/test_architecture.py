@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import os
+import subprocess
 import sys
 import textwrap
 import tomllib
@@ -360,3 +361,128 @@ def test_relative_imports_resolve(
     root = _tree(tmp_path, {rel: source})
     (imp,) = imports_of(root / rel, root)
     assert imp.module == expected
+
+
+# --- production stages never reach the local-platform launchers (services.stack) ------------
+
+# `cdc run` and the stages it starts: none of them may import services.stack (the development
+# PostgreSQL launcher of the tests, `make demo` and `make bench`), at import time or later.
+PRODUCTION_ENTRY_MODULES = ("services.supervisor", "services.cli.main")
+PRODUCTION_PACKAGES = ("services.ingest", "services.sink")
+LOCAL_PLATFORM_PACKAGE = "services.stack"
+FIRST_PARTY = ("domain", "adapters", "services", "cdc_proto")
+
+
+def module_file(root: Path, module: str) -> Path | None:
+    base = root.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def first_party_imports(path: Path, root: Path) -> set[str]:
+    """The project modules a file imports anywhere in it (module level or inside functions):
+    `from pkg import name` counts as `pkg.name` when that is a module, else as `pkg`; the
+    packages above each module count too (importing a module runs their __init__)."""
+    found: set[str] = set()
+    tree = ast.parse(path.read_bytes(), filename=str(path))
+    for imp in imports_of(path, root):
+        if imp.top not in FIRST_PARTY:
+            continue
+        found.add(imp.module)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for alias in node.names:
+                candidate = f"{node.module}.{alias.name}"
+                if candidate.split(".")[0] in FIRST_PARTY and module_file(root, candidate):
+                    found.add(candidate)
+    with_parents = set(found)
+    for module in found:
+        parts = module.split(".")
+        with_parents.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    return {m for m in with_parents if module_file(root, m) is not None}
+
+
+def import_closure(root: Path, start: list[str]) -> dict[str, str]:
+    """Every project module reachable from `start`, each with the module that imports it."""
+    seen: dict[str, str] = {m: "" for m in start}
+    todo = list(start)
+    while todo:
+        module = todo.pop()
+        path = module_file(root, module)
+        if path is None:
+            continue
+        for dep in sorted(first_party_imports(path, root)):
+            if dep not in seen:
+                seen[dep] = module
+                todo.append(dep)
+    return seen
+
+
+def production_modules(root: Path) -> list[str]:
+    modules = list(PRODUCTION_ENTRY_MODULES)
+    for package in PRODUCTION_PACKAGES:
+        folder = root.joinpath(*package.split("."))
+        modules += [
+            f"{package}.{p.stem}" if p.stem != "__init__" else package
+            for p in sorted(folder.glob("*.py"))
+        ]
+    return [m for m in modules if module_file(root, m) is not None]
+
+
+def local_platform_reached(root: Path, start: list[str]) -> list[str]:
+    """`a <- b <- c` chains from a production module to services.stack, if any."""
+    closure = import_closure(root, start)
+    chains: list[str] = []
+    for module in sorted(closure):
+        if module == LOCAL_PLATFORM_PACKAGE or module.startswith(LOCAL_PLATFORM_PACKAGE + "."):
+            chain = [module]
+            while closure[chain[-1]]:
+                chain.append(closure[chain[-1]])
+            chains.append(" <- ".join(chain))
+    return chains
+
+
+def test_production_stages_never_import_the_local_platform_launchers() -> None:
+    start = production_modules(ROOT)
+    assert "services.supervisor" in start and "services.ingest.service" in start
+    assert "services.sink.server" in start and "services.cli.main" in start
+    assert local_platform_reached(ROOT, start) == []
+
+
+def test_importing_the_production_stages_loads_no_local_platform_module() -> None:
+    """The same at run time: import every production module in a fresh interpreter."""
+    modules = production_modules(ROOT)
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        f"print(sorted(m for m in sys.modules if m.startswith({LOCAL_PLATFORM_PACKAGE!r})))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_checker_follows_imports_inside_functions_to_the_local_platform(tmp_path: Path) -> None:
+    root = _tree(
+        tmp_path,
+        {
+            "services/__init__.py": "",
+            "services/net.py": "import socket\n",
+            "services/stack/__init__.py": "from services.stack.postgres import Server\n",
+            "services/stack/postgres.py": "from services.net import find_free_port\n",
+            "services/cli/__init__.py": "",
+            "services/cli/main.py": "def run():\n    from services import supervisor\n",
+            "services/supervisor.py": "from services.stack import postgres\n",
+            "services/clean.py": "from services import net\n",
+        },
+    )
+    chains = local_platform_reached(root, ["services.cli.main"])
+    assert chains == [
+        "services.stack <- services.supervisor <- services.cli.main",
+        "services.stack.postgres <- services.supervisor <- services.cli.main",
+    ]
+    assert local_platform_reached(root, ["services.clean"]) == []

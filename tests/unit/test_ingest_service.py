@@ -13,13 +13,13 @@ from typing import Any
 from structlog.testing import capture_logs
 
 from domain.events import Column, Operation, Position, SchemaChange, SourceEvent, TableSchema
-from domain.health import ComponentHealth, Status
+from domain.health import Status
 from domain.ports import SourceChunk
 from domain.routing import Router
 from services.health_http import HealthState, serve_health
 from services.ingest.service import IngestService
-from services.stack.postgres import find_free_port
-from tests.support.fakes import FakeSource
+from services.net import find_free_port
+from tests.support.fakes import FakeEventSource, FakeSourceMonitor
 
 V1 = TableSchema(
     "shop",
@@ -39,25 +39,7 @@ V3 = TableSchema("shop", "orders", (Column("id", 20, "bigint", is_key=True),))
 ITEMS = TableSchema("shop", "items", (Column("id", 23, "integer", is_key=True),))
 
 
-class FakeMonitor:
-    def __init__(self, calls: list[str], status: Status = Status.OK) -> None:
-        self.calls = calls
-        self.status = status
-
-    async def start(self) -> None:
-        self.calls.append("monitor.start")
-
-    async def lag(self) -> dict[str, Any]:
-        return {"lag_bytes": 42}
-
-    async def health(self) -> ComponentHealth:
-        return ComponentHealth("slot", self.status, {"slot": "s", "lag_bytes": 42})
-
-    async def stop(self) -> None:
-        self.calls.append("monitor.stop")
-
-
-def _service(source: FakeSource, monitor: FakeMonitor | None = None) -> IngestService:
+def _service(source: FakeEventSource, monitor: FakeSourceMonitor | None = None) -> IngestService:
     return IngestService("p1", source, Router([]), {}, 100, monitor=monitor)
 
 
@@ -74,7 +56,7 @@ def test_schema_changes_are_logged_and_counted_and_first_sightings_are_not() -> 
         SourceChunk("0", [event], 10, [SchemaChange(V1, V2)]),
         SourceChunk("0", [], 11, [SchemaChange(V2, V3), SchemaChange(ITEMS, ITEMS)]),
     ]
-    source = FakeSource(chunks)
+    source = FakeEventSource(chunks)
     service = _service(source)
     with capture_logs() as logs:
         asyncio.run(service.run())
@@ -89,25 +71,25 @@ def test_schema_changes_are_logged_and_counted_and_first_sightings_are_not() -> 
     # the orders' shape: version 1 from its first change read, then two changes
     assert _counter(service, "cdc_ingest_schema_version", "shop.orders") == 3
     # the chunks' events and checkpoints were handled as usual
-    assert source.committed == [5, 10, 11]
+    assert source.commits == [("0", 5), ("0", 10), ("0", 11)]
 
 
 def test_monitor_starts_after_the_source_and_stops_before_it() -> None:
     calls: list[str] = []
-    asyncio.run(_service(FakeSource([], calls), FakeMonitor(calls)).run())
+    asyncio.run(_service(FakeEventSource(journal=calls), FakeSourceMonitor(calls)).run())
     assert calls == ["source.start", "monitor.start", "monitor.stop", "source.stop"]
 
 
 def test_monitor_is_stopped_when_the_read_loop_crashes() -> None:
     calls: list[str] = []
 
-    class Broken(FakeSource):
+    class Broken(FakeEventSource):
         async def chunks(self) -> AsyncIterator[SourceChunk]:
             raise RuntimeError("boom")
             yield  # pragma: no cover
 
     try:
-        asyncio.run(_service(Broken([], calls), FakeMonitor(calls)).run())
+        asyncio.run(_service(Broken(journal=calls), FakeSourceMonitor(calls)).run())
     except RuntimeError as exc:
         assert str(exc) == "boom"
     else:  # pragma: no cover
@@ -116,9 +98,9 @@ def test_monitor_is_stopped_when_the_read_loop_crashes() -> None:
 
 
 def _health(monitor_status: Status, source_status: Status = Status.OK) -> dict[str, Any]:
-    source = FakeSource([])
+    source = FakeEventSource()
     source.status = source_status
-    return asyncio.run(_service(source, FakeMonitor([], monitor_status)).health())
+    return asyncio.run(_service(source, FakeSourceMonitor(status=monitor_status)).health())
 
 
 def test_health_includes_the_monitor_and_degraded_is_still_ready() -> None:
@@ -132,7 +114,7 @@ def test_health_includes_the_monitor_and_degraded_is_still_ready() -> None:
 
 
 def test_health_without_a_monitor_has_no_slot_component() -> None:
-    report = asyncio.run(_service(FakeSource([])).health())
+    report = asyncio.run(_service(FakeEventSource()).health())
     assert set(report["components"]) == {"source"}
 
 

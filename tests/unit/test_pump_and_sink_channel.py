@@ -16,7 +16,7 @@ from services.ingest.service import IngestService
 from services.ingest.sink_channel import SinkChannel
 from services.metrics import SinkMetrics
 from services.sink.server import SinkServicer
-from tests.support.fakes import FakeOutlet, FakeSinkWriter, FakeSource
+from tests.support.fakes import FakeEventSource, FakeOutlet, FakeSinkWriter
 
 T = TableSchema("public", "t", (Column("id", 20, "bigint", True), Column("v", 25, "text")))
 
@@ -28,7 +28,7 @@ def _events(major: int, n: int) -> list[SourceEvent]:
     ]
 
 
-def _pump(source: FakeSource, auto_durable: bool = True) -> tuple[IngestService, FakeOutlet]:
+def _pump(source: FakeEventSource, auto_durable: bool = True) -> tuple[IngestService, FakeOutlet]:
     service: IngestService
     outlet = FakeOutlet("s", lambda name, ack: service.on_ack(name, ack), auto_durable)
     service = IngestService("p", source, Router([RoutingRule("s")]), {"s": outlet}, 2)
@@ -42,7 +42,7 @@ def test_the_pump_releases_every_handle_in_order_once_durable() -> None:
         SourceChunk("b", _events(3, 1), "h3"),
         SourceChunk("a", _events(4, 1), "h4"),
     ]
-    source = FakeSource(chunks)
+    source = FakeEventSource(chunks)
     service, outlet = _pump(source, auto_durable=False)
 
     async def scenario() -> None:
@@ -61,13 +61,17 @@ def test_the_pump_releases_every_handle_in_order_once_durable() -> None:
 
 
 def test_the_pump_forgets_revoked_lanes() -> None:
-    source = FakeSource([])
+    chunks = [
+        SourceChunk("a", _events(1, 1), "a1"),
+        SourceChunk("b", _events(2, 1), "b1"),
+        SourceChunk("b", [], None, revoked=frozenset({"a"})),
+    ]
+    source = FakeEventSource(chunks)
     service, outlet = _pump(source, auto_durable=False)
 
     async def scenario() -> None:
-        await service._dispatch(SourceChunk("a", _events(1, 1), "a1"))
-        await service._dispatch(SourceChunk("b", _events(2, 1), "b1"))
-        await service._dispatch(SourceChunk("b", [], None, revoked=frozenset({"a"})))
+        for chunk in chunks:
+            await service._dispatch(chunk)
         for batch in list(outlet.sent):
             await outlet.release(batch.batch_id)  # the late ack of lane a is ignored
         assert source.acked == {"b": ["b1"]}

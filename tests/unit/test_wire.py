@@ -15,14 +15,13 @@ import pytest
 
 from cdc_proto.v2 import events_pb2, sink_pb2
 from domain.blocks import META_COLUMNS, UNCHANGED_COL
-from domain.errors import SinkUnavailableError
 from domain.events import UNCHANGED, Column, Operation, Position, SourceEvent, TableSchema
-from domain.health import ComponentHealth, Status
-from domain.ports import SinkBatch, WriteResult
+from domain.health import Status
 from domain.rows import encode_row
 from services.metrics import SinkMetrics
 from services.sink.server import SinkServicer
 from services.wire import WIRE_VERSION, WireFormatError, decode_batch, encode_batch
+from tests.support.fakes import FakeSinkWriter
 
 ITEMS = TableSchema(
     "public",
@@ -160,35 +159,11 @@ def test_a_row_that_does_not_fit_its_table_is_a_format_error_at_the_ingest() -> 
 # --- the sink servicer -------------------------------------------------------------------
 
 
-class _Writer:
-    """A SinkWriter that records the batches it wrote and fails the ones it is told to."""
-
-    def __init__(self, fail: set[int] | None = None) -> None:
-        self.written: list[int] = []
-        self.fail = fail or set()
-
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
-
-    async def health(self) -> ComponentHealth:
-        return ComponentHealth("sink:test", Status.OK, {})
-
-    async def write(self, batch: SinkBatch) -> WriteResult:
-        await asyncio.sleep(0.001)
-        if batch.batch_id in self.fail:
-            raise SinkUnavailableError("down")
-        self.written.append(batch.batch_id)
-        return WriteResult(written=len(batch.events))
-
-
 def _messages(ids: list[int]) -> list[events_pb2.EventBatch]:
     return [encode_batch(i, "p", "0", _events()[:2]) for i in ids]
 
 
-def _servicer(writer: _Writer) -> SinkServicer:
+def _servicer(writer: FakeSinkWriter) -> SinkServicer:
     return SinkServicer(writer, "s", SinkMetrics("p", "s"))
 
 
@@ -202,21 +177,24 @@ async def _deliver(servicer: SinkServicer, messages: list[events_pb2.EventBatch]
 
 
 def test_servicer_writes_in_order_and_acks_each_batch() -> None:
-    writer = _Writer()
+    writer = FakeSinkWriter()
     acks = asyncio.run(_deliver(_servicer(writer), _messages(list(range(1, 8)))))
-    assert writer.written == list(range(1, 8))
+    assert writer.batches == list(range(1, 8))
     assert [a.batch_id for a in acks] == list(range(1, 8))
-    assert all(a.status == sink_pb2.ACK_STATUS_WRITTEN and a.written == 2 for a in acks)
+    assert all(a.status == sink_pb2.ACK_STATUS_WRITTEN for a in acks)
+    # every batch carries the same two changes: the writer applies them once, then skips them
+    assert [(a.written, a.skipped) for a in acks] == [(2, 0)] + [(0, 2)] * 6
 
 
 def test_after_a_rejected_batch_the_rest_of_the_stream_is_rejected_unwritten() -> None:
-    writer = _Writer(fail={3})
+    writer = FakeSinkWriter()
+    writer.fail_batches = {3}
     servicer = _servicer(writer)
     acks = asyncio.run(_deliver(servicer, _messages([1, 2, 3, 4, 5])))
     batches = servicer.metrics.batches
     assert batches.labels(pipeline="p", sink="s", result="written")._value.get() == 2
     assert batches.labels(pipeline="p", sink="s", result="rejected")._value.get() == 3
-    assert writer.written == [1, 2]
+    assert writer.batches == [1, 2]
     assert [a.batch_id for a in acks] == [1, 2, 3, 4, 5]
     assert [a.status for a in acks] == [sink_pb2.ACK_STATUS_WRITTEN] * 2 + [
         sink_pb2.ACK_STATUS_REJECTED
@@ -224,11 +202,11 @@ def test_after_a_rejected_batch_the_rest_of_the_stream_is_rejected_unwritten() -
 
 
 def test_an_undecodable_batch_is_rejected_and_nothing_after_it_written() -> None:
-    writer = _Writer()
+    writer = FakeSinkWriter()
     messages = _messages([1, 2, 3])
     messages[1].blocks[0].records = b"\xff"
     acks = asyncio.run(_deliver(_servicer(writer), messages))
-    assert writer.written == [1]
+    assert writer.batches == [1]
     assert [a.status for a in acks] == [
         sink_pb2.ACK_STATUS_WRITTEN,
         sink_pb2.ACK_STATUS_REJECTED,
@@ -237,7 +215,7 @@ def test_an_undecodable_batch_is_rejected_and_nothing_after_it_written() -> None
 
 
 def test_a_broken_request_stream_propagates_after_the_batches_before_it() -> None:
-    writer = _Writer()
+    writer = FakeSinkWriter()
 
     async def requests() -> AsyncIterator[events_pb2.EventBatch]:
         for m in _messages([1, 2]):
@@ -249,7 +227,7 @@ def test_a_broken_request_stream_propagates_after_the_batches_before_it() -> Non
 
     with pytest.raises(ConnectionError):
         asyncio.run(run())
-    assert writer.written == [1, 2]
+    assert writer.batches == [1, 2]
 
 
 # --- the Describe handshake ----------------------------------------------------------------
@@ -274,7 +252,7 @@ def test_describe_names_the_wire_version_and_refuses_another() -> None:
     from cdc_proto.v2 import sink_pb2_grpc
 
     async def scenario() -> None:
-        server, target = await _server(_servicer(_Writer()))
+        server, target = await _server(_servicer(FakeSinkWriter()))
         try:
             async with grpc.aio.insecure_channel(target) as channel:
                 stub = sink_pb2_grpc.SinkServiceStub(channel)
@@ -298,7 +276,7 @@ def test_an_ingest_of_the_previous_wire_version_is_refused_by_name() -> None:
     from services.sink.server import RefuseOlderWire
 
     async def scenario() -> None:
-        server, target = await _server(_servicer(_Writer()), RefuseOlderWire("s"))
+        server, target = await _server(_servicer(FakeSinkWriter()), RefuseOlderWire("s"))
         try:
             async with grpc.aio.insecure_channel(target) as channel:
                 call = v1_grpc.SinkServiceStub(channel).Deliver()

@@ -1,0 +1,355 @@
+"""The one registry of adapters: every transport and sink type, its config, its constructors.
+
+Each entry says which name it answers to in the configuration (``transport_mode``,
+``sinks[].sink_type``), which config model (section) holds its own settings, which shared
+platform.yaml settings it reads, and how to build it. An entry without constructors is an
+adapter this release does not have: its settings are still parsed (the deployment guide
+documents them), but choosing it is refused by :func:`check` (``cdc validate``, ``cdc run``
+and the stages exit 2 naming ``transport_mode`` or ``sinks[i].sink_type``).
+
+Readers: :func:`check` (configuration validation), the dependency-injector containers
+(services/ingest/container.py, services/sink/container.py build their selectors from
+:data:`TRANSPORTS` and :data:`SINKS`) and the CLI.
+
+The constructors are typed with the ports of domain/ports.py, so mypy checks that each
+adapter satisfies its port (a ``PostgresWalSource`` returned where an ``EventSource`` is
+expected). See docs/adding-adapters.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from adapters.config import (
+    ConnectorConfig,
+    IcebergSinkConfig,
+    KafkaConfig,
+    KinesisConfig,
+    PipelineConfig,
+    PlatformConfig,
+    PostgresSinkConfig,
+    PubSubConfig,
+    SinkConfig,
+    SinkType,
+    TransportMode,
+    WalReaderConfig,
+    WebhookSinkConfig,
+)
+from adapters.config.errors import Loc
+from adapters.postgres.sink_writer import PostgresSinkWriter
+from adapters.postgres.slot_monitor import PostgresSlotMonitor
+from adapters.postgres.wal_reader import PostgresWalSource, WalReaderSettings
+from domain.ports import EventSource, SinkWriter, SourceMonitor
+
+SourceFactory = Callable[[PipelineConfig, PlatformConfig], EventSource]
+MonitorFactory = Callable[[PipelineConfig, PlatformConfig], SourceMonitor]
+WriterFactory = Callable[[PipelineConfig, SinkConfig, PlatformConfig], SinkWriter]
+
+# Shared settings that only some adapters read (dotted paths; ``topic_prefix`` is in
+# pipeline.yaml, the others in platform.yaml). Each one set in a file must be read by the
+# chosen transport or one of the enabled sinks; otherwise it is refused, never ignored.
+# Every other shared setting (listen_host, health_*, ingest.*, tracing.*, grpc_tls.*, the
+# rest of wal_reader.*, ...) is read whatever the adapters are.
+ADAPTER_SETTINGS: Mapping[str, str] = {
+    "topic_prefix": "the names of the transport's topics / streams",
+    "dlq": "the transport's dead-letter topics / streams",
+    "retry": "the backoff of retried writes",
+    "max_buffered_messages": "how many events the transport's consumer buffers",
+    "schema_monitor_interval_seconds": "polling the Schema Registry for schema changes",
+    "stop_on_incompatible_schema": "stopping on an incompatible schema change",
+    "wal_reader.batch_size": "the changes per message the WAL capture publishes",
+    "wal_reader.batch_timeout_seconds": "how long the WAL capture waits to fill a message",
+}
+
+# What the available adapters do instead, for the refusal message.
+_INSTEAD: Mapping[str, str] = {
+    "dlq": "the postgres sink writes events it cannot apply to <target_schema>._cdc_dead_letters",
+    "max_buffered_messages": "the ingest holds at most ingest.max_in_flight_batches batches of"
+    " ingest.batch_max_events events per sink: tune those",
+    "schema_monitor_interval_seconds": "transport_mode direct sees schema changes in the WAL"
+    " as they happen",
+    "stop_on_incompatible_schema": "a column change the postgres sink cannot follow is logged"
+    " as postgres_sink.retype_failed and the values that do not fit are dead-lettered",
+    "wal_reader.batch_size": "with transport_mode direct, batches are ingest.batch_max_events",
+    "wal_reader.batch_timeout_seconds": "with transport_mode direct, a partial batch waits"
+    " ingest.batch_max_delay_ms",
+    "topic_prefix": "transport_mode direct has no topics",
+}
+
+
+@dataclass(frozen=True)
+class TransportAdapter:
+    """One ``transport_mode``: where the ingest reads changes from."""
+
+    name: TransportMode
+    description: str
+    # platform.yaml sections of this transport (name -> model); another transport's
+    # section is refused by the loader (adapters/config/platform.py TRANSPORT_SECTIONS,
+    # kept equal to this by tests/unit/test_registry.py).
+    sections: Mapping[str, type[BaseModel]]
+    # ADAPTER_SETTINGS this transport reads.
+    reads: frozenset[str] = frozenset()
+    # ADAPTER_SETTINGS it honours with one value only: the behaviour it has.
+    fixed: Mapping[str, object] = field(default_factory=dict)
+    event_source: SourceFactory | None = None
+    source_monitor: MonitorFactory | None = None  # None: nothing to watch
+
+    @property
+    def available(self) -> bool:
+        return self.event_source is not None
+
+
+@dataclass(frozen=True)
+class SinkAdapter:
+    """One ``sink_type``: a SinkWriter and its ``sinks[].<sink_type>`` section."""
+
+    name: SinkType
+    description: str
+    config_model: type[BaseModel]
+    reads: frozenset[str] = frozenset()
+    writer: WriterFactory | None = None
+
+    @property
+    def available(self) -> bool:
+        return self.writer is not None
+
+
+# ------------------------------------------------------------------------ constructors
+
+
+def source_conninfo(pipeline: PipelineConfig) -> str:
+    from psycopg.conninfo import make_conninfo
+
+    s = pipeline.source
+    return make_conninfo(
+        host=s.host, port=s.port, dbname=s.database, user=s.username, password=s.password or None
+    )
+
+
+def build_wal_source(pipeline: PipelineConfig, platform: PlatformConfig) -> PostgresWalSource:
+    """The direct transport: the ingest reads the slot itself. Its chunks are the ingest's
+    batches (``ingest.batch_max_events`` / ``batch_max_delay_ms``)."""
+    s = pipeline.source
+    wal = platform.wal_reader
+    return PostgresWalSource(
+        WalReaderSettings(
+            conninfo=source_conninfo(pipeline),
+            database=s.database,
+            tables=tuple(s.tables),
+            slot_name=pipeline.effective_slot_name(platform),
+            publication_name=pipeline.effective_publication_name(platform),
+            snapshot_mode=s.snapshot_mode,
+            status_interval_seconds=wal.status_interval_seconds,
+            max_chunk_events=platform.ingest.batch_max_events,
+            max_chunk_delay_seconds=platform.ingest.batch_max_delay_ms / 1000,
+            heartbeat_mode=s.heartbeat_mode,
+            heartbeat_interval_seconds=s.heartbeat_interval_seconds,
+            snapshot_chunk_size=s.snapshot_chunk_size,
+            snapshot_parallelism=s.snapshot_parallelism,
+            reconnect_initial_seconds=wal.reconnect_initial_seconds,
+            reconnect_max_seconds=wal.reconnect_max_seconds,
+        )
+    )
+
+
+def build_slot_monitor(pipeline: PipelineConfig, platform: PlatformConfig) -> PostgresSlotMonitor:
+    return PostgresSlotMonitor(
+        source_conninfo(pipeline),
+        pipeline.effective_slot_name(platform),
+        interval_seconds=platform.lag_monitor_interval_seconds,
+        lag_degraded_bytes=platform.wal_reader.slot_lag_degraded_bytes,
+    )
+
+
+def build_postgres_writer(
+    pipeline: PipelineConfig, sink: SinkConfig, platform: PlatformConfig
+) -> PostgresSinkWriter:
+    assert sink.postgres is not None  # guaranteed by SinkConfig validation
+    return PostgresSinkWriter(
+        sink.postgres, pipeline.pipeline_id, sink.sink_id, retry=platform.retry
+    )
+
+
+# ------------------------------------------------------------------------- the registry
+
+_CLOUD_READS = frozenset(
+    {
+        "topic_prefix",
+        "dlq",
+        "retry",
+        "max_buffered_messages",
+        "wal_reader.batch_size",
+        "wal_reader.batch_timeout_seconds",
+    }
+)
+
+TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
+    t.name: t
+    for t in (
+        TransportAdapter(
+            "direct",
+            "the ingest reads the PostgreSQL WAL and streams to the sinks over gRPC",
+            sections={"wal_reader": WalReaderConfig},
+            fixed={"stop_on_incompatible_schema": False},
+            event_source=build_wal_source,
+            source_monitor=build_slot_monitor,
+        ),
+        TransportAdapter(
+            "kafka",
+            "Debezium on Kafka Connect, consumed from Kafka",
+            sections={"kafka": KafkaConfig, "connector": ConnectorConfig},
+            reads=frozenset(
+                {
+                    "topic_prefix",
+                    "dlq",
+                    "retry",
+                    "max_buffered_messages",
+                    "schema_monitor_interval_seconds",
+                    "stop_on_incompatible_schema",
+                }
+            ),
+        ),
+        TransportAdapter(
+            "pubsub",
+            "the WAL captured to Google Pub/Sub",
+            sections={"pubsub": PubSubConfig, "wal_reader": WalReaderConfig},
+            reads=_CLOUD_READS,
+        ),
+        TransportAdapter(
+            "kinesis",
+            "the WAL captured to Amazon Kinesis",
+            sections={"kinesis": KinesisConfig, "wal_reader": WalReaderConfig},
+            reads=_CLOUD_READS,
+        ),
+    )
+}
+
+SINKS: Mapping[SinkType, SinkAdapter] = {
+    s.name: s
+    for s in (
+        SinkAdapter(
+            "postgres",
+            "rows upserted (or appended) into PostgreSQL tables",
+            PostgresSinkConfig,
+            reads=frozenset({"retry"}),
+            writer=build_postgres_writer,
+        ),
+        SinkAdapter("webhook", "batches of events POSTed as JSON", WebhookSinkConfig),
+        SinkAdapter("iceberg", "Apache Iceberg tables", IcebergSinkConfig),
+    )
+}
+
+
+def available_transports() -> tuple[TransportMode, ...]:
+    return tuple(name for name, t in TRANSPORTS.items() if t.available)
+
+
+def available_sink_types() -> tuple[SinkType, ...]:
+    return tuple(name for name, s in SINKS.items() if s.available)
+
+
+# ------------------------------------------------------------------------------ checks
+
+
+@dataclass(frozen=True)
+class Problems:
+    """What :func:`check` found, per file (locs as in :class:`adapters.config.ConfigError`)."""
+
+    platform: list[tuple[Loc, str]] = field(default_factory=list)
+    pipeline: list[tuple[Loc, str]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.platform or self.pipeline)
+
+    def messages(self) -> list[str]:
+        """One line per problem: ``<path>: <message>``."""
+        from adapters.config import format_path
+
+        return [f"{format_path(loc)}: {msg}" for loc, msg in (*self.platform, *self.pipeline)]
+
+
+_UNSET = object()
+
+
+def _is_set(model: BaseModel, path: str) -> tuple[bool, Any]:
+    """Whether the dotted ``path`` was written in the file, and its value."""
+    head, _, rest = path.partition(".")
+    if head not in model.model_fields_set:
+        return False, None
+    value = getattr(model, head)
+    if not rest:
+        return True, value
+    assert isinstance(value, BaseModel)
+    return _is_set(value, rest)
+
+
+def _names(names: Iterable[str]) -> str:
+    return ", ".join(names) or "none"
+
+
+def check(pipeline: PipelineConfig, platform: PlatformConfig) -> Problems:
+    """Refuse what no adapter of this release would do: a transport or an enabled sink type
+    without an adapter, and a setting that neither the transport nor an enabled sink reads
+    (it would be accepted and ignored)."""
+    found = Problems()
+    transport = TRANSPORTS[platform.transport_mode]
+    if not transport.available:
+        found.platform.append(
+            (
+                ("transport_mode",),
+                f"'{transport.name}' ({transport.description}) has no adapter in this release;"
+                f" available: {_names(available_transports())} (its settings are validated"
+                " only)",
+            )
+        )
+    sinks = []
+    for index, sink in enumerate(pipeline.sinks):
+        adapter = SINKS[sink.sink_type]
+        if not sink.enabled:
+            continue
+        sinks.append(adapter)
+        if not adapter.available:
+            found.pipeline.append(
+                (
+                    ("sinks", index, "sink_type"),
+                    f"'{sink.sink_type}' (sink '{sink.sink_id}') has no writer in this release;"
+                    f" available: {_names(available_sink_types())} (or set enabled: false)",
+                )
+            )
+    # The settings: what the chosen adapters read, by what their entries declare (an adapter
+    # that is not available still declares them, so its own settings are not reported twice).
+    for path in ADAPTER_SETTINGS:
+        doc: BaseModel = pipeline if path == "topic_prefix" else platform
+        is_set, value = _is_set(doc, path)
+        if not is_set:
+            continue
+        if path in transport.reads or any(path in s.reads for s in sinks):
+            continue
+        loc: Loc = tuple(path.split("."))
+        fixed = transport.fixed.get(path, _UNSET)
+        if fixed is not _UNSET and value == fixed:
+            continue  # says what happens anyway
+        readers = [f"transport_mode {t.name}" for t in TRANSPORTS.values() if path in t.reads]
+        readers += [f"sink_type {s.name}" for s in SINKS.values() if path in s.reads]
+        what = ADAPTER_SETTINGS[path]
+        instead = _INSTEAD.get(path)
+        message = (
+            f"not used by transport_mode {transport.name} with sink type(s)"
+            f" {_names(sorted({s.name for s in sinks}))}: it configures {what}, read only by"
+            f" {_names(readers)}"
+        )
+        if fixed is not _UNSET:
+            shown = str(fixed).lower() if isinstance(fixed, bool) else repr(fixed)
+            message = (
+                f"only {shown} is supported by transport_mode {transport.name}:"
+                f" {what} is not implemented"
+            )
+        if instead:
+            message += f" ({instead})"
+        message += "; remove it"
+        (found.pipeline if path == "topic_prefix" else found.platform).append((loc, message))
+    return found

@@ -1,0 +1,310 @@
+"""The adapter registry (services/registry.py): names, sections, availability, refusals.
+
+Every setting of the configuration either works or is refused: a setting that only some
+adapters read is refused by `cdc validate` when neither the transport nor an enabled sink
+reads it, and a transport or enabled sink type without an adapter is refused by name.
+"""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from adapters.config import PipelineConfig, PlatformConfig, SinkConfig, load_platform
+from adapters.config.platform import TRANSPORT_SECTIONS
+from services import registry
+from services.cli.main import main
+from services.ingest.container import IngestContainer, TransportNotAvailableError
+from services.sink.container import AVAILABLE_SINK_TYPES, SinkContainer, SinkNotAvailableError
+
+ROOT = Path(__file__).resolve().parents[2]
+GUIDE = ROOT.parent / "shared" / "seed" / "deployment-guide.md"
+
+
+def pipeline(**top: Any) -> PipelineConfig:
+    sinks = top.pop(
+        "sinks",
+        [{"sink_id": "replica", "sink_type": "postgres", "postgres": {"database": "replica"}}],
+    )
+    return PipelineConfig.model_validate(
+        {
+            "pipeline_id": "orders",
+            "source": {"database": "shop", "tables": ["public.orders"]},
+            "sinks": sinks,
+            **top,
+        }
+    )
+
+
+WEBHOOK = {"sink_id": "hook", "sink_type": "webhook", "webhook": {"url": "http://h/x"}}
+
+
+def messages(found: registry.Problems) -> dict[str, str]:
+    from adapters.config import format_path
+
+    return {format_path(loc): msg for loc, msg in (*found.platform, *found.pipeline)}
+
+
+# ----------------------------------------------------------------------- the registry
+
+
+def test_registry_names_every_configurable_transport_and_sink_type() -> None:
+    assert sorted(registry.TRANSPORTS) == sorted(typing.get_args(registry.TransportMode))
+    assert sorted(registry.SINKS) == sorted(typing.get_args(registry.SinkType))
+    for name, adapter in registry.TRANSPORTS.items():
+        assert adapter.name == name
+    for name, sink in registry.SINKS.items():
+        assert sink.name == name
+        # the section sinks[].<name> holds that adapter's config model
+        annotation = SinkConfig.model_fields[name].annotation
+        assert sink.config_model in typing.get_args(annotation), name
+
+
+def test_transport_sections_of_the_loader_are_the_registrys() -> None:
+    """The loader refuses another transport's section (with its line); which section
+    belongs to which transport is the registry's."""
+    owners: dict[str, set[str]] = {}
+    for adapter in registry.TRANSPORTS.values():
+        for section, model in adapter.sections.items():
+            owners.setdefault(section, set()).add(adapter.name)
+            assert PlatformConfig.model_fields[section].annotation is model, section
+    assert {k: set(v) for k, v in TRANSPORT_SECTIONS.items()} == owners
+
+
+def test_only_direct_and_postgres_are_available() -> None:
+    assert registry.available_transports() == ("direct",)
+    assert registry.available_sink_types() == ("postgres",)
+    assert AVAILABLE_SINK_TYPES == ("postgres",)
+    direct = registry.TRANSPORTS["direct"]
+    assert direct.event_source is not None and direct.source_monitor is not None
+
+
+def test_adapter_settings_exist_in_the_models() -> None:
+    for path in registry.ADAPTER_SETTINGS:
+        model: Any = PipelineConfig if path == "topic_prefix" else PlatformConfig
+        for part in path.split("."):
+            info = model.model_fields[part]
+            model = info.annotation
+    for adapter in [*registry.TRANSPORTS.values(), *registry.SINKS.values()]:
+        assert adapter.reads <= set(registry.ADAPTER_SETTINGS), adapter.name
+
+
+# ---------------------------------------------------------------------------- check
+
+
+def test_defaults_need_nothing() -> None:
+    assert not registry.check(pipeline(), PlatformConfig())
+
+
+@pytest.mark.parametrize("mode", ["kafka", "pubsub", "kinesis"])
+def test_a_transport_without_an_adapter_is_refused(mode: str) -> None:
+    platform = PlatformConfig.model_validate(
+        {"transport_mode": mode, "pubsub": {"project_id": "p"}}
+        if mode == "pubsub"
+        else {"transport_mode": mode, "kinesis": {"region": "r"}}
+        if mode == "kinesis"
+        else {"transport_mode": mode}
+    )
+    found = messages(registry.check(pipeline(), platform))
+    assert list(found) == ["transport_mode"]
+    assert f"'{mode}'" in found["transport_mode"] and "available: direct" in found["transport_mode"]
+
+
+def test_an_enabled_sink_without_a_writer_is_refused_a_disabled_one_is_not() -> None:
+    base = {"sink_id": "replica", "sink_type": "postgres", "postgres": {"database": "r"}}
+    found = messages(registry.check(pipeline(sinks=[base, WEBHOOK]), PlatformConfig()))
+    assert list(found) == ["sinks[1].sink_type"]
+    assert "'webhook' (sink 'hook') has no writer" in found["sinks[1].sink_type"]
+    disabled = {**WEBHOOK, "enabled": False}
+    assert not registry.check(pipeline(sinks=[base, disabled]), PlatformConfig())
+
+
+@pytest.mark.parametrize(
+    ("platform", "path", "hint"),
+    [
+        ({"dlq": {"enabled": True}}, "dlq", "_cdc_dead_letters"),
+        ({"max_buffered_messages": 5000}, "max_buffered_messages", "ingest.max_in_flight_batches"),
+        ({"max_buffered_messages": 1000}, "max_buffered_messages", "ingest.batch_max_events"),
+        ({"schema_monitor_interval_seconds": 10}, "schema_monitor_interval_seconds", "WAL"),
+        ({"stop_on_incompatible_schema": True}, "stop_on_incompatible_schema", "only false"),
+        ({"wal_reader": {"batch_size": 500}}, "wal_reader.batch_size", "batch_max_events"),
+        (
+            {"wal_reader": {"batch_timeout_seconds": 0.5}},
+            "wal_reader.batch_timeout_seconds",
+            "batch_max_delay_ms",
+        ),
+    ],
+)
+def test_settings_nothing_would_read_are_refused(
+    platform: dict[str, Any], path: str, hint: str
+) -> None:
+    found = messages(registry.check(pipeline(), PlatformConfig.model_validate(platform)))
+    assert list(found) == [path]
+    assert hint in found[path] and found[path].endswith("remove it"), found[path]
+
+
+def test_topic_prefix_is_refused_without_topics() -> None:
+    found = messages(registry.check(pipeline(topic_prefix="cdc"), PlatformConfig()))
+    assert list(found) == ["topic_prefix"]
+    assert "no topics" in found["topic_prefix"]
+
+
+def test_settings_the_chosen_adapters_read_are_accepted() -> None:
+    platform = PlatformConfig.model_validate(
+        {
+            "retry": {"max_attempts": 2},  # the postgres sink's backoff
+            "stop_on_incompatible_schema": False,  # what direct does anyway
+            "wal_reader": {"status_interval_seconds": 2, "slot_name": "cdc"},
+            "lag_monitor_interval_seconds": 5,
+        }
+    )
+    assert not registry.check(pipeline(), platform)
+
+
+def test_retry_without_an_enabled_sink_that_reads_it_is_refused() -> None:
+    disabled = {**WEBHOOK, "enabled": False}
+    platform = PlatformConfig.model_validate({"retry": {"max_attempts": 2}})
+    found = messages(registry.check(pipeline(sinks=[disabled]), platform))
+    assert list(found) == ["retry"]
+    assert "sink_type postgres" in found["retry"]
+
+
+def test_the_guides_platform_config_parses_and_is_refused_only_for_its_transport() -> None:
+    """Every field of the deployment guide's platform.yaml stays accepted configuration; what
+    `cdc validate` refuses is the kafka transport this release has no adapter for."""
+    if not GUIDE.exists():
+        pytest.skip("the deployment guide is not next to this checkout")
+    text = GUIDE.read_text()
+    block = text.split("### Platform Config", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    platform = PlatformConfig.model_validate(yaml.safe_load(block))
+    assert platform.transport_mode == "kafka" and platform.max_buffered_messages == 1000
+    assert list(messages(registry.check(pipeline(), platform))) == ["transport_mode"]
+
+
+# ----------------------------------------------------------------------- containers
+
+
+def test_containers_build_what_the_registry_lists() -> None:
+    p = pipeline()
+    retry = PlatformConfig.model_validate({"retry": {"max_attempts": 7}})
+    writer = SinkContainer(pipeline=p, sink=p.sinks[0], platform=retry).writer()
+    assert type(writer).__name__ == "PostgresSinkWriter"
+    assert writer._retry.max_attempts == 7
+    ingest = IngestContainer(pipeline=p, platform=PlatformConfig())
+    assert type(ingest.event_source()).__name__ == "PostgresWalSource"
+    assert type(ingest.source_monitor()).__name__ == "PostgresSlotMonitor"
+
+
+def test_containers_refuse_adapters_that_do_not_exist() -> None:
+    p = pipeline(sinks=[WEBHOOK])
+    with pytest.raises(SinkNotAvailableError, match="webhook"):
+        SinkContainer(pipeline=p, sink=p.sinks[0], platform=PlatformConfig()).writer()
+    kafka = IngestContainer(pipeline=p, platform=PlatformConfig(transport_mode="kafka"))
+    with pytest.raises(TransportNotAvailableError, match="kafka"):
+        kafka.event_source()
+    assert kafka.source_monitor() is None
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def test_cdc_validate_names_each_refused_setting_with_its_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pipeline_file = tmp_path / "pipeline.yaml"
+    pipeline_file.write_text(
+        yaml.safe_dump(
+            {
+                "pipeline_id": "orders",
+                "source": {"database": "shop", "tables": ["public.orders"]},
+                "sinks": [
+                    {
+                        "sink_id": "replica",
+                        "sink_type": "postgres",
+                        "postgres": {"database": "r"},
+                    },
+                    WEBHOOK,
+                ],
+            },
+            sort_keys=False,
+        )
+    )
+    platform_file = tmp_path / "platform.yaml"
+    platform_file.write_text(
+        "transport_mode: direct\nhealth_port: 8080\nmax_buffered_messages: 10\n"
+    )
+    code = main(["validate", str(pipeline_file), "--platform-config", str(platform_file)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"{platform_file}:3: max_buffered_messages: not used by transport_mode direct" in err
+    assert f"{pipeline_file}:" in err and ": sinks[1].sink_type: 'webhook'" in err
+
+
+def test_cdc_validate_refuses_a_transport_without_an_adapter(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pipeline_file = tmp_path / "pipeline.yaml"
+    pipeline_file.write_text(
+        "pipeline_id: orders\nsource:\n  database: shop\n  tables: [public.orders]\n"
+    )
+    platform_file = tmp_path / "platform.yaml"
+    platform_file.write_text("health_port: 8080\ntransport_mode: kinesis\nkinesis:\n  region: r\n")
+    assert load_platform(platform_file).transport_mode == "kinesis"  # valid configuration
+    code = main(["validate", str(pipeline_file), "--platform-config", str(platform_file)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{platform_file}:2: transport_mode: 'kinesis'" in err
+
+
+def test_documented_refusal_is_the_real_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapters.config import config_error
+
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    section = doc[doc.index("## What this release runs") : doc.index("## Slot, publication")]
+    expected = section.split("```text\n", 1)[1].split("```", 1)[0].rstrip("\n")
+    monkeypatch.chdir(tmp_path)
+    Path("platform.yaml").write_text(
+        "transport_mode: direct\nhealth_port: 8080\nmax_buffered_messages: 5000\n"
+    )
+    platform = load_platform("platform.yaml")
+    found = registry.check(pipeline(), platform)
+    assert not found.pipeline
+    error = config_error("platform.yaml", found.platform)
+    assert f"error: not supported by this release\n{error}" == expected
+
+
+def test_a_heartbeat_interval_without_heartbeats_is_refused() -> None:
+    from pydantic import ValidationError
+
+    source = {"database": "shop", "tables": ["public.orders"], "heartbeat_mode": "none"}
+    with pytest.raises(ValidationError, match="heartbeat_mode none sends no heartbeats"):
+        PipelineConfig.model_validate(
+            {"pipeline_id": "o", "source": {**source, "heartbeat_interval_seconds": 5}}
+        )
+    assert PipelineConfig.model_validate({"pipeline_id": "o", "source": source})
+
+
+def test_cdc_run_refuses_before_starting_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cdc run` makes the same check as `cdc validate` (exit 2, one line), so an unsupported
+    setting never reaches a child process that would crash-loop. (`cdc ingest` and `cdc sink`
+    check too, after setting up their logging: tests/e2e/test_process_lifecycle.py.)"""
+    pipeline_file = tmp_path / "pipeline.yaml"
+    pipeline_file.write_text(
+        "pipeline_id: orders\nsource:\n  database: shop\n  tables: [public.orders]\n"
+        "sinks:\n  - sink_id: replica\n    sink_type: postgres\n    postgres: {database: r}\n"
+    )
+    platform_file = tmp_path / "platform.yaml"
+    platform_file.write_text("health_port: 8080\nwal_reader:\n  batch_timeout_seconds: 0.5\n")
+    code = main(["run", str(pipeline_file), "--platform-config", str(platform_file)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"{platform_file}:3: wal_reader.batch_timeout_seconds:" in err
+    assert len(err.strip().splitlines()) == 1, err
