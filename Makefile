@@ -17,7 +17,8 @@ demo: $(STAMP)
 	$(PY) -m services.demo
 
 # The suite mostly waits on PostgreSQL servers and cdc processes, so more pytest-xdist
-# workers than cores pays: on 2 cores, 4 workers took 239 s, 2 took 315 s, serial 446 s.
+# workers than cores pays: on 2 cores, 4 workers took 239 s, 2 took 315 s, serial 446 s;
+# 4 workers with the slow tests scheduled first (tests/conftest.py) 179-192 s.
 # Each worker starts its own PostgreSQL server. TEST_WORKERS=0 runs serially; ARGS: more
 # pytest options (e.g. ARGS='-m "not slow and not e2e"').
 TEST_WORKERS ?= 4

@@ -50,19 +50,21 @@ def find_free_port(host: str = "127.0.0.1") -> int:
 
 
 def _directory() -> Path | None:
-    configured = os.environ.get(RESERVATIONS_ENV, "").strip()
-    path = (
-        Path(configured)
-        if configured
-        else Path(tempfile.gettempdir()) / f"cdc-ports-{os.geteuid()}"
-    )
+    return private_directory(RESERVATIONS_ENV, "cdc-ports")
+
+
+def private_directory(env: str, name: str) -> Path | None:
+    """`$env`, else `<tmp>/<name>-<uid>`, created 0700; None when it is not ours (a shared
+    /tmp where someone else made it first) or cannot be made."""
+    configured = os.environ.get(env, "").strip()
+    path = Path(configured or Path(tempfile.gettempdir()) / f"{name}-{os.geteuid()}")
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = path.lstat()
     except OSError:
         return None
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
-        return None  # someone else's directory: do not trust it
+        return None  # someone else's directory in a shared /tmp: do not trust it
     return path
 
 

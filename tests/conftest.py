@@ -40,6 +40,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             continue
         if parts and parts[0] in _DIR_MARKERS:
             item.add_marker(_DIR_MARKERS[parts[0]])
+    if getattr(config.option, "numprocesses", None):
+        # Parallel run: the slow tests first, so that none of them starts last and leaves the
+        # other workers idle while it finishes (the rest keep their order: a stable sort).
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(autouse=True)

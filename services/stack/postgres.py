@@ -38,7 +38,6 @@ import os
 import pwd
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -56,7 +55,7 @@ from psycopg import errors, sql
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import TupleRow
 
-from services.net import find_free_port
+from services.net import find_free_port, private_directory
 
 __all__ = [
     "DEFAULT_SETTINGS",
@@ -377,20 +376,7 @@ def _stop_cluster(
 
 
 def _registry_dir() -> Path | None:
-    configured = os.environ.get(REGISTRY_DIR_ENV)
-    path = (
-        Path(configured)
-        if configured
-        else Path(tempfile.gettempdir()) / f"cdc-pg-registry-{os.geteuid()}"
-    )
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = path.lstat()
-    except OSError:
-        return None
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
-        return None  # someone else's directory in a shared /tmp: do not trust it
-    return path
+    return private_directory(REGISTRY_DIR_ENV, "cdc-pg-registry")
 
 
 def _owner_alive(entry: Mapping[str, Any]) -> bool:
