@@ -39,7 +39,6 @@ def _event(major: int, id_: int, qty: int) -> SourceEvent:
         operation=Operation.CREATE,
         table=ITEMS,
         position=Position(major, 0),
-        partition="0",
         after=(str(id_), str(qty)),
         commit_time_us=1_714_557_600_000_000 + major,
     )
