@@ -61,7 +61,7 @@ import json
 import random
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -577,37 +577,30 @@ class PostgresSinkWriter:
     ) -> WriteResult:
         """`_apply_batch` for blocks: per block, the last change per key is computed on whole
         columns (domain.collapse) and COPYed as one buffer built from whole columns."""
-        total = len(batch)
-        try:
-            cur = await conn.execute(self._begin_lock_sql(batch.partition), prepare=False)
-            cur.nextset()  # the first result is BEGIN's
-            applied = _position(await cur.fetchone())
-            todo = [after_position(b, applied) for b in blocks]
-            count = sum(len(b) for b in todo)
-            if count:
-                tx = _TxState()
-                last: Position | None = None
-                for block in todo:
-                    if not len(block):
-                        continue
-                    plan = plans[id(block.schema)]
-                    rows = collapse_block(block, plan.key_idx, checked=True)
-                    assert rows is not None
-                    await self._flush_columns(conn, plan, rows, tx)
-                    top = last_position(block)
-                    if top is not None and (last is None or top > last):
-                        last = top
-                assert last is not None
-                await conn.execute(self._save_commit_sql(batch.partition, last), prepare=False)
-                applied = last
-            else:
-                await conn.execute("COMMIT", prepare=False)
-        except BaseException:
-            await _rollback(conn)
-            raise
-        self._remember(batch.partition, applied)
+        written = 0
+
+        async def apply(applied: Position | None) -> Position | None:
+            nonlocal written
+            tx = _TxState()
+            last: Position | None = None
+            for block in blocks:
+                block = after_position(block, applied)
+                if not len(block):
+                    continue
+                written += len(block)
+                plan = plans[id(block.schema)]
+                rows = collapse_block(block, plan.key_idx, checked=True)
+                assert rows is not None
+                await self._flush_columns(conn, plan, rows, tx)
+                top = last_position(block)
+                if top is not None and (last is None or top > last):
+                    last = top
+            assert last is not None or not written
+            return last
+
+        await self._positioned_transaction(conn, batch.partition, apply)
         self.columnar_batches += 1
-        return WriteResult(written=count, skipped=total - count)
+        return WriteResult(written=written, skipped=len(batch) - written)
 
     async def _flush_columns(
         self, conn: psycopg.AsyncConnection[Any], plan: _Plan, rows: pa.RecordBatch, tx: _TxState
@@ -645,26 +638,45 @@ class PostgresSinkWriter:
         events: Sequence[SourceEvent],
         plans: _Plans,
     ) -> WriteResult:
-        """The fast path: the whole batch in one transaction. BEGIN goes with the offsets
-        lock and the new position with COMMIT (simple-query statements sent together), so
-        a batch costs few round trips besides its COPY and merge statements."""
+        """The fast path: the whole batch in one `_positioned_transaction`, so a batch costs
+        few round trips besides its COPY and merge statements."""
+        todo: list[SourceEvent] = []
+
+        async def apply(applied: Position | None) -> Position | None:
+            todo.extend(_after(events, applied))
+            if not todo:
+                return None
+            await self._apply(conn, todo, plans, batch.partition, _TxState())
+            return max(ev.position for ev in todo)
+
+        await self._positioned_transaction(conn, batch.partition, apply)
+        return WriteResult(written=len(todo), skipped=len(events) - len(todo))
+
+    async def _positioned_transaction(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        partition: str,
+        apply: Callable[[Position | None], Awaitable[Position | None]],
+    ) -> None:
+        """One transaction around the offsets row of `partition`: BEGIN goes with the row's
+        lock and the applied position is read; `apply(applied)` writes what is newer and
+        returns the last position it wrote (None: nothing); that position is saved with the
+        COMMIT (simple-query statements sent together, few round trips). Any error rolls
+        the whole transaction back."""
         try:
-            cur = await conn.execute(self._begin_lock_sql(batch.partition), prepare=False)
+            cur = await conn.execute(self._begin_lock_sql(partition), prepare=False)
             cur.nextset()  # the first result is BEGIN's
             applied = _position(await cur.fetchone())
-            todo = _after(events, applied)
-            if todo:
-                await self._apply(conn, todo, plans, batch.partition, _TxState())
-                last = max(ev.position for ev in todo)
-                await conn.execute(self._save_commit_sql(batch.partition, last), prepare=False)
+            last = await apply(applied)
+            if last is not None:
+                await conn.execute(self._save_commit_sql(partition, last), prepare=False)
                 applied = last
             else:
                 await conn.execute("COMMIT", prepare=False)
         except BaseException:
             await _rollback(conn)
             raise
-        self._remember(batch.partition, applied)
-        return WriteResult(written=len(todo), skipped=len(events) - len(todo))
+        self._remember(partition, applied)
 
     async def _apply_isolating(
         self,
