@@ -70,6 +70,17 @@ class Target:
     def close(self) -> None:
         self.admin.execute("DROP SCHEMA IF EXISTS sink CASCADE")
         self.admin.execute(f"REVOKE ALL ON DATABASE {self.db} FROM {self.role}")
+        # A writer's backend may still be exiting after the writer closed it, and its
+        # temporary staging tables (owned by the role) go only with the backend: wait for
+        # the role's sessions to end, else DROP ROLE fails on them.
+        sessions = "FROM pg_stat_activity WHERE usename = %s"
+        self.admin.execute(f"SELECT pg_terminate_backend(pid) {sessions}", (self.role,))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            row = self.admin.execute(f"SELECT count(*) {sessions}", (self.role,)).fetchone()
+            if row is None or row[0] == 0:
+                break
+            time.sleep(0.05)
         self.admin.execute(f"DROP ROLE {self.role}")
 
 
