@@ -101,7 +101,10 @@ def test_kill_9_of_cdc_run_stops_its_stages_and_a_new_run_starts_cleanly(
         assert not [p for p in ports if port_open(p)], "a port is still listening"
         log = run.log_path.read_text()
         # They stopped as on SIGTERM (drained, final position confirmed), not vanished.
-        assert "ingest.orphaned" in log and "ingest.stopped" in log, run.log_tail()
+        # Which of the two mechanisms stops them first is a race (PDEATHSIG's SIGTERM
+        # usually, `*.orphaned` when the pipe's EOF is seen first); the pipe alone has its
+        # own test below.
+        assert "ingest.draining" in log and "ingest.stopped" in log, run.log_tail()
         assert "sink.stopped" in log, run.log_tail()
         print(f"stages gone {stopped_in:.2f} s after kill -9 of cdc run")
 
