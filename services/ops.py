@@ -10,12 +10,12 @@ import psycopg
 from psycopg import sql
 
 from adapters.config import PipelineConfig, PlatformConfig
-from adapters.postgres.catalog import (
+from adapters.postgres.source.catalog import (
     forget_slot_state,
     identity_problems,
     missing_generated_columns,
 )
-from adapters.postgres.slot_monitor import check_slot
+from adapters.postgres.source.slot_monitor import check_slot
 from domain.health import ComponentHealth, Status, overall
 from services.ingest.container import source_conninfo
 from services.sink.container import SinkContainer

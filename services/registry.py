@@ -40,9 +40,9 @@ from adapters.config import (
     WebhookSinkConfig,
 )
 from adapters.config.errors import Loc
-from adapters.postgres.sink_writer import PostgresSinkWriter
-from adapters.postgres.slot_monitor import PostgresSlotMonitor
-from adapters.postgres.wal_reader import PostgresWalSource, WalReaderSettings
+from adapters.postgres.sink.writer import PostgresSinkWriter
+from adapters.postgres.source.reader import PostgresWalSource, WalReaderSettings
+from adapters.postgres.source.slot_monitor import PostgresSlotMonitor
 from domain.ports import EventSource, SinkWriter, SourceMonitor
 
 SourceFactory = Callable[[PipelineConfig, PlatformConfig], EventSource]

@@ -348,9 +348,9 @@ def test_checker_flags_adapter_and_services_violations(tmp_path: Path) -> None:
         ("domain/rows.py", 1, None, "domain.x"),
         ("domain/rows.py", 2, None, "x"),
         ("domain/__init__.py", 1, "events", "domain.events"),
-        ("adapters/postgres/wal_reader.py", 1, "pgoutput", "adapters.postgres.pgoutput"),
-        ("adapters/postgres/wal_reader.py", 2, "config", "adapters.config"),
-        ("adapters/postgres/wal_reader.py", 3, "services", "services"),
+        ("adapters/postgres/source/reader.py", 1, "pgoutput", "adapters.postgres.source.pgoutput"),
+        ("adapters/postgres/source/reader.py", 3, "config", "adapters.config"),
+        ("adapters/postgres/source/reader.py", 4, "services", "services"),
     ],
 )
 def test_relative_imports_resolve(

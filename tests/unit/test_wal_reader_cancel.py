@@ -13,7 +13,7 @@ import asyncio
 import os
 import socket
 
-from adapters.postgres.wal_reader import PostgresWalSource
+from adapters.postgres.source.reader import PostgresWalSource
 
 
 class _PgConn:

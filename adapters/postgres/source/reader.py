@@ -21,7 +21,7 @@ import psycopg
 import structlog
 from psycopg import sql
 
-from adapters.postgres.catalog import (
+from adapters.postgres.source.catalog import (
     describe_relation,
     ensure_publication,
     ensure_state_table,
@@ -33,14 +33,14 @@ from adapters.postgres.catalog import (
     reader_conninfo,
     snapshot_schema,
 )
-from adapters.postgres.pgoutput import (
+from adapters.postgres.source.pgoutput import (
     PG_EPOCH_OFFSET_US,
     CommitMarker,
     LogicalMessage,
     PgOutputDecoder,
 )
-from adapters.postgres.signals import mark_finished, mark_started, new_backfills
-from adapters.postgres.snapshot import (
+from adapters.postgres.source.signals import mark_finished, mark_started, new_backfills
+from adapters.postgres.source.snapshot import (
     BACKFILL,
     SNAPSHOT,
     TableProgress,
@@ -49,7 +49,7 @@ from adapters.postgres.snapshot import (
     read_exported_snapshot,
     save_progress,
 )
-from adapters.postgres.watermark import WATERMARK_PREFIX, WatermarkChunker
+from adapters.postgres.source.watermark import WATERMARK_PREFIX, WatermarkChunker
 from domain.events import (
     Operation,
     Position,

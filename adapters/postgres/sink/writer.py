@@ -75,8 +75,8 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from adapters.config.pipeline import CHANGE_LOG_SUFFIX, PostgresSinkConfig
 from adapters.config.platform import RetryConfig
-from adapters.postgres.copy_text import copy_buffer, copy_escape
-from adapters.postgres.dead_letter import (
+from adapters.postgres.sink.copy_text import copy_buffer, copy_escape
+from adapters.postgres.sink.dead_letter import (
     DEAD_LETTER_TABLE,
     FailedEvent,
     create_dead_letter_table_sql,
