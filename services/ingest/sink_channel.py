@@ -10,7 +10,9 @@ resent in order after a reconnect; the sink skips positions it applied.
 
 Every connection starts with the Describe handshake: a sink of another wire version is
 refused with a clear message (logged, and in this channel's health) and asked again after
-a backoff, instead of being sent batches it would misread.
+a backoff, instead of being sent batches it would misread. The handshake has a deadline
+(the ack timeout): a sink that never answers it (hung, or a half-open connection) is
+reported by name and address, its connection dropped, and asked again.
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ class AckTimeoutError(ConnectionError):
     answer its health check: the stream and its connection are dropped."""
 
 
+class DescribeTimeoutError(ConnectionError):
+    """The sink did not answer the Describe handshake within its deadline."""
+
+
 class SinkChannel:
     def __init__(
         self,
@@ -88,6 +94,7 @@ class SinkChannel:
         self._stopping = False
         self.sink_description: sink_pb2.DescribeReply | None = None
         self._wire_refused: str | None = None
+        self._handshake_error: str | None = None  # the last Describe timed out
         self.acked_batches = 0
         self.last_ack_monotonic = time.monotonic()
         # Since when the oldest unacked batch could have been written by the sink: its send,
@@ -150,8 +157,8 @@ class SinkChannel:
         }
         if self._last_error:
             detail["error"] = self._last_error
-        if self._wire_refused:
-            detail["error"] = self._wire_refused
+        if self._wire_refused or self._handshake_error:
+            detail["error"] = self._wire_refused or self._handshake_error
             return ComponentHealth(f"sink:{self.sink_id}", Status.ERROR, detail)
         # The sink's own health check says whether it is up and its destination reachable;
         # a broken stream is retried on its own and shows up in `detail`.
@@ -223,9 +230,13 @@ class SinkChannel:
         """The handshake: both sides must speak the same wire version."""
         try:
             reply = await stub.Describe(
-                sink_pb2.DescribeRequest(wire_version=WIRE_VERSION), wait_for_ready=True
+                sink_pb2.DescribeRequest(wire_version=WIRE_VERSION),
+                wait_for_ready=True,
+                timeout=self._ack_timeout,
             )
         except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+                await self._describe_timed_out()
             if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
                 # A sink of an older release: it has no cdc.v2 service at all.
                 self._refuse(wire_version_mismatch(WIRE_VERSION, "cdc.v1", "ingest"))
@@ -235,7 +246,37 @@ class SinkChannel:
         if reply.wire_version != WIRE_VERSION:
             self._refuse(wire_version_mismatch(WIRE_VERSION, reply.wire_version, "ingest"))
         self.sink_description = reply
-        self._wire_refused = None
+        self._wire_refused = self._handshake_error = None
+
+    async def _describe_timed_out(self) -> None:
+        """No answer to the handshake in time. Connected but silent (a hung sink, a
+        half-open connection): the channel is dropped so the next attempt connects anew.
+        Not connected: the sink is not listening (yet) at its address."""
+        channel, self._channel = self._channel, None
+        state = channel.get_state() if channel is not None else None
+        connected = state is grpc.ChannelConnectivity.READY
+        why = (
+            "connected, but it did not answer"
+            if connected
+            else "could not connect (is it running and listening there?)"
+        )
+        message = (
+            f"sink {self.sink_id} at {self.target}: no answer to the Describe handshake within"
+            f" {self._ack_timeout:g} s (ingest.ack_timeout_seconds): {why}"
+        )
+        log.warning(
+            "sink.describe_timeout",
+            sink=self.sink_id,
+            target=self.target,
+            timeout_seconds=self._ack_timeout,
+            connected=connected,
+        )
+        if channel is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await channel.close()
+        self._handshake_error = message
+        raise DescribeTimeoutError(message)
 
     def _refuse(self, message: str) -> None:
         self._last_error = self._wire_refused = message
