@@ -33,7 +33,7 @@ from cdc_proto.v2 import events_pb2, sink_pb2, sink_pb2_grpc
 from domain.events import Position
 from domain.health import ComponentHealth, Status
 from domain.ports import DeliveryAck, OutboundBatch
-from services.wire import WIRE_VERSION, encode_batch, wire_version_mismatch
+from services.wire import WIRE_VERSION, encode_outbound, wire_version_mismatch
 
 log = structlog.get_logger(__name__)
 
@@ -83,7 +83,7 @@ class SinkChannel:
         # Not yet durable at the sink, in send order (resent after a reconnect).
         self._unacked: OrderedDict[int, events_pb2.EventBatch] = OrderedDict()
         self._accepted: set[int] = set()  # of those, accepted: their credit is back
-        self._last: dict[int, tuple[str, Position]] = {}  # batch -> (lane, newest position)
+        self._last: dict[int, dict[str, Position]] = {}  # batch -> newest position per lane
         self._outbox: asyncio.Queue[events_pb2.EventBatch] = asyncio.Queue()
         self._on_ack = on_ack
         self._channel: grpc.aio.Channel | None = None
@@ -115,15 +115,10 @@ class SinkChannel:
 
     async def send(self, batch: OutboundBatch | events_pb2.EventBatch) -> None:
         if isinstance(batch, OutboundBatch):
-            if batch.events:
-                self._last[batch.batch_id] = (batch.lanes[0], batch.events[-1].position)
-            message = encode_batch(
-                batch.batch_id,
-                batch.pipeline_id,
-                batch.lanes[0],
-                batch.events,
-                batch.trace_context,
-            )
+            last = batch.last_positions()
+            if last:
+                self._last[batch.batch_id] = last
+            message = encode_outbound(batch)
         else:
             message = batch
         await self._credits.acquire()
@@ -369,7 +364,9 @@ class SinkChannel:
         durable = {d.lane: Position(d.position, d.sequence) for d in ack.durable_positions}
         for other in [b for b in self._unacked if b in self._accepted]:
             last = self._last.get(other)
-            if last is not None and last[0] in durable and last[1] <= durable[last[0]]:
+            if last and all(
+                lane in durable and position <= durable[lane] for lane, position in last.items()
+            ):
                 await self._release(other, None)
 
     async def _release(self, batch_id: int, ack: sink_pb2.BatchAck | None) -> None:
