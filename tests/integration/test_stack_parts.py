@@ -97,3 +97,41 @@ def test_tansu_fixture_is_shared(tansu_broker: object) -> None:
 
     assert isinstance(tansu_broker, TansuBroker)
     assert kafka_api_versions_ok(tansu_broker.host, tansu_broker.port)
+
+
+def test_schema_registry_process_serves_and_persists(tmp_path: Path) -> None:
+    import json
+    import urllib.request
+
+    from services.stack import schema_registry
+
+    server = schema_registry.start(tmp_path)
+    pids = _group(server.process.pid)
+    schema = json.dumps({"type": "record", "name": "V", "fields": [{"name": "id", "type": "int"}]})
+    request = urllib.request.Request(
+        f"{server.url}/subjects/t-value/versions",
+        data=json.dumps({"schema": schema}).encode(),
+        headers={"Content-Type": "application/vnd.schemaregistry.v1+json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            schema_id = json.loads(response.read())["id"]
+    finally:
+        server.stop()
+    _assert_gone(pids, [server.port])
+    again = schema_registry.start(tmp_path)
+    try:
+        with urllib.request.urlopen(f"{again.url}/schemas/ids/{schema_id}", timeout=5) as response:
+            assert json.loads(json.loads(response.read())["schema"])["name"] == "V"
+    finally:
+        again.stop()
+
+
+def test_schema_registry_fixture(schema_registry: object) -> None:
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    from services.stack.schema_registry import SchemaRegistryServer
+
+    assert isinstance(schema_registry, SchemaRegistryServer)
+    assert isinstance(SchemaRegistryClient({"url": schema_registry.url}).get_subjects(), list)

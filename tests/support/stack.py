@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    from services.stack.schema_registry import SchemaRegistryServer
     from services.stack.tansu import TansuBroker
 
 
@@ -28,3 +29,14 @@ def tansu_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuBrok
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="session")
+def schema_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SchemaRegistryServer]:
+    from services.stack import schema_registry as registry
+
+    server = registry.start(tmp_path_factory.mktemp("schema-registry"))
+    try:
+        yield server
+    finally:
+        server.stop()
