@@ -135,3 +135,31 @@ def test_schema_registry_fixture(schema_registry: object) -> None:
 
     assert isinstance(schema_registry, SchemaRegistryServer)
     assert isinstance(SchemaRegistryClient({"url": schema_registry.url}).get_subjects(), list)
+
+
+def test_moto_serves_kinesis_and_stops_cleanly(tmp_path: Path) -> None:
+    boto3 = pytest.importorskip("boto3", reason="boto3 comes with moto[server] (stack/dev extras)")
+    from services.stack import moto
+
+    server = moto.start(tmp_path)
+    pids = _group(server.process.pid)
+    try:
+        kinesis = boto3.client(
+            "kinesis",
+            endpoint_url=server.endpoint_url,
+            region_name=server.region,
+            aws_access_key_id=server.access_key,
+            aws_secret_access_key=server.secret_key,
+        )
+        kinesis.create_stream(StreamName="parts", ShardCount=1)
+        assert "parts" in kinesis.list_streams()["StreamNames"]
+    finally:
+        server.stop()
+    _assert_gone(pids, [server.port])
+
+
+def test_moto_fixture(moto_server: object) -> None:
+    from services.stack.moto import MotoServer
+
+    assert isinstance(moto_server, MotoServer)
+    assert port_open(moto_server.port)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    from services.stack.moto import MotoServer
     from services.stack.schema_registry import SchemaRegistryServer
     from services.stack.tansu import TansuBroker
 
@@ -36,6 +37,17 @@ def schema_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Schema
     from services.stack import schema_registry as registry
 
     server = registry.start(tmp_path_factory.mktemp("schema-registry"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    from services.stack import moto
+
+    server = moto.start(tmp_path_factory.mktemp("moto"))
     try:
         yield server
     finally:
