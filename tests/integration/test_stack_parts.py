@@ -163,3 +163,50 @@ def test_moto_fixture(moto_server: object) -> None:
 
     assert isinstance(moto_server, MotoServer)
     assert port_open(moto_server.port)
+
+
+def test_pubsub_emulator_serves_and_stops_cleanly(
+    pubsub_emulator: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the session fixture (skipped with the reason when the emulator is not
+    installed); the emulator is stopped and checked by a separate launcher run below."""
+    from services.stack.pubsub_emulator import PubSubEmulator
+
+    assert isinstance(pubsub_emulator, PubSubEmulator)
+    pubsub = pytest.importorskip("google.cloud.pubsub_v1", reason="google-cloud-pubsub: gcp extra")
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", pubsub_emulator.host_port)
+    publisher = pubsub.PublisherClient()
+    topic = publisher.topic_path(pubsub_emulator.project_id, "parts")
+    publisher.create_topic(name=topic)
+    assert publisher.publish(topic, b"x").result(timeout=30)
+
+
+def test_pubsub_emulator_launcher_stops_its_jvm(tmp_path: Path) -> None:
+    from services.stack import pubsub_emulator
+
+    try:
+        server = pubsub_emulator.start(tmp_path)
+    except pubsub_emulator.EmulatorNotInstalled as exc:
+        pytest.skip(str(exc))
+    pids = _group(server.process.pid)
+    assert (tmp_path / "pubsub_emulator.log").read_text().strip()
+    server.stop()
+    _assert_gone(pids, [server.port])
+
+
+def test_pubsub_emulator_missing_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.stack import pubsub_emulator
+
+    monkeypatch.setenv("CDC_PUBSUB_EMULATOR", str(tmp_path / "absent"))
+    with pytest.raises(pubsub_emulator.EmulatorNotInstalled, match="CDC_PUBSUB_EMULATOR"):
+        pubsub_emulator.start(tmp_path)
+
+
+def test_missing_java_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.stack import java
+
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(java.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(LaunchError, match=r"kafka connect: needs Java 17\+ and none was found"):
+        java.find_java("kafka connect")

@@ -17,6 +17,7 @@ import pytest
 
 if TYPE_CHECKING:
     from services.stack.moto import MotoServer
+    from services.stack.pubsub_emulator import PubSubEmulator
     from services.stack.schema_registry import SchemaRegistryServer
     from services.stack.tansu import TansuBroker
 
@@ -48,6 +49,20 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer
     from services.stack import moto
 
     server = moto.start(tmp_path_factory.mktemp("moto"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def pubsub_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PubSubEmulator]:
+    from services.stack import pubsub_emulator as emulator
+
+    try:
+        server = emulator.start(tmp_path_factory.mktemp("pubsub"))
+    except emulator.EmulatorNotInstalled as exc:
+        pytest.skip(str(exc))
     try:
         yield server
     finally:
