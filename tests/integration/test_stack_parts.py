@@ -210,3 +210,40 @@ def test_missing_java_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(java.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(LaunchError, match=r"kafka connect: needs Java 17\+ and none was found"):
         java.find_java("kafka connect")
+
+
+def test_seaweedfs_s3_and_stop(tmp_path: Path) -> None:
+    pytest.importorskip("boto3", reason="boto3 comes with moto[server] (stack/dev extras)")
+    from botocore.exceptions import ClientError
+
+    from services.stack import seaweedfs
+
+    server = seaweedfs.start(tmp_path, buckets=["warehouse"])
+    pids = _group(server.process.pid)
+    try:
+        client = server.client()
+        client.put_object(Bucket="warehouse", Key="a/b.txt", Body=b"hello")
+        assert client.get_object(Bucket="warehouse", Key="a/b.txt")["Body"].read() == b"hello"
+        assert server.bucket("warehouse") == "warehouse"  # idempotent
+        import boto3
+
+        stranger = boto3.client(
+            "s3",
+            endpoint_url=server.endpoint_url,
+            region_name="us-east-1",
+            aws_access_key_id="wrong",
+            aws_secret_access_key="wrong",
+        )
+        with pytest.raises(ClientError):
+            stranger.get_object(Bucket="warehouse", Key="a/b.txt")
+    finally:
+        server.stop()
+    _assert_gone(pids, list(server.ports.values()))
+
+
+def test_seaweedfs_fixture(seaweedfs_s3: object) -> None:
+    from services.stack.seaweedfs import SeaweedFS
+
+    assert isinstance(seaweedfs_s3, SeaweedFS)
+    name = seaweedfs_s3.bucket("fixture-check")
+    assert name in [b["Name"] for b in seaweedfs_s3.client().list_buckets()["Buckets"]]

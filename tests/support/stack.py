@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from services.stack.moto import MotoServer
     from services.stack.pubsub_emulator import PubSubEmulator
     from services.stack.schema_registry import SchemaRegistryServer
+    from services.stack.seaweedfs import SeaweedFS
     from services.stack.tansu import TansuBroker
 
 
@@ -63,6 +64,19 @@ def pubsub_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PubSub
         server = emulator.start(tmp_path_factory.mktemp("pubsub"))
     except emulator.EmulatorNotInstalled as exc:
         pytest.skip(str(exc))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweedfs_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """S3 on SeaweedFS: ``.endpoint_url``, ``.access_key``, ``.secret_key``, ``.bucket(name)``
+    (creates it; bucket names need 3-63 characters), ``.client()`` (boto3)."""
+    from services.stack import seaweedfs
+
+    server = seaweedfs.start(tmp_path_factory.mktemp("seaweedfs"))
     try:
         yield server
     finally:
