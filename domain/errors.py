@@ -19,3 +19,12 @@ class SourceUnavailableError(TransientError):
 
 class SinkUnavailableError(TransientError):
     pass
+
+
+class TeardownRefusedError(CdcError):
+    """A provisioner refused (or could not finish) removing a pipeline's transport resources
+    (a slot still in use, a pipeline still running). `done` lists what it removed before."""
+
+    def __init__(self, message: str, done: list[str]) -> None:
+        super().__init__(message)
+        self.done = done
