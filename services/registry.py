@@ -112,6 +112,8 @@ class SinkAdapter:
     config_model: type[BaseModel]
     reads: frozenset[str] = frozenset()
     writer: WriterFactory | None = None
+    # Checks of a sink's settings against the pipeline (locs relative to sinks[i]).
+    validate: Callable[[PipelineConfig, SinkConfig], list[tuple[Loc, str]]] | None = None
 
     @property
     def available(self) -> bool:
@@ -163,6 +165,37 @@ def build_slot_monitor(pipeline: PipelineConfig, platform: PlatformConfig) -> Po
         interval_seconds=platform.lag_monitor_interval_seconds,
         lag_degraded_bytes=platform.wal_reader.slot_lag_degraded_bytes,
     )
+
+
+def build_iceberg_writer(
+    pipeline: PipelineConfig, sink: SinkConfig, platform: PlatformConfig
+) -> SinkWriter:
+    from adapters.iceberg.writer import IcebergSinkWriter
+
+    assert sink.iceberg is not None  # guaranteed by SinkConfig validation
+    return IcebergSinkWriter(sink.iceberg, pipeline.pipeline_id, sink.sink_id)
+
+
+def check_iceberg_sink(pipeline: PipelineConfig, sink: SinkConfig) -> list[tuple[Loc, str]]:
+    """A literal table_name (no {schema} / {table}) only for a sink that receives exactly
+    one table, named without wildcards."""
+    from adapters.iceberg.catalog import has_placeholders
+
+    assert sink.iceberg is not None
+    if has_placeholders(sink.iceberg.table_name):
+        return []
+    tables = [t for t in pipeline.source.tables if sink.accepts_table(t)]
+    if len(tables) == 1 and not set(tables[0]) & set("*?[],"):
+        return []
+    return [
+        (
+            ("iceberg", "table_name"),
+            f"{sink.iceberg.table_name!r} names one table but sink '{sink.sink_id}' receives"
+            f" {len(tables)} table pattern(s) ({', '.join(tables) or 'none'}); use the"
+            " {schema} and {table} placeholders (e.g. '{schema}_{table}') or limit the sink"
+            " to one table with 'tables'",
+        )
+    ]
 
 
 def build_postgres_writer(
@@ -239,7 +272,13 @@ SINKS: Mapping[SinkType, SinkAdapter] = {
             writer=build_postgres_writer,
         ),
         SinkAdapter("webhook", "batches of events POSTed as JSON", WebhookSinkConfig),
-        SinkAdapter("iceberg", "Apache Iceberg tables", IcebergSinkConfig),
+        SinkAdapter(
+            "iceberg",
+            "Apache Iceberg tables (append, or upsert with position deletes)",
+            IcebergSinkConfig,
+            writer=build_iceberg_writer,
+            validate=check_iceberg_sink,
+        ),
     )
 }
 
@@ -320,6 +359,9 @@ def check(pipeline: PipelineConfig, platform: PlatformConfig) -> Problems:
                     f" available: {_names(available_sink_types())} (or set enabled: false)",
                 )
             )
+        elif adapter.validate is not None:
+            for where, message in adapter.validate(pipeline, sink):
+                found.pipeline.append((("sinks", index, *where), message))
     # The settings: what the chosen adapters read, by what their entries declare (an adapter
     # that is not available still declares them, so its own settings are not reported twice).
     for path in ADAPTER_SETTINGS:
