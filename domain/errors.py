@@ -19,3 +19,9 @@ class SourceUnavailableError(TransientError):
 
 class SinkUnavailableError(TransientError):
     pass
+
+
+class SinkHaltedError(PermanentError):
+    """The sink cannot go on without an operator (e.g. a column changed to a type the
+    destination cannot take): the sink process stops with exit code 2 instead of rejecting
+    the same batch forever."""

@@ -28,16 +28,12 @@ from adapters.iceberg.catalog import load_catalog, table_identifier
 from adapters.iceberg.dead_letters import DeadLetterTable
 from adapters.iceberg.table_sink import TableSink
 from domain.blocks import LANE, OP, POSITION, SEQUENCE, ChangeBlock
-from domain.errors import PermanentError, SinkUnavailableError
+from domain.errors import PermanentError, SinkHaltedError, SinkUnavailableError
 from domain.events import Position, TableSchema
 from domain.health import ComponentHealth, Status
 from domain.ports import Guarantee, SinkBatch, WriteResult
 
 log = structlog.get_logger(__name__)
-
-
-class SinkHaltedError(PermanentError):
-    """The sink cannot go on without an operator (an unsafe schema change): it stops."""
 
 
 class IcebergSinkWriter:

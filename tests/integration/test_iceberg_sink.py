@@ -16,7 +16,8 @@ import pytest
 from adapters.config.pipeline import IcebergSinkConfig
 from adapters.iceberg import maintenance
 from adapters.iceberg.table_sink import positions_of
-from adapters.iceberg.writer import IcebergSinkWriter, SinkHaltedError
+from adapters.iceberg.writer import IcebergSinkWriter
+from domain.errors import SinkHaltedError
 from domain.events import Column, Operation, Position, SourceEvent, TableSchema
 from domain.ports import SinkBatch
 from services.wire import decode_batch, encode_batch
