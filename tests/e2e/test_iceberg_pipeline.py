@@ -33,10 +33,16 @@ from tests.support.pipeline import (
 from tests.support.workload import TABLES, run_workload
 
 
-def test_direct_to_iceberg_upsert_and_append_equal_the_source(pg, tmp_path: Path) -> None:
+def test_direct_to_iceberg_upsert_and_append_on_s3_equal_the_source(
+    pg, seaweedfs_s3, tmp_path: Path
+) -> None:
     source_dsn, _, files = new_pipeline(pg, tmp_path, seed_rows=300, batch_max_events=500)
-    lake = iceberg_sink("lake", tmp_path)
-    log = iceberg_sink("log", tmp_path, write_mode="append", namespace="log")
+    bucket = f"lake-{tmp_path.name[-20:].lower().replace('_', '-')}"
+    seaweedfs_s3.bucket(bucket)
+    lake = iceberg_sink("lake", tmp_path, s3=seaweedfs_s3, bucket=bucket)
+    log = iceberg_sink(
+        "log", tmp_path, write_mode="append", namespace="log", s3=seaweedfs_s3, bucket=bucket
+    )
     use_sinks(files, [lake, log])
     with running_stages(files, tmp_path, sink_ids=("lake", "log")) as (ingest, sinks):
         made = run_workload(source_dsn, changes=4_000, big_transaction=1_500)
@@ -76,6 +82,9 @@ def test_direct_to_iceberg_upsert_and_append_equal_the_source(pg, tmp_path: Path
     snaps = [json.loads(line) for line in out]
     assert snaps and all({"snapshot_id", "timestamp_ms", "operation"} <= s.keys() for s in snaps)
     assert snaps[-1]["positions"] and snaps[-1]["current"]
+    # The files are on S3, not local.
+    listed = seaweedfs_s3.client().list_objects_v2(Bucket=bucket, Prefix="lake/")
+    assert any(o["Key"].endswith(".parquet") for o in listed.get("Contents", []))
 
 
 def test_kill_9_of_the_iceberg_sink_mid_stream_loses_and_duplicates_nothing(
