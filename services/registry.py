@@ -178,20 +178,32 @@ def build_iceberg_writer(
 
 def check_iceberg_sink(pipeline: PipelineConfig, sink: SinkConfig) -> list[tuple[Loc, str]]:
     """A literal table_name (no {schema} / {table}) only for a sink that receives exactly
-    one table, named without wildcards."""
-    from adapters.iceberg.catalog import has_placeholders
+    one table (source tables are exact names)."""
+    from adapters.iceberg.catalog import has_placeholders, table_identifier
 
     assert sink.iceberg is not None
-    if has_placeholders(sink.iceberg.table_name):
-        return []
     tables = [t for t in pipeline.source.tables if sink.accepts_table(t)]
-    if len(tables) == 1 and not set(tables[0]) & set("*?[],"):
+    if has_placeholders(sink.iceberg.table_name):
+        seen: dict[tuple[str, str], str] = {}
+        for t in tables:
+            ident = table_identifier(sink.iceberg, *t.split(".", 1))
+            if ident in seen:
+                return [
+                    (
+                        ("iceberg", "table_name"),
+                        f"{sink.iceberg.table_name!r} maps {seen[ident]} and {t} to the same"
+                        f" Iceberg table {'.'.join(ident)}; use both {{schema}} and {{table}}",
+                    )
+                ]
+            seen[ident] = t
+        return []
+    if len(tables) == 1:
         return []
     return [
         (
             ("iceberg", "table_name"),
             f"{sink.iceberg.table_name!r} names one table but sink '{sink.sink_id}' receives"
-            f" {len(tables)} table pattern(s) ({', '.join(tables) or 'none'}); use the"
+            f" {len(tables)} tables ({', '.join(tables) or 'none'}); use the"
             " {schema} and {table} placeholders (e.g. '{schema}_{table}') or limit the sink"
             " to one table with 'tables'",
         )
