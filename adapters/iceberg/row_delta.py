@@ -161,8 +161,9 @@ def commit_row_delta(
     data_files: Sequence[DataFile],
     delete_files: Sequence[DataFile],
     properties: dict[str, str],
-) -> None:
-    """Stage one snapshot with `data_files` and `delete_files` on `tx` (committed with it)."""
+) -> int:
+    """Stage one snapshot with `data_files` and `delete_files` on `tx` (committed with it);
+    returns its snapshot id."""
     operation = Operation.OVERWRITE if delete_files else Operation.APPEND
     producer = _RowDelta(
         operation=operation,
@@ -175,3 +176,4 @@ def commit_row_delta(
     for f in delete_files:
         producer.add_delete_file(f)
     producer.commit()
+    return int(producer._snapshot_id)

@@ -309,16 +309,17 @@ class TableSink:
                 )
             )
         delete_files = write_delete_files(self.table, as_row_deletes(removed)) if removed else []
-        commit_row_delta(tx, data_files, delete_files, properties)
+        snapshot_id = commit_row_delta(tx, data_files, delete_files, properties)
         tx.commit_transaction()
         self.table = self.catalog.load_table(self.identifier)
         if self.index is not None:
+            # The index now describes our snapshot (not whatever is current by now: a
+            # commit of another writer right after ours makes the next commit rebuild it).
             self.index.mark_deleted(removed)
             spec_id = self.table.metadata.default_spec_id
             for f in data_files:
                 self.index.add_file(self.table, f.file_path, spec_id, f.partition)
-            current = self.table.current_snapshot()
-            self.index.snapshot_id = current.snapshot_id if current else None
+            self.index.snapshot_id = snapshot_id
         return (rows.num_rows if rows is not None else 0) + sum(len(r.positions) for r in removed)
 
     def _append_rows(self) -> pa.Table | None:
