@@ -40,13 +40,15 @@ from adapters.config import (
     WebhookSinkConfig,
 )
 from adapters.config.errors import Loc
-from adapters.postgres.sink_writer import PostgresSinkWriter
-from adapters.postgres.slot_monitor import PostgresSlotMonitor
-from adapters.postgres.wal_reader import PostgresWalSource, WalReaderSettings
-from domain.ports import EventSource, SinkWriter, SourceMonitor
+from adapters.postgres.sink.writer import PostgresSinkWriter
+from adapters.postgres.source.provisioner import PostgresProvisioner
+from adapters.postgres.source.reader import PostgresWalSource, WalReaderSettings
+from adapters.postgres.source.slot_monitor import PostgresSlotMonitor
+from domain.ports import EventSource, Provisioner, SinkWriter, SourceMonitor
 
 SourceFactory = Callable[[PipelineConfig, PlatformConfig], EventSource]
 MonitorFactory = Callable[[PipelineConfig, PlatformConfig], SourceMonitor]
+ProvisionerFactory = Callable[[PipelineConfig, PlatformConfig], Provisioner]
 WriterFactory = Callable[[PipelineConfig, SinkConfig, PlatformConfig], SinkWriter]
 
 # Shared settings that only some adapters read (dotted paths; ``topic_prefix`` is in
@@ -97,6 +99,8 @@ class TransportAdapter:
     fixed: Mapping[str, object] = field(default_factory=dict)
     event_source: SourceFactory | None = None
     source_monitor: MonitorFactory | None = None  # None: nothing to watch
+    # What `cdc undeploy` tears down (and a deploy step creates); None: nothing to remove.
+    provisioner: ProvisionerFactory | None = None
 
     @property
     def available(self) -> bool:
@@ -210,6 +214,19 @@ def check_iceberg_sink(pipeline: PipelineConfig, sink: SinkConfig) -> list[tuple
     ]
 
 
+def build_postgres_provisioner(
+    pipeline: PipelineConfig, platform: PlatformConfig
+) -> PostgresProvisioner:
+    """The publication, the replication slot and the reader's bookkeeping on the source:
+    what every transport that reads the WAL creates there."""
+    return PostgresProvisioner(
+        source_conninfo(pipeline),
+        pipeline.effective_slot_name(platform),
+        pipeline.effective_publication_name(platform),
+        tuple(pipeline.source.tables),
+    )
+
+
 def build_postgres_writer(
     pipeline: PipelineConfig, sink: SinkConfig, platform: PlatformConfig
 ) -> PostgresSinkWriter:
@@ -242,6 +259,7 @@ TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
             fixed={"stop_on_incompatible_schema": False},
             event_source=build_wal_source,
             source_monitor=build_slot_monitor,
+            provisioner=build_postgres_provisioner,
         ),
         TransportAdapter(
             "kafka",
@@ -263,12 +281,14 @@ TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
             "the WAL captured to Google Pub/Sub",
             sections={"pubsub": PubSubConfig, "wal_reader": WalReaderConfig},
             reads=_CLOUD_READS,
+            provisioner=build_postgres_provisioner,  # the capture's slot and publication
         ),
         TransportAdapter(
             "kinesis",
             "the WAL captured to Amazon Kinesis",
             sections={"kinesis": KinesisConfig, "wal_reader": WalReaderConfig},
             reads=_CLOUD_READS,
+            provisioner=build_postgres_provisioner,  # the capture's slot and publication
         ),
     )
 }

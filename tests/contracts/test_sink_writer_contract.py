@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from adapters.config.pipeline import PostgresSinkConfig
-from adapters.postgres.sink_writer import PostgresSinkWriter
+from adapters.postgres.sink.writer import PostgresSinkWriter
 from domain.events import UNCHANGED, Column, Operation, Position, SourceEvent, TableSchema
 from domain.ports import Guarantee, SinkBatch, SinkWriter, WriteResult
 from services.wire import decode_batch, encode_batch

@@ -357,3 +357,33 @@ def test_cdc_validate_exits_2_for_a_literal_iceberg_table_name_with_two_tables(
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "sinks[0].iceberg.table_name" in err and "{table}" in err
+
+
+# --------------------------------------------------------------- provisioners (undeploy)
+
+
+def test_wal_transports_tear_down_through_the_postgres_provisioner() -> None:
+    from adapters.postgres.source.provisioner import PostgresProvisioner
+
+    platform = PlatformConfig.model_validate({"wal_reader": {"slot_name": "s1"}})
+    for name in ("direct", "pubsub", "kinesis"):
+        factory = registry.TRANSPORTS[name].provisioner
+        assert factory is not None, name
+    direct = registry.TRANSPORTS["direct"].provisioner
+    assert direct is not None
+    built = direct(pipeline(), platform)
+    assert isinstance(built, PostgresProvisioner)
+    assert built.slot_name == pipeline().effective_slot_name(platform)
+    assert built.tables == ("public.orders",)
+
+
+def test_undeploy_of_a_transport_without_provisioner_is_refused_by_name() -> None:
+    import asyncio
+
+    from services.ops import UndeployError, undeploy
+
+    if registry.TRANSPORTS["kafka"].provisioner is not None:
+        pytest.skip("the kafka transport has a provisioner on this branch")
+    platform = PlatformConfig.model_validate({"transport_mode": "kafka"})
+    with pytest.raises(UndeployError, match="transport_mode kafka has no provisioner"):
+        asyncio.run(undeploy(pipeline(), platform))
