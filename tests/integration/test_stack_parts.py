@@ -361,3 +361,20 @@ def test_kafka_connect_runs_debezium_postgres_with_avro(
     finally:
         delete = urllib.request.Request(f"{kafka_connect.url}/connectors/{name}", method="DELETE")
         urllib.request.urlopen(delete, timeout=30).close()
+
+
+def test_schema_registry_process_with_basic_auth(tmp_path: Path) -> None:
+    import urllib.error
+    import urllib.request
+
+    from services.stack import schema_registry
+
+    server = schema_registry.start(tmp_path, basic_auth=("u", "p"))
+    try:
+        assert "u:p" not in " ".join(server.process.process.args)  # not visible in ps
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(f"{server.url}/subjects", timeout=5)
+        assert caught.value.code == 401
+        assert schema_registry.registry_healthy(server.url, basic_auth=("u", "p"))
+    finally:
+        server.stop()
