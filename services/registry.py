@@ -116,6 +116,8 @@ class SinkAdapter:
     config_model: type[BaseModel]
     reads: frozenset[str] = frozenset()
     writer: WriterFactory | None = None
+    # Checks of a sink's settings against the pipeline (locs relative to sinks[i]).
+    validate: Callable[[PipelineConfig, SinkConfig], list[tuple[Loc, str]]] | None = None
 
     @property
     def available(self) -> bool:
@@ -167,6 +169,49 @@ def build_slot_monitor(pipeline: PipelineConfig, platform: PlatformConfig) -> Po
         interval_seconds=platform.lag_monitor_interval_seconds,
         lag_degraded_bytes=platform.wal_reader.slot_lag_degraded_bytes,
     )
+
+
+def build_iceberg_writer(
+    pipeline: PipelineConfig, sink: SinkConfig, platform: PlatformConfig
+) -> SinkWriter:
+    from adapters.iceberg.writer import IcebergSinkWriter
+
+    assert sink.iceberg is not None  # guaranteed by SinkConfig validation
+    return IcebergSinkWriter(sink.iceberg, pipeline.pipeline_id, sink.sink_id)
+
+
+def check_iceberg_sink(pipeline: PipelineConfig, sink: SinkConfig) -> list[tuple[Loc, str]]:
+    """A literal table_name (no {schema} / {table}) only for a sink that receives exactly
+    one table (source tables are exact names)."""
+    from adapters.iceberg.catalog import has_placeholders, table_identifier
+
+    assert sink.iceberg is not None
+    tables = [t for t in pipeline.source.tables if sink.accepts_table(t)]
+    if has_placeholders(sink.iceberg.table_name):
+        seen: dict[tuple[str, str], str] = {}
+        for t in tables:
+            ident = table_identifier(sink.iceberg, *t.split(".", 1))
+            if ident in seen:
+                return [
+                    (
+                        ("iceberg", "table_name"),
+                        f"{sink.iceberg.table_name!r} maps {seen[ident]} and {t} to the same"
+                        f" Iceberg table {'.'.join(ident)}; use both {{schema}} and {{table}}",
+                    )
+                ]
+            seen[ident] = t
+        return []
+    if len(tables) == 1:
+        return []
+    return [
+        (
+            ("iceberg", "table_name"),
+            f"{sink.iceberg.table_name!r} names one table but sink '{sink.sink_id}' receives"
+            f" {len(tables)} tables ({', '.join(tables) or 'none'}); use the"
+            " {schema} and {table} placeholders (e.g. '{schema}_{table}') or limit the sink"
+            " to one table with 'tables'",
+        )
+    ]
 
 
 def build_postgres_provisioner(
@@ -259,7 +304,13 @@ SINKS: Mapping[SinkType, SinkAdapter] = {
             writer=build_postgres_writer,
         ),
         SinkAdapter("webhook", "batches of events POSTed as JSON", WebhookSinkConfig),
-        SinkAdapter("iceberg", "Apache Iceberg tables", IcebergSinkConfig),
+        SinkAdapter(
+            "iceberg",
+            "Apache Iceberg tables (append, or upsert with position deletes)",
+            IcebergSinkConfig,
+            writer=build_iceberg_writer,
+            validate=check_iceberg_sink,
+        ),
     )
 }
 
@@ -340,6 +391,9 @@ def check(pipeline: PipelineConfig, platform: PlatformConfig) -> Problems:
                     f" available: {_names(available_sink_types())} (or set enabled: false)",
                 )
             )
+        elif adapter.validate is not None:
+            for where, message in adapter.validate(pipeline, sink):
+                found.pipeline.append((("sinks", index, *where), message))
     # The settings: what the chosen adapters read, by what their entries declare (an adapter
     # that is not available still declares them, so its own settings are not reported twice).
     for path in ADAPTER_SETTINGS:
