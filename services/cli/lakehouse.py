@@ -145,7 +145,7 @@ def _snapshots(table: Any, args: argparse.Namespace, settings: Any) -> int:
                 "timestamp": _iso(s.timestamp_ms),
                 "operation": summary.operation.value if summary else None,
                 "current": current is not None and s.snapshot_id == current.snapshot_id,
-                "positions": {k: str(v) for k, v in positions_of(props).items()},
+                "positions": {k: f"{v.major}/{v.minor}" for k, v in positions_of(props).items()},
                 "total_records": props.get("total-records"),
                 "maintenance": props.get("cdc.maintenance"),
             }

@@ -8,72 +8,16 @@ import asyncio
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pyarrow.compute as pc
 import pytest
 
-from adapters.config.pipeline import IcebergSinkConfig
 from adapters.iceberg import maintenance
 from adapters.iceberg.table_sink import positions_of
 from adapters.iceberg.writer import IcebergSinkWriter
 from domain.errors import SinkHaltedError
 from domain.events import Column, Operation, Position, SourceEvent, TableSchema
-from domain.ports import SinkBatch
-from services.wire import decode_batch, encode_batch
-
-ORDERS = TableSchema(
-    "public",
-    "orders",
-    (
-        Column("id", 20, "bigint", is_key=True),
-        Column("qty", 23, "integer"),
-        Column("price", 1700, "numeric(12,2)"),
-        Column("at", 1184, "timestamp with time zone"),
-        Column("paid", 16, "boolean"),
-        Column("note", 25, "text"),
-    ),
-)
-LOG = TableSchema("public", "log", (Column("msg", 25, "text"), Column("n", 23, "integer")))
-
-
-def settings(tmp: Path, **over: Any) -> IcebergSinkConfig:
-    base: dict[str, Any] = {
-        "catalog_uri": f"sqlite:///{tmp}/catalog.db",
-        "warehouse": str(tmp / "warehouse"),
-        "table_name": "{schema}_{table}",
-        "write_mode": "upsert",
-        "batch_size": 1_000_000,
-        "flush_interval_seconds": 3600,
-    }
-    base.update(over)
-    return IcebergSinkConfig(**base)
-
-
-class Source:
-    def __init__(self) -> None:
-        self.major = 1000
-        self.batch = 0
-
-    def events(
-        self, *changes: tuple[str, TableSchema, tuple[str | None, ...]]
-    ) -> list[SourceEvent]:
-        out = []
-        for op, table, row in changes:
-            self.major += 1
-            p = Position(self.major, 0)
-            if op == "d":
-                out.append(SourceEvent(Operation.DELETE, table, p, before=row))
-            else:
-                o = Operation.CREATE if op == "c" else Operation.UPDATE
-                out.append(
-                    SourceEvent(o, table, p, after=row, commit_time_us=1_700_000_000_000_000)
-                )
-        return out
-
-    def batch_of(self, events: list[SourceEvent]) -> SinkBatch:
-        self.batch += 1
-        return decode_batch(encode_batch(self.batch, "it", "slot", events))
+from tests.support.iceberg import LOG, ORDERS, Source, row, settings
 
 
 @pytest.fixture
@@ -81,10 +25,6 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop = asyncio.new_event_loop()
     yield loop
     loop.close()
-
-
-def row(i: int, qty: int = 1, note: str | None = "n") -> tuple[str | None, ...]:
-    return (str(i), str(qty), f"{i}.50", "2024-05-01 10:00:00+00", "t", note)
 
 
 def test_upsert_types_deletes_and_positions(
