@@ -24,7 +24,7 @@ from pyiceberg.catalog import Catalog
 
 from adapters.config.pipeline import IcebergSinkConfig
 from adapters.iceberg import columns as cols
-from adapters.iceberg.catalog import load_catalog, table_identifier
+from adapters.iceberg.catalog import load_catalog, shown_uri, table_identifier
 from adapters.iceberg.dead_letters import DeadLetterTable
 from adapters.iceberg.table_sink import TableSink
 from domain.blocks import LANE, OP, POSITION, SEQUENCE, ChangeBlock
@@ -65,9 +65,9 @@ class IcebergSinkWriter:
         try:
             self.catalog = await self._run(load_catalog, self.settings)
         except Exception as exc:
-            raise SinkUnavailableError(
-                f"iceberg catalog {self.settings.catalog_uri}: {exc}"
-            ) from exc
+            uri = shown_uri(self.settings.catalog_uri)
+            detail = str(exc).replace(self.settings.catalog_uri, uri)
+            raise SinkUnavailableError(f"iceberg catalog {uri}: {detail}") from exc
         self.dead_letters = DeadLetterTable(
             self.catalog, self.settings, self.pipeline_id, self.sink_id
         )

@@ -90,7 +90,12 @@ def run(args: argparse.Namespace) -> int:
 def _table(pipeline: Any, sink: Any, wanted: str | None) -> Any:
     from pyiceberg.exceptions import NoSuchTableError
 
-    from adapters.iceberg.catalog import has_placeholders, load_catalog, table_identifier
+    from adapters.iceberg.catalog import (
+        has_placeholders,
+        load_catalog,
+        shown_uri,
+        table_identifier,
+    )
     from adapters.iceberg.dead_letters import TABLE as DEAD_LETTERS
 
     settings = sink.iceberg
@@ -120,8 +125,8 @@ def _table(pipeline: Any, sink: Any, wanted: str | None) -> Any:
         return catalog.load_table(ident)
     except NoSuchTableError:
         raise LakehouseError(
-            f"no Iceberg table {'.'.join(ident)} in catalog {settings.catalog_uri} (has the"
-            " sink written to it yet?)"
+            f"no Iceberg table {'.'.join(ident)} in catalog {shown_uri(settings.catalog_uri)}"
+            " (has the sink written to it yet?)"
         ) from None
 
 
