@@ -367,3 +367,39 @@ def test_compaction_concurrent_with_sink_commits_loses_nothing(
     assert len(got) == data.num_rows  # one row per key
     assert got == expected
     loop.run_until_complete(w.stop())
+
+
+def test_rest_catalog(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
+    """The sink through pyiceberg's REST client, against tests/support/rest_catalog.py (a
+    REST server over a real SQL catalog: no REST catalog server installs here)."""
+    from tests.support.rest_catalog import rest_catalog
+
+    with rest_catalog(tmp_path / "rest") as url:
+        w = IcebergSinkWriter(settings(tmp_path, catalog_uri=url), "it", "lake")
+        loop.run_until_complete(w.start())
+        s = Source()
+        loop.run_until_complete(
+            w.write(s.batch_of(s.events(*[("c", ORDERS, row(i)) for i in range(5)])))
+        )
+        loop.run_until_complete(w.flush())
+        loop.run_until_complete(
+            w.write(
+                s.batch_of(
+                    s.events(
+                        ("u", ORDERS, row(1, qty=9)),
+                        ("d", ORDERS, ("2", None, None, None, None, None)),
+                    )
+                )
+            )
+        )
+        loop.run_until_complete(w.flush())
+        table = w.tables["public.orders"].table
+        assert type(w.catalog).__name__ == "RestCatalog"
+        data = table.scan().to_arrow().sort_by("id")
+        assert data.column("id").to_pylist() == [0, 1, 3, 4]
+        assert data.column("qty").to_pylist() == [1, 9, 1, 1]
+        assert positions_of(table.current_snapshot().summary.additional_properties) == {
+            "slot": Position(s.major, 0)
+        }
+        assert maintenance.compact(table).files_after == 1
+        loop.run_until_complete(w.stop())
