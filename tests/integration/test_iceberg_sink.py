@@ -403,3 +403,27 @@ def test_rest_catalog(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
         }
         assert maintenance.compact(table).files_after == 1
         loop.run_until_complete(w.stop())
+
+
+def test_unreachable_catalog_fails_writes_and_health_not_start(
+    tmp_path: Path, loop: asyncio.AbstractEventLoop
+) -> None:
+    from domain.errors import SinkUnavailableError
+    from services.net import find_free_port
+
+    uri = f"postgresql://cat:topsecret@127.0.0.1:{find_free_port()}/ice"
+    w = IcebergSinkWriter(settings(tmp_path, catalog_uri=uri), "it", "lake")
+    loop.run_until_complete(w.start())  # does not wait for the catalog
+    report = loop.run_until_complete(w.health())
+    assert report.status.value == "error"
+    assert "postgresql://cat:***@127.0.0.1" in report.detail["error"]
+    assert "topsecret" not in str(report.as_dict())
+    s = Source()
+    with pytest.raises(SinkUnavailableError, match="iceberg catalog"):
+        loop.run_until_complete(w.write(s.batch_of(s.events(("c", ORDERS, row(1))))))
+    loop.run_until_complete(w.stop())
+    # Healthy once the catalog is there.
+    ok = IcebergSinkWriter(settings(tmp_path), "it", "lake")
+    loop.run_until_complete(ok.start())
+    assert loop.run_until_complete(ok.health()).status.value == "ok"
+    loop.run_until_complete(ok.stop())
