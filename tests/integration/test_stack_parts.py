@@ -378,3 +378,20 @@ def test_schema_registry_process_with_basic_auth(tmp_path: Path) -> None:
         assert schema_registry.registry_healthy(server.url, basic_auth=("u", "p"))
     finally:
         server.stop()
+
+
+def test_a_killed_part_comes_back_on_the_same_port(tmp_path: Path) -> None:
+    """kill() is a crash (SIGKILL to the group); start(port=...) brings the part back where
+    its clients look for it."""
+    from services.stack import schema_registry
+
+    first = schema_registry.start(tmp_path)
+    processes = _group(first.process.pid)
+    first.process.kill()
+    _assert_gone(processes, [first.port])
+    second = schema_registry.start(tmp_path, port=first.port)
+    try:
+        assert second.url == first.url
+        assert schema_registry.registry_healthy(second.url)
+    finally:
+        second.stop()
