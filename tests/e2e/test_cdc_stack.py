@@ -179,6 +179,10 @@ def test_up_status_down_leaves_nothing(stack_dir: Path) -> None:
     broken = _cdc("stack", "status", "--dir", str(stack_dir))
     assert broken.returncode == 1
     assert "DOWN kinesis" in broken.stdout
+    deadline = time.monotonic() + 10
+    while "kinesis exited" not in (stack_dir / "stack.log").read_text():
+        assert time.monotonic() < deadline, "the daemon did not log the part that exited"
+        time.sleep(0.2)
 
     down = _cdc("stack", "down", "--dir", str(stack_dir))
     assert down.returncode == 0, down.stdout + down.stderr
