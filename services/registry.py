@@ -43,10 +43,11 @@ from adapters.config.errors import Loc
 from adapters.postgres.sink_writer import PostgresSinkWriter
 from adapters.postgres.slot_monitor import PostgresSlotMonitor
 from adapters.postgres.wal_reader import PostgresWalSource, WalReaderSettings
-from domain.ports import EventSource, SinkWriter, SourceMonitor
+from domain.ports import EventSource, Provisioner, SinkWriter, SourceMonitor
 
 SourceFactory = Callable[[PipelineConfig, PlatformConfig], EventSource]
 MonitorFactory = Callable[[PipelineConfig, PlatformConfig], SourceMonitor]
+ProvisionerFactory = Callable[[PipelineConfig, PlatformConfig], Provisioner]
 WriterFactory = Callable[[PipelineConfig, SinkConfig, PlatformConfig], SinkWriter]
 
 # Shared settings that only some adapters read (dotted paths; ``topic_prefix`` is in
@@ -97,6 +98,9 @@ class TransportAdapter:
     fixed: Mapping[str, object] = field(default_factory=dict)
     event_source: SourceFactory | None = None
     source_monitor: MonitorFactory | None = None  # None: nothing to watch
+    # Creates the transport's resources before the stages start (`cdc run`, `cdc deploy`);
+    # None: the event source creates what it needs itself.
+    provisioner: ProvisionerFactory | None = None
 
     @property
     def available(self) -> bool:
@@ -174,6 +178,20 @@ def build_postgres_writer(
     )
 
 
+def build_kafka_provisioner(pipeline: PipelineConfig, platform: PlatformConfig) -> Provisioner:
+    from adapters.kafka.provisioner import KafkaProvisioner
+
+    return KafkaProvisioner(pipeline, platform)
+
+
+def build_connector_monitor(
+    pipeline: PipelineConfig, platform: PlatformConfig
+) -> SourceMonitor:
+    from adapters.debezium.monitor import ConnectorMonitor
+
+    return ConnectorMonitor(pipeline, platform)
+
+
 # ------------------------------------------------------------------------- the registry
 
 _CLOUD_READS = frozenset(
@@ -212,6 +230,9 @@ TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
                     "stop_on_incompatible_schema",
                 }
             ),
+            # The consumer EventSource is not registered yet: the transport stays refused.
+            source_monitor=build_connector_monitor,
+            provisioner=build_kafka_provisioner,
         ),
         TransportAdapter(
             "pubsub",
