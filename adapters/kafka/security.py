@@ -127,7 +127,7 @@ def cloud_token_source(kafka: KafkaConfig) -> Callable[[], tuple[str, float]]:
 
 def msk_token_source(region: str) -> Callable[[], tuple[str, float]]:
     try:
-        from aws_msk_iam_sasl_signer import MSKAuthTokenProvider
+        from aws_msk_iam_sasl_signer import MSKAuthTokenProvider  # type: ignore[import-untyped]
     except ImportError as exc:
         raise KafkaSecurityError(
             "kafka.auth_mechanism sasl_iam needs the aws-msk-iam-sasl-signer-python package:"
@@ -200,7 +200,7 @@ def _read_pem(path: str, setting: str) -> str:
 
 def java_client_settings(kafka: KafkaConfig) -> dict[str, str]:
     """Security settings of a Java Kafka client (unprefixed; TLS material inline as PEM)."""
-    conf = {"security.protocol": kafka.security_protocol}
+    conf: dict[str, str] = {"security.protocol": kafka.security_protocol}
     mech = kafka.auth_mechanism
     if mech in _JAVA_LOGIN_MODULE:
         conf["sasl.mechanism"] = _LIBRDKAFKA_MECHANISM[mech]

@@ -97,11 +97,13 @@ def test_connector_java_settings_per_combination(
     assert conf["security.protocol"] == protocol
     assert conf.get("sasl.mechanism") == JAVA_MECHANISM.get(mechanism, sasl)
     if mechanism in ("sasl_plain", "sasl_scram_256", "sasl_scram_512"):
-        module = "PlainLoginModule" if mechanism == "sasl_plain" else "ScramLoginModule"
+        module = (
+            "plain.PlainLoginModule" if mechanism == "sasl_plain" else "scram.ScramLoginModule"
+        )
         # The password's quote and backslash are escaped for the JAAS parser.
         assert conf["sasl.jaas.config"] == (
-            f"org.apache.kafka.common.security.{'plain' if module == 'PlainLoginModule' else 'scram'}"
-            f'.{module} required username="cdc" password="p\\"w\\\\d";'
+            f"org.apache.kafka.common.security.{module}"
+            f' required username="cdc" password="p\\"w\\\\d";'
         )
     if mechanism == "sasl_iam":
         assert conf == {"security.protocol": "SASL_SSL", **security.MSK_IAM_JAVA}
@@ -177,8 +179,11 @@ def test_unreadable_tls_file_names_the_setting(tmp_path: Path) -> None:
             "needs an auth_mechanism",
         ),
         (
-            {"security_protocol": "SASL_PLAINTEXT", "auth_mechanism": "sasl_iam",
-             "aws_region": "x"},
+            {
+                "security_protocol": "SASL_PLAINTEXT",
+                "auth_mechanism": "sasl_iam",
+                "aws_region": "x",
+            },
             "security_protocol",
             "needs security_protocol SASL_SSL",
         ),
