@@ -127,7 +127,7 @@ class ConnectorMonitor:
     async def _check_streaming(self, detail: dict[str, Any]) -> ComponentHealth:
         from psycopg.conninfo import make_conninfo
 
-        from adapters.postgres.slot_monitor import check_slot
+        from adapters.postgres.source.slot_monitor import check_slot
 
         s = self.pipeline.source
         conninfo = make_conninfo(
