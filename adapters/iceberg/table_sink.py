@@ -39,7 +39,7 @@ from domain.blocks import (
     build_blocks,
     events_of,
 )
-from domain.collapse import DELETED, KeyCollapse, simple_block
+from domain.collapse import DELETED, KeyCollapse, last_per_key, simple_block
 from domain.errors import PermanentError
 from domain.events import UNCHANGED, Operation, Position, SourceEvent, TableSchema
 
@@ -357,17 +357,9 @@ class TableSink:
             if not typed:
                 return None, []
             data = pa.concat_tables(typed, promote_options="permissive")
-            keys = key_array(data, self.key_names)
-            order = pa.array(range(data.num_rows), pa.int64())
-            last = (
-                pa.table({"k": keys, "i": order})
-                .group_by("k", use_threads=False)
-                .aggregate([("i", "max")])
-                .column("i_max")
-                .combine_chunks()
-            )
-            if len(last) != data.num_rows:  # keep each key's last change, in change order
-                data = data.take(pc.take(last, pc.sort_indices(last)))
+            last = last_per_key(key_array(data, self.key_names))
+            if last is not None:  # keep each key's last change, in change order
+                data = data.take(last)
         else:
             data, unchanged, truncated = self._collapse_rows(blocks, key_idx)
         keys = key_array(data, self.key_names)
