@@ -187,6 +187,25 @@ _CLOUD_READS = frozenset(
     }
 )
 
+# What the Kinesis adapters (services/kinesis.py) read: topic_prefix (stream names), dlq
+# (enabled, topic_suffix: the DLQ streams), retry (the backoff of failed puts and reads;
+# max_attempts is not read: a put is retried until it succeeds), max_buffered_messages (the
+# records the source buffers), wal_reader.batch_size / batch_timeout_seconds (the capture).
+_KINESIS_READS = _CLOUD_READS
+
+
+def _kinesis_source(pipeline: PipelineConfig, platform: PlatformConfig) -> EventSource:
+    from services.kinesis import build_kinesis_source  # boto3 only when chosen
+
+    return build_kinesis_source(pipeline, platform)
+
+
+def _kinesis_monitor(pipeline: PipelineConfig, platform: PlatformConfig) -> SourceMonitor:
+    from services.kinesis import build_kinesis_monitor
+
+    return build_kinesis_monitor(pipeline, platform)
+
+
 TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
     t.name: t
     for t in (
@@ -223,7 +242,9 @@ TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
             "kinesis",
             "the WAL captured to Amazon Kinesis",
             sections={"kinesis": KinesisConfig, "wal_reader": WalReaderConfig},
-            reads=_CLOUD_READS,
+            reads=_KINESIS_READS,
+            event_source=_kinesis_source,
+            source_monitor=_kinesis_monitor,
         ),
     )
 }
