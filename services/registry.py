@@ -43,10 +43,14 @@ from adapters.config.errors import Loc
 from adapters.postgres.sink_writer import PostgresSinkWriter
 from adapters.postgres.slot_monitor import PostgresSlotMonitor
 from adapters.postgres.wal_reader import PostgresWalSource, WalReaderSettings
-from domain.ports import EventSource, SinkWriter, SourceMonitor
+from domain.ports import AckCallback, EventSource, Outlet, Provisioner, SinkWriter, SourceMonitor
 
 SourceFactory = Callable[[PipelineConfig, PlatformConfig], EventSource]
 MonitorFactory = Callable[[PipelineConfig, PlatformConfig], SourceMonitor]
+# The capture stage of a transport fed by our WAL reader (services/capture): its publisher,
+# called with the callback that receives each batch's DeliveryAck.
+OutletFactory = Callable[[PipelineConfig, PlatformConfig, AckCallback], Outlet]
+ProvisionerFactory = Callable[[PipelineConfig, PlatformConfig], Provisioner]
 WriterFactory = Callable[[PipelineConfig, SinkConfig, PlatformConfig], SinkWriter]
 
 # Shared settings that only some adapters read (dotted paths; ``topic_prefix`` is in
@@ -97,10 +101,18 @@ class TransportAdapter:
     fixed: Mapping[str, object] = field(default_factory=dict)
     event_source: SourceFactory | None = None
     source_monitor: MonitorFactory | None = None  # None: nothing to watch
+    # Transports fed by `cdc capture` (the WAL reader publishing to the broker).
+    capture_outlet: OutletFactory | None = None
+    # Creates (idempotently) and removes (`cdc undeploy`) the transport's resources.
+    provisioner: ProvisionerFactory | None = None
 
     @property
     def available(self) -> bool:
         return self.event_source is not None
+
+    @property
+    def has_capture(self) -> bool:
+        return self.capture_outlet is not None
 
 
 @dataclass(frozen=True)
@@ -130,11 +142,18 @@ def source_conninfo(pipeline: PipelineConfig) -> str:
     )
 
 
-def build_wal_source(pipeline: PipelineConfig, platform: PlatformConfig) -> PostgresWalSource:
+def build_wal_source(
+    pipeline: PipelineConfig, platform: PlatformConfig, *, capture: bool = False
+) -> PostgresWalSource:
     """The direct transport: the ingest reads the slot itself. Its chunks are the ingest's
-    batches (``ingest.batch_max_events`` / ``batch_max_delay_ms``)."""
+    batches (``ingest.batch_max_events`` / ``batch_max_delay_ms``). For the capture stage of
+    pubsub / kinesis (``capture``) a partly filled chunk waits at most
+    ``wal_reader.batch_timeout_seconds`` for more changes."""
     s = pipeline.source
     wal = platform.wal_reader
+    delay = (
+        wal.batch_timeout_seconds if capture else platform.ingest.batch_max_delay_ms / 1000
+    )
     return PostgresWalSource(
         WalReaderSettings(
             conninfo=source_conninfo(pipeline),
@@ -145,7 +164,7 @@ def build_wal_source(pipeline: PipelineConfig, platform: PlatformConfig) -> Post
             snapshot_mode=s.snapshot_mode,
             status_interval_seconds=wal.status_interval_seconds,
             max_chunk_events=platform.ingest.batch_max_events,
-            max_chunk_delay_seconds=platform.ingest.batch_max_delay_ms / 1000,
+            max_chunk_delay_seconds=delay,
             heartbeat_mode=s.heartbeat_mode,
             heartbeat_interval_seconds=s.heartbeat_interval_seconds,
             snapshot_chunk_size=s.snapshot_chunk_size,
