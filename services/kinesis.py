@@ -1,40 +1,17 @@
-"""Composition of the Kinesis adapters from the configuration: their settings, the record
-codec (a record is one cdc.v2 EventBatch of one lane, services/wire.py) and the constructors
-the adapter registry names."""
+"""Composition of the Kinesis adapters from the configuration: their settings and the
+constructors the adapter registry names. A record's data is one lane's changes as a cdc.v2
+EventBatch (services/capture/payload.py, shared with Pub/Sub)."""
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 from adapters.config import PipelineConfig, PlatformConfig
 from adapters.kinesis.monitor import KinesisMonitor
 from adapters.kinesis.provisioner import KinesisProvisioner
+from adapters.kinesis.publisher import KinesisPublisher
 from adapters.kinesis.settings import Backoff, KinesisSettings, stream_name
 from adapters.kinesis.source import KinesisEventSource
-from cdc_proto.v2 import events_pb2
-from domain.events import SourceEvent
-from services.wire import decode_batch, encode_batch
-
-
-class WireRecordCodec:
-    """A record's data is the lane's changes as one cdc.v2 EventBatch (Arrow blocks, the
-    LSN position of every change), the format the sinks read."""
-
-    def __init__(self, pipeline_id: str) -> None:
-        self.pipeline_id = pipeline_id
-
-    def encode(self, lane: str, events: Sequence[SourceEvent]) -> bytes:
-        message = encode_batch(0, self.pipeline_id, lane, events)
-        return bytes(message.SerializeToString())
-
-    def decode(self, data: bytes) -> list[SourceEvent]:
-        try:
-            message = events_pb2.EventBatch.FromString(data)
-        except Exception as exc:  # protobuf's DecodeError
-            raise ValueError(f"not a cdc.v2 EventBatch: {exc}") from exc
-        if not message.lanes:
-            raise ValueError("not a cdc.v2 EventBatch: no lane")
-        return list(decode_batch(message).events)
+from domain.ports import AckCallback
+from services.capture.payload import ArrowBatchCodec
 
 
 def kinesis_settings(pipeline: PipelineConfig, platform: PlatformConfig) -> KinesisSettings:
@@ -67,7 +44,7 @@ def kinesis_settings(pipeline: PipelineConfig, platform: PlatformConfig) -> Kine
 def build_kinesis_source(pipeline: PipelineConfig, platform: PlatformConfig) -> KinesisEventSource:
     return KinesisEventSource(
         kinesis_settings(pipeline, platform),
-        WireRecordCodec(pipeline.pipeline_id),
+        ArrowBatchCodec(),
         max_buffered_records=platform.max_buffered_messages,
     )
 
@@ -83,3 +60,14 @@ def build_kinesis_provisioner(
     pipeline: PipelineConfig, platform: PlatformConfig
 ) -> KinesisProvisioner:
     return KinesisProvisioner(kinesis_settings(pipeline, platform))
+
+
+def build_kinesis_publisher(
+    pipeline: PipelineConfig, platform: PlatformConfig, on_ack: AckCallback
+) -> KinesisPublisher:
+    return KinesisPublisher(
+        kinesis_settings(pipeline, platform),
+        ArrowBatchCodec(),
+        on_ack,
+        max_in_flight=platform.ingest.max_in_flight_batches,
+    )

@@ -225,6 +225,20 @@ def _kinesis_monitor(pipeline: PipelineConfig, platform: PlatformConfig) -> Sour
     return build_kinesis_monitor(pipeline, platform)
 
 
+def _kinesis_publisher(
+    pipeline: PipelineConfig, platform: PlatformConfig, on_ack: AckCallback
+) -> Outlet:
+    from services.kinesis import build_kinesis_publisher
+
+    return build_kinesis_publisher(pipeline, platform, on_ack)
+
+
+def _kinesis_provisioner(pipeline: PipelineConfig, platform: PlatformConfig) -> Provisioner:
+    from services.kinesis import build_kinesis_provisioner
+
+    return build_kinesis_provisioner(pipeline, platform)
+
+
 TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
     t.name: t
     for t in (
@@ -264,6 +278,8 @@ TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
             reads=_KINESIS_READS,
             event_source=_kinesis_source,
             source_monitor=_kinesis_monitor,
+            capture_outlet=_kinesis_publisher,
+            provisioner=_kinesis_provisioner,
         ),
     )
 }

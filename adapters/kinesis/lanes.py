@@ -1,17 +1,18 @@
 """Key-hash lanes and the limits of one `put_records` call (pure functions).
 
-A change goes to lane `hash(table, key) mod lanes` of its table's stream, so every change of
-one key is in one lane and keeps its order. A lane is one partition key; its records carry an
+A change goes to lane `hash(table, key) mod lanes` of its table's stream
+(`domain.capture.lane_index`, shared with Pub/Sub), so every change of one key is in one
+lane and keeps its order. A lane is one partition key; its records carry an
 explicit hash key in the middle of the lane's equal slice of the 128-bit hash space, so with
 as many lanes as shards each shard holds one lane, whatever MD5 of the key would have said.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from domain import capture
 from domain.events import SourceEvent
 
 HASH_SPACE = 2**128
@@ -20,23 +21,8 @@ MAX_BYTES_PER_CALL = 5 * 1024 * 1024
 MAX_BYTES_PER_RECORD = 1024 * 1024  # data + partition key
 
 
-def lane_of(event: SourceEvent, lanes: int) -> int:
-    """The lane of an event's key (the table alone for a table without a key, whose changes
-    form one change log). Stable across processes and releases: not Python's hash()."""
-    if lanes == 1:
-        return 0
-    key = event.key
-    text = (
-        event.table.qualified_name
-        + "\x00"
-        + "\x00".join("\x01" if v is None else str(v) for v in key.values())
-    )
-    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % lanes
-
-
 def partition_key(lane: int) -> str:
-    return f"lane-{lane}"
+    return capture.lane_name(lane)
 
 
 def explicit_hash_key(lane: int, lanes: int) -> str:

@@ -22,8 +22,8 @@ from typing import Any
 import structlog
 
 from adapters.kinesis import lanes as L
-from adapters.kinesis.codec import RecordCodec
 from adapters.kinesis.settings import KinesisSettings, client, error_code
+from domain.capture import ChangeCodec, lane_index
 from domain.events import SourceEvent
 from domain.health import ComponentHealth, Status
 from domain.ports import DeliveryAck, OutboundBatch
@@ -56,7 +56,7 @@ class KinesisPublisher:
     def __init__(
         self,
         settings: KinesisSettings,
-        codec: RecordCodec,
+        codec: ChangeCodec,
         on_ack: AckHandler,
         *,
         max_in_flight: int = 8,
@@ -133,12 +133,12 @@ class KinesisPublisher:
             stream = settings.streams.get(table)
             if stream is None:
                 raise ValueError(f"no Kinesis stream for table {table} (not in source.tables)")
-            groups.setdefault((stream, L.lane_of(event, n)), []).append(event)
+            groups.setdefault((stream, lane_index(event, n)), []).append(event)
         entries = []
         for (stream, lane), part in groups.items():
             name = L.lane_name(stream, lane)
             for _, data in L.split_to_fit(
-                part, lambda evs, name=name: self._codec.encode(name, evs)
+                part, lambda evs, name=name: self._codec.encode(settings.pipeline_id, name, evs)
             ):
                 entries.append(
                     L.Entry(

@@ -36,10 +36,10 @@ from typing import Any
 
 import structlog
 
-from adapters.kinesis.codec import RecordCodec
 from adapters.kinesis.leases import Lease, LeaseTable
 from adapters.kinesis.settings import KinesisSettings, client, error_code
 from adapters.kinesis.shards import Shard, list_shards, readable
+from domain.capture import ChangeCodec
 from domain.health import ComponentHealth, Status
 from domain.ports import SourceChunk
 
@@ -95,7 +95,7 @@ class KinesisEventSource:
     def __init__(
         self,
         settings: KinesisSettings,
-        codec: RecordCodec,
+        codec: ChangeCodec,
         *,
         worker_id: str | None = None,
         max_buffered_records: int = 1000,

@@ -1,22 +1,14 @@
-"""Kinesis test helpers: a moto server (until tests/support/stack.py's `moto_server` is
-used), the settings and clients pointed at it, and waiting helpers."""
+"""Kinesis test helpers: settings and clients pointed at a moto server (the `moto_server`
+fixture of tests/support/stack.py), waiting helpers."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from adapters.kinesis.settings import Backoff, KinesisSettings, client
-from services.net import find_free_port
 
 # moto accepts any credentials; boto3 needs some.
 AWS_ENV = {
@@ -29,49 +21,6 @@ AWS_ENV = {
 def set_aws_env() -> None:
     for k, v in AWS_ENV.items():
         os.environ.setdefault(k, v)
-
-
-@dataclass
-class MotoServer:
-    endpoint_url: str
-    process: subprocess.Popen[bytes]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-def start_moto(log_dir: Path) -> MotoServer:
-    port = find_free_port()
-    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
-    log = open(log_dir / f"moto-{port}.log", "wb")  # noqa: SIM115 (the child holds it)
-    process = subprocess.Popen(
-        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/moto-api/", timeout=1).read()
-            return MotoServer(url, process)
-        except Exception:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"moto_server did not start; see {log.name}") from None
-            time.sleep(0.1)
-
-
-def moto_server_fixture(tmp_path_factory: Any) -> Iterator[MotoServer]:
-    set_aws_env()
-    server = start_moto(tmp_path_factory.mktemp("moto"))
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def settings_for(
