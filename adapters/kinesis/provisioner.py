@@ -42,6 +42,7 @@ class KinesisProvisioner:
         self._dynamodb = dynamodb_client
         self._wait_seconds = wait_seconds
         self.created: list[str] = []
+        self.removed: list[str] = []
 
     def _clients(self) -> tuple[Any, Any]:
         if self._kinesis is None:
@@ -163,6 +164,7 @@ class KinesisProvisioner:
                 continue
             kinesis.delete_stream(StreamName=name, EnforceConsumerDeletion=True)
             log.info("kinesis.stream_deleted", stream=name)
+            self.removed.append(f"deleted Kinesis stream {name}")
         try:
             table = dynamodb.describe_table(TableName=s.checkpoint_table)["Table"]
         except Exception as exc:
@@ -171,9 +173,11 @@ class KinesisProvisioner:
             raise
         removed = LeaseTable(dynamodb, s.checkpoint_table, s.pipeline_id).delete_pipeline()
         log.info("kinesis.checkpoints_deleted", table=s.checkpoint_table, items=removed)
+        self.removed.append(f"deleted {removed} lease/checkpoint item(s) of {s.checkpoint_table}")
         tags = dynamodb.list_tags_of_resource(ResourceArn=table["TableArn"]).get("Tags", [])
         ours = {t["Key"]: t["Value"] for t in tags}.get(TAG) == s.pipeline_id
         others = dynamodb.scan(TableName=s.checkpoint_table, Limit=1, Select="COUNT")["Count"]
         if ours and not others:
             dynamodb.delete_table(TableName=s.checkpoint_table)
             log.info("kinesis.table_deleted", table=s.checkpoint_table)
+            self.removed.append(f"deleted DynamoDB table {s.checkpoint_table}")
