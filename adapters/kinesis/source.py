@@ -132,12 +132,38 @@ class KinesisEventSource:
         self._table = LeaseTable(
             self._dynamodb, self._settings.checkpoint_table, self._settings.pipeline_id
         )
-        # Fail at start, naming what is missing, rather than reading nothing.
-        await asyncio.to_thread(self._dynamodb.describe_table, TableName=self._table.table)
-        for stream in self._streams:
-            await asyncio.to_thread(self._kinesis.describe_stream_summary, StreamName=stream)
+        await self._wait_provisioned()
         await self._balance()
         self._lease_task = asyncio.create_task(self._lease_loop(), name="kinesis-leases")
+
+    async def _wait_provisioned(self) -> None:
+        """The capture stage provisions the streams and the table; an ingest started with it
+        (`cdc run`, a Deployment) waits for them, saying what it waits for."""
+        assert self._table is not None
+        attempt = 0
+        while True:
+            missing = []
+            for stream in self._streams:
+                try:
+                    await asyncio.to_thread(
+                        self._kinesis.describe_stream_summary, StreamName=stream
+                    )
+                except Exception as exc:
+                    if error_code(exc) != "ResourceNotFoundException":
+                        raise
+                    missing.append(f"stream {stream}")
+            try:
+                await asyncio.to_thread(self._dynamodb.describe_table, TableName=self._table.table)
+            except Exception as exc:
+                if error_code(exc) != "ResourceNotFoundException":
+                    raise
+                missing.append(f"DynamoDB table {self._table.table}")
+            if not missing:
+                return
+            self._last_error = "not provisioned yet: " + ", ".join(missing)
+            log.warning("kinesis.waiting_for_provisioning", missing=missing)
+            await asyncio.sleep(min(5.0, 0.5 * 2**attempt))
+            attempt += 1
 
     async def chunks(self) -> AsyncIterator[SourceChunk]:
         while True:
