@@ -30,6 +30,7 @@ def settings_for(
     **overrides: Any,
 ) -> KinesisSettings:
     """Settings with names unique to the test (streams and table live on a shared server)."""
+    set_aws_env()
     tag = uuid.uuid4().hex[:8]
     streams = {t: f"t{tag}-{t.replace('.', '-')}" for t in tables}
     values: dict[str, Any] = {
