@@ -32,6 +32,7 @@ def kinesis_settings(pipeline: PipelineConfig, platform: PlatformConfig) -> Kine
         dlq_suffix=platform.dlq.topic_suffix if platform.dlq.enabled else None,
         poll_interval_seconds=k.poll_interval_seconds,
         max_records_per_shard=k.max_records_per_shard,
+        max_events_per_record=platform.wal_reader.batch_size,
         backoff=Backoff(
             initial_seconds=retry.initial_wait_seconds,
             max_seconds=retry.max_wait_seconds,

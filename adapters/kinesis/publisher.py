@@ -75,6 +75,7 @@ class KinesisPublisher:
         self._idle = asyncio.Event()
         self._idle.set()
         self.stats = PublisherStats()
+        self._fatal: Exception | None = None
 
     @property
     def name(self) -> str:
@@ -90,7 +91,11 @@ class KinesisPublisher:
         self._task = asyncio.create_task(self._run(), name="kinesis-publisher")
 
     async def send(self, batch: OutboundBatch) -> None:
+        if self._fatal is not None:
+            raise self._fatal
         await self._credits.acquire()
+        if self._fatal is not None:
+            raise self._fatal
         self._unacked += 1
         self._idle.clear()
         self._queue.put_nowait(batch)
@@ -115,6 +120,9 @@ class KinesisPublisher:
             "unacked_batches": self._unacked,
             "last_error": s.last_error,
         }
+        if self._fatal is not None:
+            detail["error"] = f"cannot publish: {self._fatal}"
+            return ComponentHealth(f"publisher:{self._name}", Status.ERROR, detail)
         if s.failing_since is not None:
             failing = time.monotonic() - s.failing_since
             status = Status.ERROR if failing > 60 else Status.DEGRADED
@@ -135,8 +143,25 @@ class KinesisPublisher:
                 raise ValueError(f"no Kinesis stream for table {table} (not in source.tables)")
             groups.setdefault((stream, lane_index(event, n)), []).append(event)
         entries = []
-        for (stream, lane), part in groups.items():
+        per_record = max(1, settings.max_events_per_record)
+        for (stream, lane), group in groups.items():
             name = L.lane_name(stream, lane)
+            parts = [group[i : i + per_record] for i in range(0, len(group), per_record)]
+            entries += self._encoded(name, stream, lane, n, parts, ref)
+        return entries
+
+    def _encoded(
+        self,
+        name: str,
+        stream: str,
+        lane: int,
+        n: int,
+        parts: list[list[SourceEvent]],
+        ref: int,
+    ) -> list[L.Entry]:
+        entries = []
+        settings = self._settings
+        for part in parts:
             for _, data in L.split_to_fit(
                 part, lambda evs, name=name: self._codec.encode(settings.pipeline_id, name, evs)
             ):
@@ -148,14 +173,21 @@ class KinesisPublisher:
         return entries
 
     async def _run(self) -> None:
-        while True:
-            first = await self._queue.get()
-            group = [first]
-            while not self._queue.empty() and len(group) < 64:
-                group.append(self._queue.get_nowait())
-            await self._publish_group(group)
-            if self._unacked == 0:
-                self._idle.set()
+        try:
+            while True:
+                first = await self._queue.get()
+                group = [first]
+                while not self._queue.empty() and len(group) < 64:
+                    group.append(self._queue.get_nowait())
+                await self._publish_group(group)
+                if self._unacked == 0:
+                    self._idle.set()
+        except Exception as exc:
+            # A change that cannot become a record (larger than 1 MiB, a table without a
+            # stream): nothing after it may be published out of order, so the outlet stops;
+            # the capture stage exits and the slot keeps everything from it on.
+            self._fatal = exc
+            log.error("kinesis.publisher_failed", error=str(exc))
 
     async def _publish_group(self, group: list[OutboundBatch]) -> None:
         pending: dict[int, _Pending] = {}

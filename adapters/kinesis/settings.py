@@ -50,6 +50,7 @@ class KinesisSettings:
     dlq_suffix: str | None = "dlq"  # None: no DLQ stream (dlq.enabled false)
     poll_interval_seconds: float = 1.0
     max_records_per_shard: int = 100
+    max_events_per_record: int = 100  # wal_reader.batch_size: changes per published record
     lease_seconds: float = 10.0
     backoff: Backoff = field(default_factory=Backoff)
     # an idle shard is checkpointed at most this often; a busy one on every ack
