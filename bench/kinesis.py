@@ -39,8 +39,12 @@ AWS_ENV = {
 }
 
 
-def _kinesis_platform(path: Path, endpoint_url: str, shards: int, tag: str) -> None:
+def _kinesis_platform(
+    path: Path, endpoint_url: str, shards: int, tag: str, wal: dict[str, Any] | None = None
+) -> None:
     platform = yaml.safe_load(path.read_text())
+    if wal:
+        platform["wal_reader"] = dict(wal)
     platform["transport_mode"] = "kinesis"
     platform["kinesis"] = {
         "region": "us-east-1",
@@ -58,9 +62,10 @@ def through_kinesis(
     shards: int,
     spec: workload.BacklogSpec | None,
     steady: workload.SteadySpec | None,
+    wal: dict[str, Any] | None = None,
 ) -> runners.Measurement:
     mode = "steady" if steady is not None else "backlog"
-    tag = f"kinesis_{mode}"
+    tag = f"kinesis_{mode}{'_tuned' if wal else ''}"
     source, sink, slot, _pub = ws.fresh(tag)
     src_dsn, dst_dsn = ws.server.dsn(source), ws.server.dsn(sink)
     changes = workload.backlog(src_dsn, spec) if spec is not None else 0
@@ -68,7 +73,7 @@ def through_kinesis(
     pipeline = yaml.safe_load(pipeline_path.read_text())
     pipeline["topic_prefix"] = f"b{uuid.uuid4().hex[:6]}"
     pipeline_path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
-    _kinesis_platform(platform_path, endpoint_url, shards, uuid.uuid4().hex[:6])
+    _kinesis_platform(platform_path, endpoint_url, shards, uuid.uuid4().hex[:6], wal)
     configs = [str(pipeline_path), "--platform-config", str(platform_path)]
     cli = [sys.executable, "-m", "services.cli.main"]
     sink_port = runners.find_free_port()
@@ -112,8 +117,9 @@ def through_kinesis(
         for proc in procs.values():
             runners._stop(proc)
     stats = sampler.stop()
+    tuned = "" if not wal else ", " + ", ".join(f"wal_reader.{k} {v}" for k, v in wal.items())
     m = runners.Measurement(
-        f"kinesis (moto, {shards} shards) -> PostgreSQL sink", changes, processes=stats
+        f"kinesis (moto, {shards} shards{tuned}) -> PostgreSQL sink", changes, processes=stats
     )
     if runners._count(src_dsn) != runners._count(dst_dsn):
         raise runners.MeasurementError("sink and source row counts differ")
@@ -259,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--ceiling-changes", type=int, default=50_000)
     p.add_argument("--timeout", type=float, default=300)
+    p.add_argument(
+        "--tuned",
+        action="store_true",
+        help="kinesis again with wal_reader.batch_size 500, batch_timeout_seconds 0.05",
+    )
     args = p.parse_args(argv)
     for k, v in AWS_ENV.items():
         os.environ.setdefault(k, v)
@@ -284,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
             ("latency", lambda: runners.ours(ws, None, steady, discard=False)),
             ("latency", lambda: through_kinesis(ws, url, args.shards, None, steady)),
         ]
+        tuned = {"batch_size": 500, "batch_timeout_seconds": 0.05}
+        if args.tuned:
+            runs += [
+                ("throughput", lambda: through_kinesis(ws, url, args.shards, spec, None, tuned)),
+                ("latency", lambda: through_kinesis(ws, url, args.shards, None, steady, tuned)),
+            ]
         for kind, run in runs:
             try:
                 m = run()

@@ -30,6 +30,7 @@ def kinesis_settings(pipeline: PipelineConfig, platform: PlatformConfig) -> Kine
         region=k.region,
         endpoint_url=str(k.endpoint_url).rstrip("/") if k.endpoint_url else None,
         dlq_suffix=platform.dlq.topic_suffix if platform.dlq.enabled else None,
+        dlq_headers=platform.dlq.include_headers,
         poll_interval_seconds=k.poll_interval_seconds,
         max_records_per_shard=k.max_records_per_shard,
         max_events_per_record=platform.wal_reader.batch_size,

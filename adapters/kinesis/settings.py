@@ -34,7 +34,7 @@ class Backoff:
         import random
 
         base = min(self.max_seconds, self.initial_seconds * self.multiplier ** max(0, attempt))
-        return base * random.uniform(0.5, 1.0) if self.jitter else base
+        return base * random.uniform(0.75, 1.25) if self.jitter else base
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class KinesisSettings:
     region: str | None = None
     endpoint_url: str | None = None
     dlq_suffix: str | None = "dlq"  # None: no DLQ stream (dlq.enabled false)
+    dlq_headers: bool = True  # dlq.include_headers: the JSON header line in a DLQ record
     poll_interval_seconds: float = 1.0
     max_records_per_shard: int = 100
     max_events_per_record: int = 100  # wal_reader.batch_size: changes per published record

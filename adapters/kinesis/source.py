@@ -510,7 +510,9 @@ class KinesisEventSource:
                 await asyncio.to_thread(
                     self._kinesis.put_record,
                     StreamName=dlq,
-                    Data=encode_dead_letter(header, data),
+                    Data=encode_dead_letter(header, data)
+                    if self._settings.dlq_headers
+                    else data[:1_000_000],
                     PartitionKey=header["partition_key"] or "dlq",
                 )
                 return
