@@ -454,7 +454,11 @@ class KinesisEventSource:
             records = response.get("Records", [])
             for record in records:
                 await self._buffer.acquire()
-                item = await self._chunk(owned, record)
+                try:
+                    item = await self._chunk(owned, record)
+                except BaseException:  # cancelled (lease given up) while dead-lettering
+                    self._buffer.release()
+                    raise
                 owned.last_read = item[0].sequence_text
                 owned.inflight[item[0].sequence] = [item[0].sequence_text, False]
                 self._out.put_nowait(item)
