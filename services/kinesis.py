@@ -10,7 +10,7 @@ from adapters.kinesis.provisioner import KinesisProvisioner
 from adapters.kinesis.publisher import KinesisPublisher
 from adapters.kinesis.settings import Backoff, KinesisSettings, stream_name
 from adapters.kinesis.source import KinesisEventSource
-from domain.ports import AckCallback
+from domain.ports import AckCallback, Provisioner
 from services.capture.payload import ArrowBatchCodec
 
 
@@ -58,10 +58,28 @@ def build_kinesis_monitor(pipeline: PipelineConfig, platform: PlatformConfig) ->
     )
 
 
+class CaptureProvisioner:
+    """What a kinesis pipeline creates: the capture's publication and slot on the source
+    (the WAL's provisioner), then the streams and the lease table. Teardown in the same
+    order: a slot still in use refuses the whole undeploy before a stream is deleted."""
+
+    def __init__(self, wal: Provisioner, kinesis: KinesisProvisioner) -> None:
+        self.wal = wal
+        self.kinesis = kinesis
+
+    async def provision(self) -> None:
+        await self.wal.provision()
+        await self.kinesis.provision()
+
+    async def teardown(self, force: bool = False) -> list[str]:
+        done = list(await self.wal.teardown(force=force))
+        return done + list(await self.kinesis.teardown(force=force))
+
+
 def build_kinesis_provisioner(
-    pipeline: PipelineConfig, platform: PlatformConfig
-) -> KinesisProvisioner:
-    return KinesisProvisioner(kinesis_settings(pipeline, platform))
+    pipeline: PipelineConfig, platform: PlatformConfig, wal: Provisioner
+) -> CaptureProvisioner:
+    return CaptureProvisioner(wal, KinesisProvisioner(kinesis_settings(pipeline, platform)))
 
 
 def build_kinesis_publisher(

@@ -54,8 +54,12 @@ class KinesisProvisioner:
     async def provision(self) -> None:
         await asyncio.to_thread(self._provision)
 
-    async def teardown(self) -> None:
+    async def teardown(self, force: bool = False) -> list[str]:
+        """Delete what this pipeline created; returns what was done, one line each.
+        (`force` is for the slot; nothing here is refused while in use.)"""
+        self.removed = []
         await asyncio.to_thread(self._teardown)
+        return list(self.removed)
 
     # ------------------------------------------------------------------ blocking parts
 

@@ -170,7 +170,6 @@ def cmd_undeploy(args: argparse.Namespace) -> int:
             return 1
     try:
         lines = asyncio.run(undeploy(pipeline, platform, force=args.force))
-        lines += asyncio.run(_teardown_transport(pipeline, platform))
     except UndeployError as exc:
         for line in exc.done:
             print(line)
@@ -179,20 +178,6 @@ def cmd_undeploy(args: argparse.Namespace) -> int:
     for line in lines:
         print(line)
     return 0
-
-
-async def _teardown_transport(pipeline: Any, platform: Any) -> list[str]:
-    """What the transport's provisioner created for the pipeline (streams, tables) goes too."""
-    from services import registry
-
-    factory = registry.TRANSPORTS[platform.transport_mode].provisioner
-    if factory is None:
-        return []
-    provisioner = factory(pipeline, platform)
-    await provisioner.teardown()
-    return [str(line) for line in getattr(provisioner, "removed", [])] or [
-        f"removed the {platform.transport_mode} resources of pipeline '{pipeline.pipeline_id}'"
-    ]
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
@@ -282,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a sink's HTTP base URL, instead of the one the ingest lists (port-forwards)",
     )
     status.set_defaults(func=cmd_status)
+    from services.cli import lakehouse
+    from services.cli import stack as stack_cli
+
+    lakehouse.add_parser(sub, with_configs)
+    stack_cli.register(sub)
     return parser
 
 

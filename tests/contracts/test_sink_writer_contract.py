@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from adapters.config.pipeline import PostgresSinkConfig
-from adapters.postgres.sink_writer import PostgresSinkWriter
+from adapters.postgres.sink.writer import PostgresSinkWriter
 from domain.events import UNCHANGED, Column, Operation, Position, SourceEvent, TableSchema
 from domain.ports import Guarantee, SinkBatch, SinkWriter, WriteResult
 from services.wire import decode_batch, encode_batch
@@ -104,6 +104,49 @@ def _postgres(pg: PgTestContext) -> Iterator[Harness]:
         run(writer.stop())
 
 
+def _iceberg(tmp_path: Any) -> Iterator[Harness]:
+    """A SQLite SQL catalog and a local-file warehouse (real files, real commits). Rows are
+    read after a flush: the Iceberg sink buffers until its commit."""
+    from adapters.config.pipeline import IcebergSinkConfig
+    from adapters.iceberg.writer import IcebergSinkWriter
+
+    settings = IcebergSinkConfig(
+        catalog_uri=f"sqlite:///{tmp_path}/catalog.db",
+        warehouse=str(tmp_path / "warehouse"),
+        table_name="{schema}_{table}",
+        write_mode="upsert",
+        batch_size=100_000,
+        flush_interval_seconds=3600,
+    )
+    writer = IcebergSinkWriter(settings, "contract", "lake")
+    run(writer.start())
+
+    def rows(table: TableSchema) -> Rows:
+        run(writer.flush())
+        assert writer.catalog is not None
+        try:
+            t = writer.catalog.load_table(("cdc", f"{table.schema}_{table.table}"))
+        except Exception:
+            return {}
+        data = t.scan().to_arrow()
+        names = [c.name for c in table.columns if c.name in data.column_names]
+        out: Rows = {}
+        for r in data.select(names).to_pylist():
+            row = {n: None if r[n] is None else str(r[n]) for n in names}
+            out[tuple(str(row[c.name]) for c in table.columns if c.is_key)] = row
+        return out
+
+    def dead() -> int:
+        run(writer.flush())
+        assert writer.dead_letters is not None
+        return writer.dead_letters.count()
+
+    try:
+        yield Harness(writer, rows, dead)
+    finally:
+        run(writer.stop())
+
+
 def _fake() -> Iterator[Harness]:
     writer = FakeSinkWriter()
 
@@ -113,10 +156,12 @@ def _fake() -> Iterator[Harness]:
     yield Harness(writer, rows, lambda: len(writer.dead_letters))
 
 
-@pytest.fixture(params=["postgres", "fake"])
+@pytest.fixture(params=["postgres", "iceberg", "fake"])
 def sink(request: pytest.FixtureRequest, loop: None) -> Iterator[Harness]:
     if request.param == "postgres":
         yield from _postgres(request.getfixturevalue("pg"))
+    elif request.param == "iceberg":
+        yield from _iceberg(request.getfixturevalue("tmp_path"))
     else:
         yield from _fake()
 

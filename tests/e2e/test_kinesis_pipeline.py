@@ -26,7 +26,7 @@ import psycopg
 import pytest
 import yaml
 
-from adapters.postgres.catalog import parse_lsn
+from adapters.postgres.source.catalog import parse_lsn
 from tests.support.aws_fault_proxy import AwsFaultProxy
 from tests.support.kinesis import AWS_ENV
 from tests.support.pipeline import (

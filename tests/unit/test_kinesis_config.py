@@ -10,8 +10,9 @@ from adapters.kinesis.monitor import KinesisMonitor
 from adapters.kinesis.provisioner import KinesisProvisioner
 from adapters.kinesis.publisher import KinesisPublisher
 from adapters.kinesis.source import KinesisEventSource
+from adapters.postgres.source.provisioner import PostgresProvisioner
 from services import registry
-from services.kinesis import kinesis_settings
+from services.kinesis import CaptureProvisioner, kinesis_settings
 
 PIPELINE = {
     "pipeline_id": "orders",
@@ -81,7 +82,10 @@ def test_the_registry_builds_the_kinesis_adapters_without_connecting() -> None:
     assert entry.capture_outlet is not None and entry.provisioner is not None
     assert isinstance(entry.event_source(pipeline, platform), KinesisEventSource)
     assert isinstance(entry.source_monitor(pipeline, platform), KinesisMonitor)
-    assert isinstance(entry.provisioner(pipeline, platform), KinesisProvisioner)
+    provisioner = entry.provisioner(pipeline, platform)
+    assert isinstance(provisioner, CaptureProvisioner)
+    assert isinstance(provisioner.wal, PostgresProvisioner)
+    assert isinstance(provisioner.kinesis, KinesisProvisioner)
 
     async def on_ack(outlet: str, ack: Any) -> None:
         pass
