@@ -91,3 +91,22 @@ def test_the_registry_builds_the_kinesis_adapters_without_connecting() -> None:
         pass
 
     assert isinstance(entry.capture_outlet(pipeline, platform, on_ack), KinesisPublisher)
+
+
+def test_millis_behind_latest_per_shard_becomes_a_gauge() -> None:
+    from services.metrics import IngestMetrics
+
+    metrics = IngestMetrics("orders")
+    shards = {
+        "s/shardId-0": {"millis_behind_latest": 1500, "owner": "w1"},
+        "s/shardId-1": {"millis_behind_latest": None, "owner": None},
+    }
+    metrics.slot_reading({"shards": shards, "max_millis_behind_latest": 1500})
+    value = metrics.registry.get_sample_value(
+        "cdc_source_millis_behind_latest", {"pipeline": "orders", "shard": "s/shardId-0"}
+    )
+    assert value == 1500
+    unknown = metrics.registry.get_sample_value(
+        "cdc_source_millis_behind_latest", {"pipeline": "orders", "shard": "s/shardId-1"}
+    )
+    assert unknown is None  # not read yet: no sample rather than a made-up 0
