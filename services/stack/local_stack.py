@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -487,6 +488,24 @@ class UpResult:
     stack_json: dict[str, Any]
 
 
+@contextlib.contextmanager
+def _exclusive(directory: Path) -> Iterator[None]:
+    """One ``up`` or ``down`` at a time per directory (a second one waits)."""
+    (directory / "run").mkdir(parents=True, exist_ok=True)
+    with (directory / "run" / "lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _wait_stopped(state: StackState, timeout: float = 120.0) -> None:
+    """A daemon that is stopping its parts (a `down` elsewhere): wait until it is gone."""
+    deadline = time.monotonic() + timeout
+    while state.daemon_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if state.daemon_alive():
+        raise StackError(f"the stack in {state.directory} is still stopping; try again later")
+
+
 def up(
     directory: Path,
     extras: Iterable[str] = (),
@@ -496,8 +515,20 @@ def up(
 ) -> UpResult:
     """Start the stack in ``directory`` (detached) and wait until every part is healthy."""
     directory = directory.absolute()
-    chosen = list(extras)
+    directory.mkdir(parents=True, exist_ok=True)
+    with _exclusive(directory):
+        return _up(directory, list(extras), timeout, progress)
+
+
+def _up(
+    directory: Path,
+    chosen: list[str],
+    timeout: float,
+    progress: Callable[[str], None] | None,
+) -> UpResult:
     existing = read_state(directory)
+    if existing is not None and existing.daemon_alive() and existing.status == "stopping":
+        _wait_stopped(existing)
     if (
         existing is not None
         and existing.daemon_alive()
@@ -507,8 +538,6 @@ def up(
     if existing is not None:
         _stop_leftovers(existing)  # a daemon that died: make sure its parts are gone
         existing.path.unlink(missing_ok=True)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "run").mkdir(exist_ok=True)
     (directory / "stack.json").unlink(missing_ok=True)
     log_path = directory / "stack.log"
     root = str(Path(__file__).resolve().parents[2])
@@ -626,6 +655,13 @@ def _stop_leftovers(state: StackState) -> list[str]:
 def down(directory: Path, timeout: float = 120.0) -> StackState | None:
     """Stop what ``up`` started in ``directory``; None when nothing was recorded."""
     directory = directory.absolute()
+    if read_state(directory) is None:
+        return None
+    with _exclusive(directory):
+        return _down(directory, timeout)
+
+
+def _down(directory: Path, timeout: float) -> StackState | None:
     state = read_state(directory)
     if state is None:
         return None

@@ -58,6 +58,8 @@ def port_open(port: int, host: str = HOST, timeout: float = 0.5) -> bool:
 def check_port_free(port: int, what: str, host: str = HOST) -> None:
     """Raise :class:`LaunchError` naming ``what`` when host:port cannot be bound."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # as servers bind: a port left in TIME_WAIT by a stopped server is free for them
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
@@ -147,6 +149,19 @@ class ManagedProcess:
         self._stopped = True
         if still:
             raise LaunchError(f"{self.name}: ports {still} still open after stopping it")
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (a crash, for tests) and wait until its ports are
+        closed; ``start`` again with the same ports to bring it back."""
+        if self._stopped:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pgid, signal.SIGKILL)
+        kill_group(self.pgid, 10.0, self.process)
+        self._stopped = True
+        still = wait_ports_closed(self.ports, timeout=10)
+        if still:
+            raise LaunchError(f"{self.name}: ports {still} still open after killing it")
 
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
         try:

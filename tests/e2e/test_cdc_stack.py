@@ -191,6 +191,17 @@ def test_up_status_down_leaves_nothing(stack_dir: Path) -> None:
 def test_a_killed_daemon_takes_its_parts_along(stack_dir: Path) -> None:
     up = _cdc("stack", "up", "--dir", str(stack_dir))
     assert up.returncode == 0, up.stdout + up.stderr
+    import psycopg
+
+    pg = json.loads((stack_dir / "stack.json").read_text())["postgres"]
+    conninfo = {
+        "host": pg["host"],
+        "user": pg["username"],
+        "password": pg["password"],
+        "dbname": pg["database"],
+    }
+    with psycopg.connect(port=pg["port"], **conninfo, autocommit=True) as conn:
+        conn.execute("INSERT INTO public.orders (id, customer, amount) VALUES (7, 'kept', 1.5)")
     processes, ports = _recorded(stack_dir)
     processes[0].kill()  # the daemon, SIGKILL
     # PR_SET_PDEATHSIG stops the launchers' parts, PostgreSQL's watchdog its cluster
@@ -207,6 +218,12 @@ def test_a_killed_daemon_takes_its_parts_along(stack_dir: Path) -> None:
     # and a new `up` in the same directory works, with PostgreSQL's data kept
     again = _cdc("stack", "up", "--dir", str(stack_dir))
     assert again.returncode == 0, again.stdout + again.stderr
+    pg = json.loads((stack_dir / "stack.json").read_text())["postgres"]
+    assert pg["password"] == conninfo["password"]
+    with psycopg.connect(port=pg["port"], **conninfo) as conn:
+        assert conn.execute("SELECT customer FROM public.orders WHERE id = 7").fetchone() == (
+            "kept",
+        )
     assert _cdc("stack", "down", "--dir", str(stack_dir)).returncode == 0
 
 

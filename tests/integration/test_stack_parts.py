@@ -361,3 +361,37 @@ def test_kafka_connect_runs_debezium_postgres_with_avro(
     finally:
         delete = urllib.request.Request(f"{kafka_connect.url}/connectors/{name}", method="DELETE")
         urllib.request.urlopen(delete, timeout=30).close()
+
+
+def test_schema_registry_process_with_basic_auth(tmp_path: Path) -> None:
+    import urllib.error
+    import urllib.request
+
+    from services.stack import schema_registry
+
+    server = schema_registry.start(tmp_path, basic_auth=("u", "p"))
+    try:
+        assert "u:p" not in " ".join(server.process.process.args)  # not visible in ps
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(f"{server.url}/subjects", timeout=5)
+        assert caught.value.code == 401
+        assert schema_registry.registry_healthy(server.url, basic_auth=("u", "p"))
+    finally:
+        server.stop()
+
+
+def test_a_killed_part_comes_back_on_the_same_port(tmp_path: Path) -> None:
+    """kill() is a crash (SIGKILL to the group); start(port=...) brings the part back where
+    its clients look for it."""
+    from services.stack import schema_registry
+
+    first = schema_registry.start(tmp_path)
+    processes = _group(first.process.pid)
+    first.process.kill()
+    _assert_gone(processes, [first.port])
+    second = schema_registry.start(tmp_path, port=first.port)
+    try:
+        assert second.url == first.url
+        assert schema_registry.registry_healthy(second.url)
+    finally:
+        second.stop()
