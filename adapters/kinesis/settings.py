@@ -70,8 +70,8 @@ class KinesisSettings:
 def client(service: str, settings: KinesisSettings) -> Any:
     """A boto3 client for `kinesis` or `dynamodb`, at the emulator when `endpoint_url` says
     so. Credentials come from the usual boto3 chain (IRSA, instance profile, environment)."""
-    import boto3
-    from botocore.config import Config
+    import boto3  # type: ignore[import-untyped]
+    from botocore.config import Config  # type: ignore[import-untyped]
 
     config = Config(
         retries={"max_attempts": 1, "mode": "standard"},  # we retry ourselves, with backoff
