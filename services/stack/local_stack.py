@@ -35,13 +35,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from services.stack.process import HOST, LaunchError, kill_group, port_open, wait_ports_closed
+from services.stack.process import LaunchError, kill_group, port_open, wait_ports_closed
 
 __all__ = [
+    "DEFAULT_DIR",
     "EXTRAS",
+    "PartRecord",
+    "PartStatus",
     "StackError",
     "StackState",
+    "UpResult",
     "down",
+    "parse_extras",
+    "pid_alive",
     "read_state",
     "status",
     "up",
@@ -451,8 +457,12 @@ class _Daemon:
         self.state.status = "running"
         self.state.save()
         print("stack running", flush=True)
+        reported: set[str] = set()
         while not self.stop_requested.wait(1.0):
-            pass
+            for part in self.state.parts:  # `cdc stack status` shows it too; the log says when
+                if part.name not in reported and not part.alive():
+                    reported.add(part.name)
+                    print(f"{part.name} exited; see {part.log}", file=sys.stderr, flush=True)
         self.state.status = "stopping"
         self.state.save()
         self.stop_all()
@@ -691,14 +701,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-__all__ += [
-    "DEFAULT_DIR",
-    "HOST",
-    "PartRecord",
-    "PartStatus",
-    "UpResult",
-    "parse_extras",
-    "pid_alive",
-]
