@@ -113,7 +113,7 @@ async def sink_alone(sizes: list[int]) -> list[tuple[int, float, float]]:
     for size in sizes:
         root = Path(tempfile.mkdtemp(prefix="bench-iceberg-"))
         try:
-            w = IcebergSinkWriter(settings(root), "bench", "lake", min_flush_interval=0)
+            w = IcebergSinkWriter(settings(root), "bench", "lake")
             await w.start()
             changes = Changes()
             await load(w, changes, 100_000)
@@ -136,7 +136,7 @@ async def commit_vs_size(
     for rows in sizes:
         root = Path(tempfile.mkdtemp(prefix="bench-iceberg-"))
         try:
-            w = IcebergSinkWriter(settings(root), "bench", "lake", min_flush_interval=0)
+            w = IcebergSinkWriter(settings(root), "bench", "lake")
             await w.start()
             changes = Changes()
             await load(w, changes, rows)

@@ -39,23 +39,8 @@ log = structlog.get_logger(__name__)
 class IcebergSinkWriter:
     guarantee = Guarantee.EXACTLY_ONCE_EFFECT
 
-    def __init__(
-        self,
-        settings: IcebergSinkConfig,
-        pipeline_id: str,
-        sink_id: str,
-        min_flush_interval: float | None = None,
-    ) -> None:
+    def __init__(self, settings: IcebergSinkConfig, pipeline_id: str, sink_id: str) -> None:
         self.settings = settings
-        # An idle stream asks for a flush after every batch: at most one such commit per
-        # this many seconds, so a trickle of changes does not make a snapshot per batch
-        # (each commit rewrites the table metadata, which lists every snapshot).
-        self.min_flush_interval = (
-            min(settings.flush_interval_seconds, 1.0)
-            if min_flush_interval is None
-            else min_flush_interval
-        )
-        self._last_commit = 0.0
         self.pipeline_id = pipeline_id
         self.sink_id = sink_id
         self.catalog: Catalog | None = None
@@ -219,10 +204,6 @@ class IcebergSinkWriter:
 
     async def flush(self) -> Mapping[str, Position]:
         async with self._lock:
-            if self._buffered or any(t.buffer.positions for t in self.tables.values()):
-                wait = self._last_commit + self.min_flush_interval - time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
             await self._commit_all()
             return dict(self._durable)
 
@@ -243,7 +224,6 @@ class IcebergSinkWriter:
             log.error("iceberg_sink.commit_failed", error=str(exc))
             raise SinkUnavailableError(f"iceberg commit failed: {exc}") from exc
         self._last_error = ""
-        self._last_commit = time.monotonic()
         self._durable = seen
         self._buffered = 0
         self._first_buffered = None

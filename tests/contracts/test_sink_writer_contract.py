@@ -118,7 +118,7 @@ def _iceberg(tmp_path: Any) -> Iterator[Harness]:
         batch_size=100_000,
         flush_interval_seconds=3600,
     )
-    writer = IcebergSinkWriter(settings, "contract", "lake", min_flush_interval=0)
+    writer = IcebergSinkWriter(settings, "contract", "lake")
     run(writer.start())
 
     def rows(table: TableSchema) -> Rows:

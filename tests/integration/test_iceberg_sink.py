@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +30,7 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 def test_upsert_types_deletes_and_positions(
     tmp_path: Path, loop: asyncio.AbstractEventLoop
 ) -> None:
-    w = IcebergSinkWriter(settings(tmp_path), "it", "lake", min_flush_interval=0)
+    w = IcebergSinkWriter(settings(tmp_path), "it", "lake")
     loop.run_until_complete(w.start())
     s = Source()
     first = s.events(*[("c", ORDERS, row(i)) for i in range(1, 6)])
@@ -62,7 +61,7 @@ def test_upsert_types_deletes_and_positions(
     assert positions_of(summary.additional_properties) == {"slot": Position(s.major, 0)}
     # A replayed batch is skipped: after a restart, from the summary.
     loop.run_until_complete(w.stop())
-    again = IcebergSinkWriter(settings(tmp_path), "it", "lake", min_flush_interval=0)
+    again = IcebergSinkWriter(settings(tmp_path), "it", "lake")
     loop.run_until_complete(again.start())
     replay = loop.run_until_complete(again.write(s.batch_of(changes)))
     assert (replay.written, replay.skipped) == (0, 4)
@@ -72,7 +71,7 @@ def test_upsert_types_deletes_and_positions(
 
 
 def test_soft_delete_keeps_the_row_flagged(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
-    w = IcebergSinkWriter(settings(tmp_path, soft_delete=True), "it", "lake", min_flush_interval=0)
+    w = IcebergSinkWriter(settings(tmp_path, soft_delete=True), "it", "lake")
     loop.run_until_complete(w.start())
     s = Source()
     loop.run_until_complete(
@@ -93,7 +92,7 @@ def test_soft_delete_keeps_the_row_flagged(tmp_path: Path, loop: asyncio.Abstrac
 def test_keyless_table_in_upsert_mode_is_appended(
     tmp_path: Path, loop: asyncio.AbstractEventLoop
 ) -> None:
-    w = IcebergSinkWriter(settings(tmp_path), "it", "lake", min_flush_interval=0)
+    w = IcebergSinkWriter(settings(tmp_path), "it", "lake")
     loop.run_until_complete(w.start())
     s = Source()
     loop.run_until_complete(
@@ -109,7 +108,7 @@ def test_keyless_table_in_upsert_mode_is_appended(
 def test_added_column_widening_and_unsafe_change(
     tmp_path: Path, loop: asyncio.AbstractEventLoop
 ) -> None:
-    w = IcebergSinkWriter(settings(tmp_path), "it", "lake", min_flush_interval=0)
+    w = IcebergSinkWriter(settings(tmp_path), "it", "lake")
     loop.run_until_complete(w.start())
     s = Source()
     loop.run_until_complete(w.write(s.batch_of(s.events(("c", ORDERS, row(1))))))
@@ -142,10 +141,7 @@ def test_added_column_widening_and_unsafe_change(
 
 def test_partition_by_transforms(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
     w = IcebergSinkWriter(
-        settings(tmp_path, partition_by=["day(at)", "bucket(4, id)"]),
-        "it",
-        "lake",
-        min_flush_interval=0,
+        settings(tmp_path, partition_by=["day(at)", "bucket(4, id)"]), "it", "lake"
     )
     loop.run_until_complete(w.start())
     s = Source()
@@ -187,7 +183,7 @@ def test_a_crash_between_writing_and_committing_leaves_nothing_visible(
     import adapters.iceberg.table_sink as table_sink
     from domain.errors import SinkUnavailableError
 
-    w = IcebergSinkWriter(settings(tmp_path), "it", "lake", min_flush_interval=0)
+    w = IcebergSinkWriter(settings(tmp_path), "it", "lake")
     loop.run_until_complete(w.start())
     s = Source()
     loop.run_until_complete(
@@ -216,7 +212,7 @@ def test_a_crash_between_writing_and_committing_leaves_nothing_visible(
     left = [p for p in data_dir.rglob("*.parquet")]
     assert len(left) == 3  # the committed file + the uncommitted data and delete files
     # Restart: the batch comes again and applies once.
-    again = IcebergSinkWriter(settings(tmp_path), "it", "lake", min_flush_interval=0)
+    again = IcebergSinkWriter(settings(tmp_path), "it", "lake")
     loop.run_until_complete(again.start())
     result = loop.run_until_complete(again.write(s.batch_of(batch)))
     assert (result.written, result.skipped) == (6, 0)
@@ -239,7 +235,7 @@ def _files(root: Path) -> set[str]:
 def test_time_travel_rollback_expiry_and_compaction(
     tmp_path: Path, loop: asyncio.AbstractEventLoop
 ) -> None:
-    w = IcebergSinkWriter(settings(tmp_path), "it", "lake", min_flush_interval=0)
+    w = IcebergSinkWriter(settings(tmp_path), "it", "lake")
     loop.run_until_complete(w.start())
     s = Source()
     for n in range(6):
@@ -294,7 +290,7 @@ def test_time_travel_rollback_expiry_and_compaction(
 def test_orphans_of_an_uncommitted_write_are_removed(
     tmp_path: Path, loop: asyncio.AbstractEventLoop
 ) -> None:
-    w = IcebergSinkWriter(settings(tmp_path), "it", "lake", min_flush_interval=0)
+    w = IcebergSinkWriter(settings(tmp_path), "it", "lake")
     loop.run_until_complete(w.start())
     s = Source()
     loop.run_until_complete(w.write(s.batch_of(s.events(("c", ORDERS, row(1))))))
@@ -314,7 +310,7 @@ def test_orphans_of_an_uncommitted_write_are_removed(
 def test_postgresql_catalog(pg, tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
     db = pg.new_database("catalog")
     uri = f"postgresql://postgres@{pg.host}:{pg.port}/{db}"  # as the deployment guide writes it
-    w = IcebergSinkWriter(settings(tmp_path, catalog_uri=uri), "it", "lake", min_flush_interval=0)
+    w = IcebergSinkWriter(settings(tmp_path, catalog_uri=uri), "it", "lake")
     loop.run_until_complete(w.start())
     s = Source()
     loop.run_until_complete(
@@ -331,7 +327,7 @@ def test_postgresql_catalog(pg, tmp_path: Path, loop: asyncio.AbstractEventLoop)
 def test_truncate_in_upsert_mode_empties_the_table(
     tmp_path: Path, loop: asyncio.AbstractEventLoop
 ) -> None:
-    w = IcebergSinkWriter(settings(tmp_path), "it", "lake", min_flush_interval=0)
+    w = IcebergSinkWriter(settings(tmp_path), "it", "lake")
     loop.run_until_complete(w.start())
     s = Source()
     loop.run_until_complete(
@@ -357,7 +353,7 @@ def test_scheduled_maintenance_compacts_and_expires_tables_created_at_runtime(
         "expire_snapshots_older_than_seconds": 0.1,
         "retain_last_snapshots": 1,
     }
-    w = IcebergSinkWriter(settings(tmp_path, maintenance=maint), "it", "lake", min_flush_interval=0)
+    w = IcebergSinkWriter(settings(tmp_path, maintenance=maint), "it", "lake")
     loop.run_until_complete(w.start())
     s = Source()
     for n in range(4):  # the table is created after the sink started
@@ -399,7 +395,7 @@ def test_compaction_concurrent_with_sink_commits_loses_nothing(
 
     from adapters.iceberg.catalog import load_catalog
 
-    w = IcebergSinkWriter(settings(tmp_path), "it", "lake", min_flush_interval=0)
+    w = IcebergSinkWriter(settings(tmp_path), "it", "lake")
     loop.run_until_complete(w.start())
     s = Source()
     expected: dict[int, int] = {}
@@ -445,9 +441,7 @@ def test_rest_catalog(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
     from tests.support.rest_catalog import rest_catalog
 
     with rest_catalog(tmp_path / "rest") as url:
-        w = IcebergSinkWriter(
-            settings(tmp_path, catalog_uri=url), "it", "lake", min_flush_interval=0
-        )
+        w = IcebergSinkWriter(settings(tmp_path, catalog_uri=url), "it", "lake")
         loop.run_until_complete(w.start())
         s = Source()
         loop.run_until_complete(
@@ -484,7 +478,7 @@ def test_unreachable_catalog_fails_writes_and_health_not_start(
     from services.net import find_free_port
 
     uri = f"postgresql://cat:topsecret@127.0.0.1:{find_free_port()}/ice"
-    w = IcebergSinkWriter(settings(tmp_path, catalog_uri=uri), "it", "lake", min_flush_interval=0)
+    w = IcebergSinkWriter(settings(tmp_path, catalog_uri=uri), "it", "lake")
     loop.run_until_complete(w.start())  # does not wait for the catalog
     report = loop.run_until_complete(w.health())
     assert report.status.value == "error"
@@ -495,27 +489,7 @@ def test_unreachable_catalog_fails_writes_and_health_not_start(
         loop.run_until_complete(w.write(s.batch_of(s.events(("c", ORDERS, row(1))))))
     loop.run_until_complete(w.stop())
     # Healthy once the catalog is there.
-    ok = IcebergSinkWriter(settings(tmp_path), "it", "lake", min_flush_interval=0)
+    ok = IcebergSinkWriter(settings(tmp_path), "it", "lake")
     loop.run_until_complete(ok.start())
     assert loop.run_until_complete(ok.health()).status.value == "ok"
     loop.run_until_complete(ok.stop())
-
-
-def test_idle_flushes_commit_at_most_once_per_interval(
-    tmp_path: Path, loop: asyncio.AbstractEventLoop
-) -> None:
-    """A trickle of batches on an idle stream (a flush after each) makes one snapshot per
-    min_flush_interval, not one per batch."""
-    w = IcebergSinkWriter(settings(tmp_path, flush_interval_seconds=0.3), "it", "lake")
-    assert w.min_flush_interval == 0.3
-    loop.run_until_complete(w.start())
-    s = Source()
-    started = time.monotonic()
-    for i in range(4):
-        loop.run_until_complete(w.write(s.batch_of(s.events(("c", ORDERS, row(i))))))
-        loop.run_until_complete(w.flush())
-    elapsed = time.monotonic() - started
-    table = w.tables["public.orders"].table
-    assert table.scan().to_arrow().num_rows == 4
-    assert elapsed >= 0.85  # commits 2-4 each waited for the interval
-    loop.run_until_complete(w.stop())

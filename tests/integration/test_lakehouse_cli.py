@@ -22,7 +22,7 @@ def lake(tmp_path: Path) -> tuple[Path, list[int], list[int]]:
     """Three commits of the sink to public.orders; the pipeline file naming that sink;
     the snapshot ids and the times (ms) between the commits."""
     loop = asyncio.new_event_loop()
-    w = IcebergSinkWriter(settings(tmp_path), "it", "lake", min_flush_interval=0)
+    w = IcebergSinkWriter(settings(tmp_path), "it", "lake")
     loop.run_until_complete(w.start())
     s = Source()
     marks: list[int] = []
