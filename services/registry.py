@@ -100,6 +100,7 @@ class TransportAdapter:
     event_source: SourceFactory | None = None
     source_monitor: MonitorFactory | None = None  # None: nothing to watch
     # What `cdc undeploy` tears down (and a deploy step creates); None: nothing to remove.
+    # For kafka, `cdc run` / `cdc deploy` also run its provision() before the stages start.
     provisioner: ProvisionerFactory | None = None
 
     @property
@@ -236,6 +237,20 @@ def build_postgres_writer(
     )
 
 
+def build_kafka_provisioner(pipeline: PipelineConfig, platform: PlatformConfig) -> Provisioner:
+    from adapters.kafka.provisioner import KafkaProvisioner
+
+    return KafkaProvisioner(pipeline, platform)
+
+
+def build_connector_monitor(
+    pipeline: PipelineConfig, platform: PlatformConfig
+) -> SourceMonitor:
+    from adapters.debezium.monitor import ConnectorMonitor
+
+    return ConnectorMonitor(pipeline, platform)
+
+
 # ------------------------------------------------------------------------- the registry
 
 _CLOUD_READS = frozenset(
@@ -275,6 +290,9 @@ TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
                     "stop_on_incompatible_schema",
                 }
             ),
+            # The consumer EventSource is not registered yet: the transport stays refused.
+            source_monitor=build_connector_monitor,
+            provisioner=build_kafka_provisioner,
         ),
         TransportAdapter(
             "pubsub",
