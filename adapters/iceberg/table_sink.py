@@ -40,7 +40,7 @@ from domain.blocks import (
     events_of,
 )
 from domain.collapse import DELETED, KeyCollapse, last_per_key, simple_block
-from domain.errors import PermanentError
+from domain.errors import PermanentError, SinkUnavailableError
 from domain.events import UNCHANGED, Operation, Position, SourceEvent, TableSchema
 
 log = structlog.get_logger(__name__)
@@ -281,8 +281,10 @@ class TableSink:
                 self.table = self.catalog.load_table(self.identifier)
                 self.index = None
                 time.sleep(0.05 * (attempt + 1))
-        raise cols.UnsafeSchemaChangeError(  # pragma: no cover - needs 5 lost races in a row
-            f"iceberg table {self.name}: commit kept conflicting: {last_error}"
+        # Still buffered: the write is refused and the ingest resends it later.
+        raise SinkUnavailableError(
+            f"iceberg table {self.name}: {COMMIT_ATTEMPTS} commits in a row lost to another"
+            f" writer's ({last_error})"
         )
 
     def _commit_once(self, extra_positions: dict[str, Position]) -> int:
