@@ -211,6 +211,9 @@ class WebhookSinkWriter:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+        close = getattr(self._router, "close", None)
+        if close is not None:
+            await close()
 
     async def health(self) -> ComponentHealth:
         name = f"webhook:{self.sink_id}"
