@@ -44,6 +44,7 @@ class Faults:
     slow_seconds: float = 0.0
     poisoned_keys: set[str] = field(default_factory=set)  # json.dumps(key, sort_keys=True)
     gone: bool = False
+    refuse_null_keys: bool = False  # 400 for a change whose key has a null (a bad change)
 
 
 @dataclass
@@ -189,6 +190,8 @@ class WebhookReceiver:
         doc = json.loads(body)
         for e in doc["events"]:
             if json.dumps(e["key"], sort_keys=True) in f.poisoned_keys:
+                return 400, {}, 0.0
+            if f.refuse_null_keys and any(v is None for v in e["key"].values()):
                 return 400, {}, 0.0
         with self.lock:
             self.accepted.append(Received(msg_id, time.time(), doc["events"]))
