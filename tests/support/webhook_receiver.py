@@ -77,7 +77,10 @@ class WebhookReceiver:
                 return
 
             def do_POST(self) -> None:
-                receiver._handle(self)
+                try:
+                    receiver._handle(self)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the sender went away (killed, or timed out)
 
             do_PUT = do_POST
 
