@@ -9,12 +9,12 @@ import ipaddress
 import json
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
-from domain.events import UNCHANGED, Operation, SourceEvent
+from domain.events import UNCHANGED, Column, Operation, SourceEvent, TableSchema
 from domain.pgtypes import to_python
 from domain.types import LogicalType
 
@@ -99,19 +99,61 @@ def value_json(column_oid: int, type_name: str, logical: str, text: Any) -> Any:
     return _by_logical(LogicalType.parse(logical), text) if logical else text
 
 
+# PostgreSQL types whose text needs no general conversion (the common ones, for speed):
+# numeric's text is already the exact decimal (NaN and Infinity included).
+_INT_OIDS = frozenset({20, 21, 23, 26})
+_TEXT_OIDS = frozenset({25, 1043, 19, 2950, 1700})  # text, varchar, name, uuid, numeric
+_FLOAT_OIDS = frozenset({700, 701})
+_JSON_OIDS = frozenset({114, 3802})
+
+
+def _converter(column: Column) -> Callable[[str], Any]:
+    oid, type_name, logical = column.type_oid, column.type_name, column.logical_type
+    if oid in _INT_OIDS:
+        return int
+    if oid in _TEXT_OIDS:
+        return str
+    if oid == 16:
+        return _is_true
+    if oid in _FLOAT_OIDS:
+        return _float_text
+    if oid in _JSON_OIDS:
+        return json.loads
+    return lambda text: value_json(oid, type_name, logical, text)
+
+
+def _is_true(text: str) -> bool:
+    return text == "t"
+
+
+def _float_text(text: str) -> float | str:
+    return _float(float(text))
+
+
+_CONVERTERS: dict[TableSchema, tuple[tuple[str, Callable[[str], Any]], ...]] = {}
+
+
+def _converters(table: TableSchema) -> tuple[tuple[str, Callable[[str], Any]], ...]:
+    found = _CONVERTERS.get(table)
+    if found is None:
+        if len(_CONVERTERS) > 1000:
+            _CONVERTERS.clear()
+        found = _CONVERTERS[table] = tuple((c.name, _converter(c)) for c in table.columns)
+    return found
+
+
 def _row_json(event: SourceEvent, row: Any) -> tuple[dict[str, Any] | None, list[str]]:
     if row is None:
         return None, []
     out: dict[str, Any] = {}
     unchanged: list[str] = []
-    for i, column in enumerate(event.table.columns):
-        if i >= len(row):
-            break
-        value = row[i]
-        if value is UNCHANGED:
-            unchanged.append(column.name)
-            continue
-        out[column.name] = value_json(column.type_oid, column.type_name, column.logical_type, value)
+    for (name, convert), value in zip(_converters(event.table), row, strict=False):
+        if value is None:
+            out[name] = None
+        elif value is UNCHANGED:
+            unchanged.append(name)
+        else:
+            out[name] = convert(value)
     return out, unchanged
 
 

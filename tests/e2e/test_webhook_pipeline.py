@@ -114,6 +114,7 @@ def test_kill_9_of_the_webhook_sink_loses_nothing_and_repeats_only_same_ids(
         # Row by row: every change arrived (applied once per id, in arrival order).
         assert differences(expected, receiver.state()) == []
         assert receiver.bad_signatures == []
+        assert receiver.key_overlaps == []  # never two requests of one key at once
         # A change seen twice is the same change: same id, same content, nothing else.
         first: dict[str, dict[str, Any]] = {}
         by_place: dict[tuple[str, str], str] = {}

@@ -229,6 +229,7 @@ def test_a_4xx_batch_is_halved_until_only_the_refused_change_is_dead_lettered(
         writer = build_writer(*files)
         asyncio.run(deliver(writer, events, size=16))
         assert len(receiver.unique_events()) == 15
+        assert receiver.key_overlaps == []
         # 16 -> 8 -> 4 -> 2 -> 1: one refused request per level, halves of the rest delivered
         assert receiver.statuses.count(400) == 5, receiver.statuses
         assert writer.dead_lettered == 1

@@ -10,6 +10,7 @@ that committed and then stalled).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
@@ -68,6 +69,10 @@ class WebhookReceiver:
         self._last_429: dict[str, float] = {}
         self.in_flight = 0
         self.max_in_flight = 0
+        # Keys of the requests being handled now, and keys seen in two at once (a sender
+        # that keeps per-key order never does that, short of a timed-out request).
+        self._keys_in_flight: dict[str, int] = {}
+        self.key_overlaps: list[str] = []
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -77,10 +82,9 @@ class WebhookReceiver:
                 return
 
             def do_POST(self) -> None:
-                try:
+                # The sender may go away (killed, or timed out).
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     receiver._handle(self)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the sender went away (killed, or timed out)
 
             do_PUT = do_POST
 
@@ -150,6 +154,7 @@ class WebhookReceiver:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         status = 0
+        keys = self._enter_keys(body)
         try:
             status, extra, slow = self._decide(n, headers, body)
             if slow:
@@ -167,6 +172,21 @@ class WebhookReceiver:
             with self.lock:
                 self.in_flight -= 1
                 self.statuses.append(status)
+                for key in keys:
+                    self._keys_in_flight[key] -= 1
+
+    def _enter_keys(self, body: bytes) -> set[str]:
+        try:
+            events = json.loads(body)["events"]
+        except (ValueError, KeyError, TypeError):
+            return set()
+        keys = {e["table"] + json.dumps(e["key"], sort_keys=True) for e in events}
+        with self.lock:
+            for key in keys:
+                if self._keys_in_flight.get(key, 0) > 0:
+                    self.key_overlaps.append(key)
+                self._keys_in_flight[key] = self._keys_in_flight.get(key, 0) + 1
+        return keys
 
     def _decide(
         self, n: int, headers: dict[str, str], body: bytes
