@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -45,7 +45,6 @@ from adapters.postgres.sink_dead_letters import PostgresSinkDeadLetters
 from adapters.postgres.sink_writer import PostgresSinkWriter
 from adapters.postgres.slot_monitor import PostgresSlotMonitor
 from adapters.postgres.wal_reader import PostgresWalSource, WalReaderSettings
-from adapters.webhook.sink import WebhookSinkWriter
 from domain.ports import (
     DeadLetterStore,
     ErrorRouter,
@@ -53,6 +52,9 @@ from domain.ports import (
     SinkWriter,
     SourceMonitor,
 )
+
+if TYPE_CHECKING:  # httpx is the `webhook` extra: imported when a webhook sink is built
+    from adapters.webhook.sink import WebhookSinkWriter
 
 SourceFactory = Callable[[PipelineConfig, PlatformConfig], EventSource]
 MonitorFactory = Callable[[PipelineConfig, PlatformConfig], SourceMonitor]
@@ -230,6 +232,15 @@ def build_webhook_writer(
     pipeline: PipelineConfig, sink: SinkConfig, platform: PlatformConfig
 ) -> WebhookSinkWriter:
     assert sink.webhook is not None
+    from services.lifecycle import StartupError
+
+    try:
+        from adapters.webhook.sink import WebhookSinkWriter
+    except ModuleNotFoundError as exc:
+        raise StartupError(
+            f"sink '{sink.sink_id}': the webhook sink needs {exc.name}: pip install"
+            " 'cdc-platform[webhook]'"
+        ) from None
     transport = TRANSPORTS[platform.transport_mode]
     router = None if transport.error_router is None else transport.error_router(pipeline, platform)
     return WebhookSinkWriter(
