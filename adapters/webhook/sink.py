@@ -79,7 +79,7 @@ class _Change:
     event: SourceEvent
     lane: str
     table: str
-    order: str
+    orders: tuple[str, ...]  # its key, and the old key when an update changed the key
     table_wide: bool
     segment: _Segment
     attempts: int = 0
@@ -271,7 +271,13 @@ class WebhookSinkWriter:
         doc = event_json(cid, event)
         table = event.table.qualified_name
         order = order_key(event, doc["key"])
-        return _Change(cid, doc, event, lane, table, order, order == table, segment)
+        orders: tuple[str, ...] = (order,)
+        before = doc["before"]
+        if doc["after"] is not None and before and order != table:
+            old = {name: before.get(name) for name in event.table.key_columns}
+            if old != doc["key"] and all(v is not None for v in old.values()):
+                orders = (order, order_key(event, old))
+        return _Change(cid, doc, event, lane, table, orders, order == table, segment)
 
     def _linger_expired(self) -> None:
         self._linger = None
@@ -319,7 +325,10 @@ class WebhookSinkWriter:
             return bool(self._in_flight)
         if change.table_wide:
             return self._busy_tables[change.table] > 0
-        return self._busy_keys[change.order] > 0 or self._busy_table_wide[change.table] > 0
+        return (
+            any(self._busy_keys[o] > 0 for o in change.orders)
+            or self._busy_table_wide[change.table] > 0
+        )
 
     def _dispatch(self, include_partial: bool) -> None:
         size = self.settings.batch_size
@@ -343,7 +352,8 @@ class WebhookSinkWriter:
 
     def _start(self, group: list[_Change]) -> None:
         for c in group:
-            self._busy_keys[c.order] += 1
+            for o in c.orders:
+                self._busy_keys[o] += 1
             self._busy_tables[c.table] += 1
             if c.table_wide:
                 self._busy_table_wide[c.table] += 1
@@ -356,7 +366,8 @@ class WebhookSinkWriter:
     def _finished(self, task: asyncio.Task[_Outcome], group: list[_Change]) -> None:
         self._in_flight.discard(task)
         for c in group:
-            _release(self._busy_keys, c.order)
+            for o in c.orders:
+                _release(self._busy_keys, o)
             _release(self._busy_tables, c.table)
             if c.table_wide:
                 _release(self._busy_table_wide, c.table)

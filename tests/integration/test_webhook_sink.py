@@ -314,3 +314,66 @@ def test_a_dead_letter_that_cannot_be_stored_holds_the_batch(pg: Any, tmp_path: 
                 await writer.stop()
 
         assert "cannot store dead letter" in asyncio.run(go())
+
+
+def test_key_changes_and_truncates_keep_their_order_with_requests_in_flight(
+    pg: Any, tmp_path: Path
+) -> None:
+    """One change per request, 4 requests at once, every answer 50 ms late: a change of a
+    key waits for the request holding that key (an update that changed the key holds the
+    old key too; a truncate holds the whole table)."""
+    db = pg.new_database("order")
+    minor = 0
+
+    def at() -> Position:
+        nonlocal minor
+        minor += 1
+        return Position(1, minor)
+
+    events = [SourceEvent(Operation.CREATE, ITEMS, at(), after=("1", "a", "1.00"))]
+    events += [
+        SourceEvent(Operation.CREATE, ITEMS, at(), after=(str(k), "x", "0.00"))
+        for k in range(10, 20)
+    ]
+    events += [
+        SourceEvent(Operation.UPDATE, ITEMS, at(), after=("1", f"v{i}", "1.00")) for i in range(5)
+    ]
+    events.append(
+        SourceEvent(
+            Operation.UPDATE, ITEMS, at(), before=("1", "v4", "1.00"), after=("2", "moved", "1.00")
+        )
+    )
+    events += [
+        SourceEvent(Operation.UPDATE, ITEMS, at(), after=("2", f"w{i}", "2.00")) for i in range(3)
+    ]
+    events.append(SourceEvent(Operation.TRUNCATE, ITEMS, at()))
+    events += [
+        SourceEvent(Operation.CREATE, ITEMS, at(), after=(str(k), "y", "0.00"))
+        for k in range(30, 40)
+    ]
+    faults = Faults(every_slow=1, slow_seconds=0.05)
+    with WebhookReceiver(SECRET, faults) as receiver:
+        files = write_files(
+            tmp_path,
+            pg,
+            db,
+            receiver.url,
+            batch_size=1,
+            max_in_flight_requests=4,
+            timeout_seconds=5,
+        )
+        writer = build_writer(*files)
+        asyncio.run(deliver(writer, events, size=len(events)))
+        assert receiver.key_overlaps == []
+        assert receiver.max_in_flight > 1  # independent keys did overlap
+        arrived = [e["position"] for e in receiver.events]
+        assert len(arrived) == len(events)
+        place = {p: i for i, p in enumerate(arrived)}
+        chain = [str(e.position) for e in events if e.key.get("id") in ("1", "2")]
+        assert [place[p] for p in chain] == sorted(place[p] for p in chain)
+        truncate = place[str(events[-11].position)]
+        assert all(place[str(e.position)] < truncate for e in events[:-11])
+        assert all(place[str(e.position)] > truncate for e in events[-10:])
+        assert receiver.state()["public.items"].keys() == {
+            json.dumps({"id": k}) for k in range(30, 40)
+        }

@@ -181,6 +181,12 @@ class WebhookReceiver:
         except (ValueError, KeyError, TypeError):
             return set()
         keys = {e["table"] + json.dumps(e["key"], sort_keys=True) for e in events}
+        for e in events:  # an update that changed the key also holds the old key
+            if e.get("before") and e.get("after") and e["key"]:
+                old = {name: e["before"].get(name) for name in e["key"]}
+                keys.add(e["table"] + json.dumps(old, sort_keys=True))
+            if e["op"] == "t" or not e["key"]:
+                keys.add(e["table"])
         with self.lock:
             for key in keys:
                 if self._keys_in_flight.get(key, 0) > 0:
