@@ -179,11 +179,16 @@ class EventSource(Protocol):
 
 
 class Provisioner(Protocol):
-    """Creates the transport resources a pipeline needs; never deletes data it did not create."""
+    """Creates the transport resources a pipeline needs (idempotent) and removes them again
+    (`cdc undeploy`); never deletes data it did not create.
+
+    `teardown` returns what it did, one line each. It refuses to remove resources a running
+    pipeline uses unless `force`, raising `domain.errors.TeardownRefusedError` (which lists
+    what was removed before the refusal)."""
 
     async def provision(self) -> None: ...
 
-    async def teardown(self) -> None: ...
+    async def teardown(self, force: bool = False) -> Sequence[str]: ...
 
 
 class SourceMonitor(Protocol):

@@ -40,24 +40,28 @@ from adapters.config import (
     WebhookSinkConfig,
 )
 from adapters.config.errors import Loc
-from adapters.postgres.dead_letter_table import PostgresErrorRouter
-from adapters.postgres.sink_dead_letters import PostgresSinkDeadLetters
-from adapters.postgres.sink_writer import PostgresSinkWriter
-from adapters.postgres.slot_monitor import PostgresSlotMonitor
-from adapters.postgres.wal_reader import PostgresWalSource, WalReaderSettings
+from adapters.postgres.sink.dead_letter_store import PostgresSinkDeadLetters
+from adapters.postgres.sink.writer import PostgresSinkWriter
+from adapters.postgres.source.dead_letters import PostgresErrorRouter
+from adapters.postgres.source.provisioner import PostgresProvisioner
+from adapters.postgres.source.reader import PostgresWalSource, WalReaderSettings
+from adapters.postgres.source.slot_monitor import PostgresSlotMonitor
 from domain.ports import (
     DeadLetterStore,
     ErrorRouter,
     EventSource,
+    Provisioner,
     SinkWriter,
     SourceMonitor,
 )
 
 if TYPE_CHECKING:  # httpx is the `webhook` extra: imported when a webhook sink is built
     from adapters.webhook.sink import WebhookSinkWriter
+    from domain.events import TableSchema
 
 SourceFactory = Callable[[PipelineConfig, PlatformConfig], EventSource]
 MonitorFactory = Callable[[PipelineConfig, PlatformConfig], SourceMonitor]
+ProvisionerFactory = Callable[[PipelineConfig, PlatformConfig], Provisioner]
 WriterFactory = Callable[[PipelineConfig, SinkConfig, PlatformConfig], SinkWriter]
 # The transport's dead letters: where sinks without their own put the changes they cannot
 # deliver (ErrorRouter), and where `cdc dlq` lists and replays them (DeadLetterStore).
@@ -121,6 +125,8 @@ class TransportAdapter:
     fixed: Mapping[str, object] = field(default_factory=dict)
     event_source: SourceFactory | None = None
     source_monitor: MonitorFactory | None = None  # None: nothing to watch
+    # What `cdc undeploy` tears down (and a deploy step creates); None: nothing to remove.
+    provisioner: ProvisionerFactory | None = None
     # Its dead letters (docs/operations.md "Dead letters"); None: not implemented yet, and a
     # sink that needs them (SinkAdapter.uses_error_router) is refused with this transport.
     error_router: RouterFactory | None = None
@@ -140,6 +146,8 @@ class SinkAdapter:
     config_model: type[BaseModel]
     reads: frozenset[str] = frozenset()
     writer: WriterFactory | None = None
+    # Checks of a sink's settings against the pipeline (locs relative to sinks[i]).
+    validate: Callable[[PipelineConfig, SinkConfig], list[tuple[Loc, str]]] | None = None
     # Dead letters kept beside the sink's data; otherwise, with uses_error_router, the
     # transport's error router keeps them.
     dead_letter_store: SinkStoreFactory | None = None
@@ -197,6 +205,62 @@ def build_slot_monitor(pipeline: PipelineConfig, platform: PlatformConfig) -> Po
     )
 
 
+def build_iceberg_writer(
+    pipeline: PipelineConfig, sink: SinkConfig, platform: PlatformConfig
+) -> SinkWriter:
+    from adapters.iceberg.writer import IcebergSinkWriter
+
+    assert sink.iceberg is not None  # guaranteed by SinkConfig validation
+    return IcebergSinkWriter(sink.iceberg, pipeline.pipeline_id, sink.sink_id)
+
+
+def check_iceberg_sink(pipeline: PipelineConfig, sink: SinkConfig) -> list[tuple[Loc, str]]:
+    """A literal table_name (no {schema} / {table}) only for a sink that receives exactly
+    one table (source tables are exact names)."""
+    from adapters.iceberg.catalog import has_placeholders, table_identifier
+
+    assert sink.iceberg is not None
+    tables = [t for t in pipeline.source.tables if sink.accepts_table(t)]
+    if has_placeholders(sink.iceberg.table_name):
+        seen: dict[tuple[str, str], str] = {}
+        for t in tables:
+            ident = table_identifier(sink.iceberg, *t.split(".", 1))
+            if ident in seen:
+                return [
+                    (
+                        ("iceberg", "table_name"),
+                        f"{sink.iceberg.table_name!r} maps {seen[ident]} and {t} to the same"
+                        f" Iceberg table {'.'.join(ident)}; use both {{schema}} and {{table}}",
+                    )
+                ]
+            seen[ident] = t
+        return []
+    if len(tables) == 1:
+        return []
+    return [
+        (
+            ("iceberg", "table_name"),
+            f"{sink.iceberg.table_name!r} names one table but sink '{sink.sink_id}' receives"
+            f" {len(tables)} tables ({', '.join(tables) or 'none'}); use the"
+            " {schema} and {table} placeholders (e.g. '{schema}_{table}') or limit the sink"
+            " to one table with 'tables'",
+        )
+    ]
+
+
+def build_postgres_provisioner(
+    pipeline: PipelineConfig, platform: PlatformConfig
+) -> PostgresProvisioner:
+    """The publication, the replication slot and the reader's bookkeeping on the source:
+    what every transport that reads the WAL creates there."""
+    return PostgresProvisioner(
+        source_conninfo(pipeline),
+        pipeline.effective_slot_name(platform),
+        pipeline.effective_publication_name(platform),
+        tuple(pipeline.source.tables),
+    )
+
+
 def build_postgres_writer(
     pipeline: PipelineConfig, sink: SinkConfig, platform: PlatformConfig
 ) -> PostgresSinkWriter:
@@ -220,11 +284,18 @@ def build_postgres_sink_dead_letters(
     pipeline: PipelineConfig, sink: SinkConfig, platform: PlatformConfig
 ) -> PostgresSinkDeadLetters:
     assert sink.postgres is not None
+    conninfo = source_conninfo(pipeline)
+
+    async def describe(qualified: str) -> TableSchema:
+        import psycopg
+
+        from adapters.postgres.source.catalog import snapshot_schema
+
+        async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+            return await snapshot_schema(conn, qualified)
+
     return PostgresSinkDeadLetters(
-        sink.postgres.conninfo(),
-        sink.postgres.target_schema,
-        pipeline.pipeline_id,
-        source_conninfo(pipeline),
+        sink.postgres.conninfo(), sink.postgres.target_schema, pipeline.pipeline_id, describe
     )
 
 
@@ -306,6 +377,7 @@ TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
             },
             event_source=build_wal_source,
             source_monitor=build_slot_monitor,
+            provisioner=build_postgres_provisioner,
             error_router=build_direct_dead_letters,
             dead_letter_store=build_direct_dead_letters,
         ),
@@ -329,12 +401,14 @@ TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
             "the WAL captured to Google Pub/Sub",
             sections={"pubsub": PubSubConfig, "wal_reader": WalReaderConfig},
             reads=_CLOUD_READS,
+            provisioner=build_postgres_provisioner,  # the capture's slot and publication
         ),
         TransportAdapter(
             "kinesis",
             "the WAL captured to Amazon Kinesis",
             sections={"kinesis": KinesisConfig, "wal_reader": WalReaderConfig},
             reads=_CLOUD_READS,
+            provisioner=build_postgres_provisioner,  # the capture's slot and publication
         ),
     )
 }
@@ -358,7 +432,13 @@ SINKS: Mapping[SinkType, SinkAdapter] = {
             writer=build_webhook_writer,
             uses_error_router=True,
         ),
-        SinkAdapter("iceberg", "Apache Iceberg tables", IcebergSinkConfig),
+        SinkAdapter(
+            "iceberg",
+            "Apache Iceberg tables (append, or upsert with position deletes)",
+            IcebergSinkConfig,
+            writer=build_iceberg_writer,
+            validate=check_iceberg_sink,
+        ),
     )
 }
 
@@ -463,6 +543,9 @@ def check(pipeline: PipelineConfig, platform: PlatformConfig) -> Problems:
                     f" available: {_names(available_sink_types())} (or set enabled: false)",
                 )
             )
+        elif adapter.validate is not None:
+            for where, message in adapter.validate(pipeline, sink):
+                found.pipeline.append((("sinks", index, *where), message))
     # The settings: what the chosen adapters read, by what their entries declare (an adapter
     # that is not available still declares them, so its own settings are not reported twice).
     for path in ADAPTER_SETTINGS:

@@ -1,6 +1,7 @@
 """The contract every sink writer passes, parametrized by factory: the PostgreSQL sink
-writer (on a real database), the webhook sink (into a real HTTP receiver) and the shared
-fake (tests/support/fakes.py). A new sink adds its factory here (docs/adding-adapters.md).
+writer (on a real database), the Iceberg sink, the webhook sink (into a real HTTP receiver)
+and the shared fake (tests/support/fakes.py). A new sink adds its factory here
+(docs/adding-adapters.md).
 
 A sink declares its guarantee: an exactly-once-effect sink must skip a replayed change
 (written 0, skipped n); an at-least-once sink sends it again with the same idempotency key,
@@ -19,8 +20,8 @@ from typing import Any
 import pytest
 
 from adapters.config.pipeline import PostgresSinkConfig, WebhookSinkConfig
-from adapters.postgres.dead_letter_table import PostgresErrorRouter
-from adapters.postgres.sink_writer import PostgresSinkWriter
+from adapters.postgres.sink.writer import PostgresSinkWriter
+from adapters.postgres.source.dead_letters import PostgresErrorRouter
 from adapters.webhook.sink import WebhookSinkWriter
 from domain.events import UNCHANGED, Column, Operation, Position, SourceEvent, TableSchema
 from domain.ports import Guarantee, SinkBatch, SinkWriter, WriteResult
@@ -157,6 +158,49 @@ def _webhook(pg: PgTestContext) -> Iterator[Harness]:
         receiver.stop()
 
 
+def _iceberg(tmp_path: Any) -> Iterator[Harness]:
+    """A SQLite SQL catalog and a local-file warehouse (real files, real commits). Rows are
+    read after a flush: the Iceberg sink buffers until its commit."""
+    from adapters.config.pipeline import IcebergSinkConfig
+    from adapters.iceberg.writer import IcebergSinkWriter
+
+    settings = IcebergSinkConfig(
+        catalog_uri=f"sqlite:///{tmp_path}/catalog.db",
+        warehouse=str(tmp_path / "warehouse"),
+        table_name="{schema}_{table}",
+        write_mode="upsert",
+        batch_size=100_000,
+        flush_interval_seconds=3600,
+    )
+    writer = IcebergSinkWriter(settings, "contract", "lake")
+    run(writer.start())
+
+    def rows(table: TableSchema) -> Rows:
+        run(writer.flush())
+        assert writer.catalog is not None
+        try:
+            t = writer.catalog.load_table(("cdc", f"{table.schema}_{table.table}"))
+        except Exception:
+            return {}
+        data = t.scan().to_arrow()
+        names = [c.name for c in table.columns if c.name in data.column_names]
+        out: Rows = {}
+        for r in data.select(names).to_pylist():
+            row = {n: None if r[n] is None else str(r[n]) for n in names}
+            out[tuple(str(row[c.name]) for c in table.columns if c.is_key)] = row
+        return out
+
+    def dead() -> int:
+        run(writer.flush())
+        assert writer.dead_letters is not None
+        return writer.dead_letters.count()
+
+    try:
+        yield Harness(writer, rows, dead)
+    finally:
+        run(writer.stop())
+
+
 def _fake() -> Iterator[Harness]:
     writer = FakeSinkWriter()
 
@@ -166,10 +210,12 @@ def _fake() -> Iterator[Harness]:
     yield Harness(writer, rows, lambda: len(writer.dead_letters))
 
 
-@pytest.fixture(params=["postgres", "webhook", "fake"])
+@pytest.fixture(params=["postgres", "iceberg", "webhook", "fake"])
 def sink(request: pytest.FixtureRequest, loop: None) -> Iterator[Harness]:
     if request.param == "postgres":
         yield from _postgres(request.getfixturevalue("pg"))
+    elif request.param == "iceberg":
+        yield from _iceberg(request.getfixturevalue("tmp_path"))
     elif request.param == "webhook":
         yield from _webhook(request.getfixturevalue("pg"))
     else:

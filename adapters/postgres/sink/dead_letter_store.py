@@ -1,5 +1,6 @@
 """The PostgreSQL sink's own dead letters (``<target_schema>._cdc_dead_letters``, written in
-the same transaction as its rows: adapters/postgres/dead_letter.py) as a `DeadLetterStore`.
+the same transaction as its rows: adapters/postgres/sink/dead_letter.py) as a
+`DeadLetterStore`.
 
 That table keeps rows as ``{column: text}`` without types; the change is rebuilt against the
 table's shape in the source database now (a column the source no longer has is dropped; a
@@ -9,14 +10,13 @@ column left out of the stored row was an unchanged TOASTed value and stays uncha
 from __future__ import annotations
 
 import builtins
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from adapters.postgres.catalog import snapshot_schema
-from adapters.postgres.dead_letter import DEAD_LETTER_TABLE
+from adapters.postgres.sink.dead_letter import DEAD_LETTER_TABLE
 from domain.events import UNCHANGED, Column, Operation, Position, SourceEvent, TableSchema
 from domain.ports import StoredDeadLetter
 
@@ -25,12 +25,18 @@ _TEXT_OID = 25
 
 class PostgresSinkDeadLetters:
     def __init__(
-        self, sink_conninfo: str, schema: str, pipeline_id: str, source_conninfo: str
+        self,
+        sink_conninfo: str,
+        schema: str,
+        pipeline_id: str,
+        describe: Callable[[str], Awaitable[TableSchema]],
     ) -> None:
+        """`describe("schema.table")`: the table's shape at the source now (raises when it
+        is gone)."""
         self._conninfo = sink_conninfo
         self.schema = schema
         self.pipeline_id = pipeline_id
-        self._source_conninfo = source_conninfo
+        self._describe = describe
         self._shapes: dict[str, TableSchema] = {}
 
     @property
@@ -121,10 +127,7 @@ class PostgresSinkDeadLetters:
         shape = self._shapes.get(qualified)
         if shape is None:
             try:
-                async with await psycopg.AsyncConnection.connect(
-                    self._source_conninfo, autocommit=True
-                ) as conn:
-                    shape = await snapshot_schema(conn, qualified)
+                shape = await self._describe(qualified)
             except (psycopg.Error, ValueError):
                 # Gone from the source: text columns named as stored, no key known.
                 schema, _, table = qualified.partition(".")
