@@ -43,7 +43,7 @@ from adapters.webhook.payload import (
     request_id,
 )
 from adapters.webhook.signing import parse_secrets, sign
-from domain.errors import CdcError, SinkUnavailableError
+from domain.errors import CdcError, SinkHaltedError, SinkUnavailableError
 from domain.events import Operation, Position, SourceEvent
 from domain.health import ComponentHealth, Status
 from domain.ports import DeadLetter, ErrorRouter, Guarantee, SinkBatch, WriteResult
@@ -54,9 +54,9 @@ _MAX_RETRY_AFTER_SECONDS = 3600.0
 _MAX_ERROR_CHARS = 500
 
 
-class WebhookGoneError(CdcError):
+class WebhookGoneError(SinkHaltedError):
     """The receiver answered 410 Gone: the endpoint no longer exists. The sink stops
-    delivering until its configuration is fixed and it is restarted."""
+    (exit 2, `sink.halted`) until its url is fixed; the position is held."""
 
 
 class RejectedError(CdcError):
@@ -438,8 +438,8 @@ class WebhookSinkWriter:
             if attempt.status == 410:
                 message = (
                     f"sink '{self.sink_id}': {_redacted(self._url)} answered 410 Gone: the"
-                    " endpoint no longer exists; nothing more is sent and the position is held"
-                    " until the webhook url is fixed and the sink restarted"
+                    " endpoint no longer exists; the sink stops, and the position is held"
+                    " until the webhook url is fixed and the sink started again"
                 )
                 log.error("webhook_sink.gone", sink_id=self.sink_id, url=_redacted(self._url))
                 raise WebhookGoneError(message)

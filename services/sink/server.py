@@ -134,6 +134,8 @@ class SinkServicer(sink_pb2_grpc.SinkServiceServicer):
                     except CdcError as exc:
                         # Not durable: the ingest keeps every unacked batch and resends it.
                         log.error("sink.flush_failed", error=str(exc))
+                        if isinstance(exc, SinkHaltedError) and self.on_halt is not None:
+                            self.on_halt(str(exc))
                         self.metrics.rejected()
                         rejected = f"not written: flush failed: {exc}"
                         yield _rejected(0, str(exc))

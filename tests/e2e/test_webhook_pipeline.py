@@ -52,6 +52,37 @@ def differences(source: dict[str, Any], received: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _use_webhook(files: Any, url: str, **webhook: Any) -> None:
+    pipeline = yaml.safe_load(files.pipeline.read_text())
+    pipeline["sinks"] = [
+        {
+            "sink_id": "hook",
+            "sink_type": "webhook",
+            "webhook": {"url": url, "hmac_secret": SECRET, **webhook},
+        }
+    ]
+    files.pipeline.write_text(yaml.safe_dump(pipeline, sort_keys=False))
+
+
+def test_410_gone_stops_the_sink_stage_with_exit_2(pg: Any, tmp_path: Path) -> None:
+    _, _, files = new_pipeline(pg, tmp_path, seed_rows=5)
+    with WebhookReceiver(SECRET, Faults(gone=True)) as receiver:
+        _use_webhook(files, receiver.url)
+        port = free_port()
+        sink = sink_stage(files, tmp_path, port, "hook").start()
+        ingest = ingest_stage(files, tmp_path, {"hook": port}).start()
+        try:
+            wait_until(lambda: not sink.alive(), 60, "the sink stops\n" + stage_logs(sink, ingest))
+            assert sink.process is not None and sink.process.returncode == 2
+            log = sink.log_path.read_text()
+            assert "sink.halted" in log and "410 Gone" in log
+            assert receiver.requests >= 1 and receiver.accepted == []
+        finally:
+            for stage in (ingest, sink):
+                if stage.alive():
+                    stage.terminate()
+
+
 @pytest.mark.slow
 def test_kill_9_of_the_webhook_sink_loses_nothing_and_repeats_only_same_ids(
     pg: Any, tmp_path: Path
@@ -108,8 +139,10 @@ def test_kill_9_of_the_webhook_sink_loses_nothing_and_repeats_only_same_ids(
                 if stage.alive():
                     stage.terminate()
         unique = receiver.unique_events()
-        print(f"received {len(receiver.events)} events, {len(unique)} distinct ids,"
-              f" {receiver.statuses.count(500)} injected 500s, killed after {kills[0]}")
+        print(
+            f"received {len(receiver.events)} events, {len(unique)} distinct ids,"
+            f" {receiver.statuses.count(500)} injected 500s, killed after {kills[0]}"
+        )
         assert len(unique) > 5_000
         # Row by row: every change arrived (applied once per id, in arrival order).
         assert differences(expected, receiver.state()) == []
