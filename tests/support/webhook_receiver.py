@@ -56,8 +56,15 @@ class Received:
 
 
 class WebhookReceiver:
-    def __init__(self, secret: str | None = None, faults: Faults | None = None) -> None:
+    def __init__(
+        self,
+        secret: str | None = None,
+        faults: Faults | None = None,
+        expect_headers: dict[str, str] | None = None,
+    ) -> None:
         self.secret = secret
+        # Headers every request must carry (lower-case names); others get 401.
+        self.expect_headers = expect_headers or {}
         self.faults = faults or Faults()
         self.verify = docs_verifier()
         self.lock = threading.Lock()
@@ -73,6 +80,7 @@ class WebhookReceiver:
         # that keeps per-key order never does that, short of a timed-out request).
         self._keys_in_flight: dict[str, int] = {}
         self.key_overlaps: list[str] = []
+        self.overlap_times: list[float] = []  # time.monotonic() of each
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -191,6 +199,7 @@ class WebhookReceiver:
             for key in keys:
                 if self._keys_in_flight.get(key, 0) > 0:
                     self.key_overlaps.append(key)
+                    self.overlap_times.append(time.monotonic())
                 self._keys_in_flight[key] = self._keys_in_flight.get(key, 0) + 1
         return keys
 
@@ -204,6 +213,10 @@ class WebhookReceiver:
         ):
             with self.lock:
                 self.bad_signatures.append(msg_id)
+            return 401, {}, 0.0
+        if any(headers.get(k) != v for k, v in self.expect_headers.items()):
+            with self.lock:
+                self.bad_signatures.append(f"{msg_id} (headers)")
             return 401, {}, 0.0
         if f.gone:
             return 410, {}, 0.0

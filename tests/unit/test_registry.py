@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from adapters.config import PipelineConfig, PlatformConfig, SinkConfig, load_platform
+from adapters.config import PipelineConfig, PlatformConfig, SinkConfig, load_pipeline, load_platform
 from adapters.config.platform import TRANSPORT_SECTIONS
 from services import registry
 from services.cli.main import main
@@ -436,3 +436,9 @@ def test_undeploy_of_a_transport_without_provisioner_is_refused_by_name() -> Non
     platform = PlatformConfig.model_validate({"transport_mode": "kafka"})
     with pytest.raises(UndeployError, match="transport_mode kafka has no provisioner"):
         asyncio.run(undeploy(pipeline(), platform))
+
+
+def test_the_webhook_example_validates() -> None:
+    platform = load_platform(ROOT / "examples" / "platform.yaml")
+    p = load_pipeline(ROOT / "examples" / "pipeline-webhook.yaml", platform=platform)
+    assert not registry.check(p, platform)
