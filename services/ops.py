@@ -35,6 +35,12 @@ async def pipeline_health(
     components: list[ComponentHealth] = []
     if pipeline is not None and platform.transport_mode == "direct":
         components.append(await slot_health(pipeline, platform))
+    if platform.transport_mode == "kafka":
+        from services import kafka_ops
+
+        components += await kafka_ops.platform_health(platform)
+        if pipeline is not None:
+            components += await kafka_ops.pipeline_components(pipeline, platform)
     if pipeline is not None:
         for sink in pipeline.enabled_sinks:
             try:
@@ -62,7 +68,11 @@ UndeployError = TeardownRefusedError
 
 
 async def undeploy(
-    pipeline: PipelineConfig, platform: PlatformConfig, *, force: bool = False
+    pipeline: PipelineConfig,
+    platform: PlatformConfig,
+    *,
+    force: bool = False,
+    delete_topics: bool = False,
 ) -> list[str]:
     """Remove the pipeline's transport resources through its transport's `Provisioner`
     (for the WAL: the slot and the publication); sink data is never touched.
@@ -77,6 +87,11 @@ async def undeploy(
             " nothing to undeploy",
             [],
         )
+    if delete_topics:  # kafka only (the CLI refuses it otherwise)
+        from adapters.kafka.provisioner import KafkaProvisioner
+
+        provisioner = KafkaProvisioner(pipeline, platform, delete_topics=True)
+        return list(await provisioner.teardown(force=force))
     return list(await transport.provisioner(pipeline, platform).teardown(force=force))
 
 

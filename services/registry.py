@@ -126,6 +126,7 @@ class TransportAdapter:
     event_source: SourceFactory | None = None
     source_monitor: MonitorFactory | None = None  # None: nothing to watch
     # What `cdc undeploy` tears down (and a deploy step creates); None: nothing to remove.
+    # For kafka, `cdc run` / `cdc deploy` also run its provision() before the stages start.
     provisioner: ProvisionerFactory | None = None
     # Its dead letters (docs/operations.md "Dead letters"); None: not implemented yet, and a
     # sink that needs them (SinkAdapter.uses_error_router) is refused with this transport.
@@ -346,6 +347,20 @@ def dead_letter_stores(
     return own
 
 
+def build_kafka_provisioner(pipeline: PipelineConfig, platform: PlatformConfig) -> Provisioner:
+    from adapters.kafka.provisioner import KafkaProvisioner
+
+    return KafkaProvisioner(pipeline, platform)
+
+
+def build_connector_monitor(
+    pipeline: PipelineConfig, platform: PlatformConfig
+) -> SourceMonitor:
+    from adapters.debezium.monitor import ConnectorMonitor
+
+    return ConnectorMonitor(pipeline, platform)
+
+
 # ------------------------------------------------------------------------- the registry
 
 _CLOUD_READS = frozenset(
@@ -395,6 +410,9 @@ TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
                     "stop_on_incompatible_schema",
                 }
             ),
+            # The consumer EventSource is not registered yet: the transport stays refused.
+            source_monitor=build_connector_monitor,
+            provisioner=build_kafka_provisioner,
         ),
         TransportAdapter(
             "pubsub",

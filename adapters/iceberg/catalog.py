@@ -46,6 +46,11 @@ def _warehouse(warehouse: str) -> str:
     return f"file://{path}"
 
 
+def shown_uri(uri: str) -> str:
+    """`catalog_uri` for messages: without a password (postgresql://user:***@host/db)."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", uri)
+
+
 def load_catalog(settings: IcebergSinkConfig) -> Catalog:
     from pyiceberg.catalog import load_catalog as _load
 

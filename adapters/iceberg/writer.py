@@ -24,7 +24,7 @@ from pyiceberg.catalog import Catalog
 
 from adapters.config.pipeline import IcebergSinkConfig
 from adapters.iceberg import columns as cols
-from adapters.iceberg.catalog import load_catalog, table_identifier
+from adapters.iceberg.catalog import load_catalog, shown_uri, table_identifier
 from adapters.iceberg.dead_letters import DeadLetterTable
 from adapters.iceberg.table_sink import TableSink
 from domain.blocks import LANE, OP, POSITION, SEQUENCE, ChangeBlock
@@ -61,17 +61,33 @@ class IcebergSinkWriter:
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    def _catalog_error(self, exc: Exception) -> str:
+        uri = shown_uri(self.settings.catalog_uri)
+        detail = str(exc).replace(self.settings.catalog_uri, uri)
+        return f"iceberg catalog {uri}: {detail}"
+
+    async def _ensure_catalog(self) -> Catalog:
+        """The catalog, loaded on first use: while it is unreachable, writes fail (the
+        ingest resends them) and health() says why."""
+        if self.catalog is None:
+            try:
+                catalog = await asyncio.wait_for(self._run(load_catalog, self.settings), 30)
+            except Exception as exc:
+                self._last_error = self._catalog_error(exc)
+                raise SinkUnavailableError(self._last_error) from exc
+            self.catalog = catalog
+            self.dead_letters = DeadLetterTable(
+                catalog, self.settings, self.pipeline_id, self.sink_id
+            )
+            self._last_error = ""
+        return self.catalog
+
     async def start(self) -> None:
-        try:
-            self.catalog = await self._run(load_catalog, self.settings)
-        except Exception as exc:
-            raise SinkUnavailableError(
-                f"iceberg catalog {self.settings.catalog_uri}: {exc}"
-            ) from exc
-        self.dead_letters = DeadLetterTable(
-            self.catalog, self.settings, self.pipeline_id, self.sink_id
-        )
-        if self.settings.maintenance.enabled:
+        """Load the catalog (not waiting for it: an unreachable one is retried by the next
+        write and reported by health()); start the maintenance schedule."""
+        with contextlib.suppress(SinkUnavailableError):
+            await self._ensure_catalog()
+        if self.settings.maintenance.enabled and self._maintenance is None:
             from adapters.iceberg.maintenance import run_scheduled
 
             self._maintenance = asyncio.create_task(run_scheduled(self))
@@ -84,12 +100,25 @@ class IcebergSinkWriter:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def health(self) -> ComponentHealth:
-        if self.catalog is None:
-            return ComponentHealth("iceberg", Status.ERROR, {"error": "catalog not loaded"})
+        """The catalog answers (a namespace listing) and the last commit did not fail."""
+        name = f"sink:{self.sink_id}"
+        try:
+            catalog = await self._ensure_catalog()
+            await asyncio.wait_for(asyncio.to_thread(catalog.list_namespaces), 10)
+        except SinkUnavailableError as exc:
+            return ComponentHealth(name, Status.ERROR, {"error": str(exc)})
+        except Exception as exc:
+            return ComponentHealth(name, Status.ERROR, {"error": self._catalog_error(exc)})
         if self._last_error:
-            return ComponentHealth("iceberg", Status.ERROR, {"error": self._last_error})
+            return ComponentHealth(name, Status.ERROR, {"error": self._last_error})
         return ComponentHealth(
-            "iceberg", Status.OK, {"tables": len(self.tables), "commits": self.commits}
+            name,
+            Status.OK,
+            {
+                "tables": len(self.tables),
+                "commits": self.commits,
+                "durable_positions": {k: f"{p.major}/{p.minor}" for k, p in self._durable.items()},
+            },
         )
 
     # ------------------------------------------------------------------ write
@@ -159,6 +188,7 @@ class IcebergSinkWriter:
         )
 
     async def write(self, batch: SinkBatch) -> WriteResult:
+        await self._ensure_catalog()
         async with self._lock:
             result: WriteResult = await self._run(self._accept, batch)
             self._buffered += result.written + result.dead_lettered

@@ -90,7 +90,12 @@ def run(args: argparse.Namespace) -> int:
 def _table(pipeline: Any, sink: Any, wanted: str | None) -> Any:
     from pyiceberg.exceptions import NoSuchTableError
 
-    from adapters.iceberg.catalog import has_placeholders, load_catalog, table_identifier
+    from adapters.iceberg.catalog import (
+        has_placeholders,
+        load_catalog,
+        shown_uri,
+        table_identifier,
+    )
     from adapters.iceberg.dead_letters import TABLE as DEAD_LETTERS
 
     settings = sink.iceberg
@@ -120,8 +125,8 @@ def _table(pipeline: Any, sink: Any, wanted: str | None) -> Any:
         return catalog.load_table(ident)
     except NoSuchTableError:
         raise LakehouseError(
-            f"no Iceberg table {'.'.join(ident)} in catalog {settings.catalog_uri} (has the"
-            " sink written to it yet?)"
+            f"no Iceberg table {'.'.join(ident)} in catalog {shown_uri(settings.catalog_uri)}"
+            " (has the sink written to it yet?)"
         ) from None
 
 
@@ -145,7 +150,7 @@ def _snapshots(table: Any, args: argparse.Namespace, settings: Any) -> int:
                 "timestamp": _iso(s.timestamp_ms),
                 "operation": summary.operation.value if summary else None,
                 "current": current is not None and s.snapshot_id == current.snapshot_id,
-                "positions": {k: str(v) for k, v in positions_of(props).items()},
+                "positions": {k: f"{v.major}/{v.minor}" for k, v in positions_of(props).items()},
                 "total_records": props.get("total-records"),
                 "maintenance": props.get("cdc.maintenance"),
             }

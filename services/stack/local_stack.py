@@ -11,13 +11,15 @@ port closed. ``DIR/run/state.json`` records the daemon and each part (pid, proce
 time, ports, endpoint): ``status`` and ``down`` work from it.
 
 PostgreSQL data, the registry's schemas and SeaweedFS objects stay in DIR across ``down`` /
-``up``; Tansu keeps topics in memory (a new ``up`` starts with an empty broker).
+``up``; Tansu keeps topics in memory (a new ``up`` starts with an empty broker) unless
+``--kafka-storage s3`` puts them on the stack's SeaweedFS.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -29,18 +31,24 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from services.stack.process import HOST, LaunchError, kill_group, port_open, wait_ports_closed
+from services.stack.process import LaunchError, kill_group, port_open, wait_ports_closed
 
 __all__ = [
+    "DEFAULT_DIR",
     "EXTRAS",
+    "PartRecord",
+    "PartStatus",
     "StackError",
     "StackState",
+    "UpResult",
     "down",
+    "parse_extras",
+    "pid_alive",
     "read_state",
     "status",
     "up",
@@ -53,6 +61,8 @@ SOURCE_DB: Final = "cdc_demo"
 REPLICA_DB: Final = "replica"
 CONNECT_GROUP: Final = "cdc-stack-connect"
 LAKEHOUSE_BUCKET: Final = "cdc-lakehouse"
+KAFKA_BUCKET: Final = "cdc-kafka"
+KAFKA_STORAGES: Final = ("memory", "s3")
 UP_TIMEOUT: Final = 300.0
 
 
@@ -120,6 +130,7 @@ class StackState:
     daemon_pid: int | None = None
     daemon_start_time: str | None = None
     extras: list[str] = field(default_factory=list)
+    kafka_storage: str = "memory"
     parts: list[PartRecord] = field(default_factory=list)
 
     @property
@@ -135,6 +146,7 @@ class StackState:
             "error": self.error,
             "daemon": {"pid": self.daemon_pid, "start_time": self.daemon_start_time},
             "with": self.extras,
+            "kafka_storage": self.kafka_storage,
             "parts": [vars(part) for part in self.parts],
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,6 +175,7 @@ def read_state(directory: Path) -> StackState | None:
         daemon_pid=daemon.get("pid"),
         daemon_start_time=daemon.get("start_time"),
         extras=list(data.get("with", [])),
+        kafka_storage=str(data.get("kafka_storage", "memory")),
         parts=[PartRecord(**part) for part in data.get("parts", [])],
     )
 
@@ -292,13 +305,14 @@ def _record(name: str, what: str, part: Any, endpoint: str, began: float) -> Par
 
 
 class _Daemon:
-    def __init__(self, directory: Path, extras: Sequence[str]) -> None:
+    def __init__(self, directory: Path, extras: Sequence[str], kafka_storage: str) -> None:
         self.directory = directory
         self.state = StackState(
             directory,
             daemon_pid=os.getpid(),
             daemon_start_time=_start_time(os.getpid()),
             extras=list(extras),
+            kafka_storage=kafka_storage,
         )
         self.running: list[_Running] = []
         self.stop_requested = threading.Event()
@@ -338,13 +352,36 @@ class _Daemon:
                 "replica_database": REPLICA_DB,
             }
         }
+        s3 = None
+        if "s3" in self.state.extras:  # first: Tansu may keep its topics there
+            from services.stack import seaweedfs
+
+            s3 = self._timed(
+                "s3",
+                "SeaweedFS (S3)",
+                lambda: seaweedfs.start(d / "seaweedfs", buckets=[LAKEHOUSE_BUCKET, KAFKA_BUCKET]),
+                lambda p: p.endpoint_url,
+            )
+            sections["s3"] = {
+                "endpoint_url": s3.endpoint_url,
+                "access_key": s3.access_key,
+                "secret_key": s3.secret_key,
+                "region": s3.region,
+                "bucket": LAKEHOUSE_BUCKET,
+            }
+        storage = f"s3://{KAFKA_BUCKET}/" if self.state.kafka_storage == "s3" else "memory://tansu/"
         broker = self._timed(
             "kafka",
-            "Tansu (Kafka protocol)",
-            lambda: tansu.start(d / "tansu"),
+            f"Tansu (Kafka protocol, {self.state.kafka_storage} storage)",
+            lambda: tansu.start(
+                d / "tansu", storage=storage, s3=s3 if s3 and "s3" in storage else None
+            ),
             lambda p: p.bootstrap_servers,
         )
-        sections["kafka"] = {"bootstrap_servers": broker.bootstrap_servers}
+        sections["kafka"] = {
+            "bootstrap_servers": broker.bootstrap_servers,
+            "storage": self.state.kafka_storage,
+        }
         registry = self._timed(
             "schema_registry",
             "schema registry (Confluent API)",
@@ -364,22 +401,6 @@ class _Daemon:
             lambda p: p.url,
         )
         sections["connect"] = {"url": worker.url}
-        if "s3" in self.state.extras:
-            from services.stack import seaweedfs
-
-            s3 = self._timed(
-                "s3",
-                "SeaweedFS (S3)",
-                lambda: seaweedfs.start(d / "seaweedfs", buckets=[LAKEHOUSE_BUCKET]),
-                lambda p: p.endpoint_url,
-            )
-            sections["s3"] = {
-                "endpoint_url": s3.endpoint_url,
-                "access_key": s3.access_key,
-                "secret_key": s3.secret_key,
-                "region": s3.region,
-                "bucket": LAKEHOUSE_BUCKET,
-            }
         if "pubsub" in self.state.extras:
             from services.stack import pubsub_emulator
 
@@ -450,8 +471,12 @@ class _Daemon:
         self.state.status = "running"
         self.state.save()
         print("stack running", flush=True)
+        reported: set[str] = set()
         while not self.stop_requested.wait(1.0):
-            pass
+            for part in self.state.parts:  # `cdc stack status` shows it too; the log says when
+                if part.name not in reported and not part.alive():
+                    reported.add(part.name)
+                    print(f"{part.name} exited; see {part.log}", file=sys.stderr, flush=True)
         self.state.status = "stopping"
         self.state.save()
         self.stop_all()
@@ -463,20 +488,24 @@ class _Daemon:
 # ---------------------------------------------------------------------- commands
 
 
-def _daemon_command(directory: Path, extras: Sequence[str]) -> list[str]:
+def _daemon_command(directory: Path, extras: Sequence[str], kafka_storage: str) -> list[str]:
     argv = [sys.executable, "-m", "services.stack.local_stack", "--dir", str(directory)]
+    argv += ["--kafka-storage", kafka_storage]
     if extras:
         argv += ["--with", ",".join(extras)]
     return argv
 
 
-def parse_extras(value: str | None) -> list[str]:
-    if not value:
-        return []
-    chosen = [item.strip().lower() for item in value.split(",") if item.strip()]
+def parse_extras(value: str | None, kafka_storage: str = "memory") -> list[str]:
+    """The --with parts, in start order; ``kafka_storage`` s3 needs (and adds) s3."""
+    if kafka_storage not in KAFKA_STORAGES:
+        raise StackError(f"--kafka-storage: {kafka_storage!r} is not one of {KAFKA_STORAGES}")
+    chosen = [item.strip().lower() for item in (value or "").split(",") if item.strip()]
     unknown = [item for item in chosen if item not in EXTRAS]
     if unknown:
         raise StackError(f"--with: unknown part(s) {unknown}; choose from {', '.join(EXTRAS)}")
+    if kafka_storage == "s3":
+        chosen.append("s3")
     return [item for item in EXTRAS if item in chosen]
 
 
@@ -487,17 +516,49 @@ class UpResult:
     stack_json: dict[str, Any]
 
 
+@contextlib.contextmanager
+def _exclusive(directory: Path) -> Iterator[None]:
+    """One ``up`` or ``down`` at a time per directory (a second one waits)."""
+    (directory / "run").mkdir(parents=True, exist_ok=True)
+    with (directory / "run" / "lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _wait_stopped(state: StackState, timeout: float = 120.0) -> None:
+    """A daemon that is stopping its parts (a `down` elsewhere): wait until it is gone."""
+    deadline = time.monotonic() + timeout
+    while state.daemon_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if state.daemon_alive():
+        raise StackError(f"the stack in {state.directory} is still stopping; try again later")
+
+
 def up(
     directory: Path,
     extras: Iterable[str] = (),
     *,
     timeout: float = UP_TIMEOUT,
     progress: Callable[[str], None] | None = None,
+    kafka_storage: str = "memory",
 ) -> UpResult:
     """Start the stack in ``directory`` (detached) and wait until every part is healthy."""
     directory = directory.absolute()
-    chosen = list(extras)
+    directory.mkdir(parents=True, exist_ok=True)
+    with _exclusive(directory):
+        return _up(directory, list(extras), kafka_storage, timeout, progress)
+
+
+def _up(
+    directory: Path,
+    chosen: list[str],
+    kafka_storage: str,
+    timeout: float,
+    progress: Callable[[str], None] | None,
+) -> UpResult:
     existing = read_state(directory)
+    if existing is not None and existing.daemon_alive() and existing.status == "stopping":
+        _wait_stopped(existing)
     if (
         existing is not None
         and existing.daemon_alive()
@@ -507,8 +568,6 @@ def up(
     if existing is not None:
         _stop_leftovers(existing)  # a daemon that died: make sure its parts are gone
         existing.path.unlink(missing_ok=True)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "run").mkdir(exist_ok=True)
     (directory / "stack.json").unlink(missing_ok=True)
     log_path = directory / "stack.log"
     root = str(Path(__file__).resolve().parents[2])
@@ -516,7 +575,7 @@ def up(
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     with log_path.open("ab") as log:
         daemon = subprocess.Popen(
-            _daemon_command(directory, chosen),
+            _daemon_command(directory, chosen, kafka_storage),
             cwd=directory,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -626,6 +685,13 @@ def _stop_leftovers(state: StackState) -> list[str]:
 def down(directory: Path, timeout: float = 120.0) -> StackState | None:
     """Stop what ``up`` started in ``directory``; None when nothing was recorded."""
     directory = directory.absolute()
+    if read_state(directory) is None:
+        return None
+    with _exclusive(directory):
+        return _down(directory, timeout)
+
+
+def _down(directory: Path, timeout: float) -> StackState | None:
     state = read_state(directory)
     if state is None:
         return None
@@ -649,20 +715,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.stack.local_stack")
     parser.add_argument("--dir", type=Path, required=True)
     parser.add_argument("--with", dest="extras", default="")
+    parser.add_argument("--kafka-storage", choices=KAFKA_STORAGES, default="memory")
     args = parser.parse_args(argv)
-    return _Daemon(args.dir.absolute(), parse_extras(args.extras)).run()
+    extras = parse_extras(args.extras, args.kafka_storage)
+    return _Daemon(args.dir.absolute(), extras, args.kafka_storage).run()
 
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-__all__ += [
-    "DEFAULT_DIR",
-    "HOST",
-    "PartRecord",
-    "PartStatus",
-    "UpResult",
-    "parse_extras",
-    "pid_alive",
-]

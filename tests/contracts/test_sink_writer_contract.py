@@ -24,8 +24,8 @@ from adapters.postgres.sink.writer import PostgresSinkWriter
 from adapters.postgres.source.dead_letters import PostgresErrorRouter
 from adapters.webhook.sink import WebhookSinkWriter
 from domain.events import UNCHANGED, Column, Operation, Position, SourceEvent, TableSchema
-from domain.ports import Guarantee, SinkBatch, SinkWriter, WriteResult
-from services.wire import decode_batch, encode_batch
+from domain.ports import Guarantee, OutboundBatch, SinkBatch, SinkWriter, WriteResult
+from services.wire import decode_batch, encode_batch, encode_outbound
 from tests.support.fakes import FakeSinkWriter
 from tests.support.postgres import PgTestContext
 from tests.support.webhook_receiver import Faults, WebhookReceiver
@@ -57,6 +57,19 @@ class Harness:
         message = encode_batch(batch_id, "contract", LANE, list(events))
         batch: SinkBatch = decode_batch(message)
         return run(self.writer.write(batch))
+
+    def write_lanes(
+        self, lanes: Sequence[tuple[str, Sequence[SourceEvent]]], batch_id: int = 1
+    ) -> WriteResult:
+        """One batch carrying several lanes, as the pump sends chunks of several lanes."""
+        outbound = OutboundBatch(
+            batch_id,
+            "contract",
+            tuple(lane for lane, _ in lanes),
+            [ev for _, evs in lanes for ev in evs],
+            lane_counts=tuple(len(evs) for _, evs in lanes),
+        )
+        return run(self.writer.write(decode_batch(encode_outbound(outbound))))
 
     def flush(self) -> dict[str, Position]:
         return dict(run(self.writer.flush()))
@@ -330,3 +343,33 @@ def test_flush_returns_the_durable_position_per_lane(sink: Harness) -> None:
     sink.write([c.ins("1", "a", None), c.ins("2", "b", None)], batch_id=1)
     sink.write([c.upd("2", "c", None)], batch_id=2)
     assert sink.flush() == {LANE: Position(7, 3)}
+
+
+def test_a_batch_of_several_lanes_keeps_a_position_per_lane(sink: Harness) -> None:
+    # Positions are ordered within a lane only: lane b's are lower than lane a's. Keys do
+    # not cross lanes (a key-hash lane, a Kafka partition).
+    a, b = Changes(major=900), Changes(major=5)
+    first_a = [a.ins("1", "one", "x"), a.upd("1", "one v2", "x")]
+    first_b = [b.ins("2", "two", "y")]
+    result = sink.write_lanes([("lane_a", first_a), ("lane_b", first_b)])
+    assert (result.written, result.skipped) == (3, 0)
+    assert sink.flush() == {"lane_a": Position(900, 2), "lane_b": Position(5, 1)}
+    # The next batch replays lane a (skipped) and brings lane b on; a new lane c too.
+    c = Changes(major=1)
+    more_b = [b.upd("2", "two v2", "y")]
+    new_c = [c.ins("3", "three", "z")]
+    result = sink.write_lanes(
+        [("lane_a", first_a), ("lane_b", more_b), ("lane_c", new_c)], batch_id=2
+    )
+    assert (result.written, result.skipped) == (2, 2)
+    rows = sink.rows(ITEMS)
+    assert {k: r["name"] for k, r in rows.items()} == {
+        ("1",): "one v2",
+        ("2",): "two v2",
+        ("3",): "three",
+    }
+    assert sink.flush() == {
+        "lane_a": Position(900, 2),
+        "lane_b": Position(5, 2),
+        "lane_c": Position(1, 1),
+    }

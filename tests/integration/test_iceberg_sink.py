@@ -8,72 +8,16 @@ import asyncio
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pyarrow.compute as pc
 import pytest
 
-from adapters.config.pipeline import IcebergSinkConfig
 from adapters.iceberg import maintenance
 from adapters.iceberg.table_sink import positions_of
 from adapters.iceberg.writer import IcebergSinkWriter
 from domain.errors import SinkHaltedError
 from domain.events import Column, Operation, Position, SourceEvent, TableSchema
-from domain.ports import SinkBatch
-from services.wire import decode_batch, encode_batch
-
-ORDERS = TableSchema(
-    "public",
-    "orders",
-    (
-        Column("id", 20, "bigint", is_key=True),
-        Column("qty", 23, "integer"),
-        Column("price", 1700, "numeric(12,2)"),
-        Column("at", 1184, "timestamp with time zone"),
-        Column("paid", 16, "boolean"),
-        Column("note", 25, "text"),
-    ),
-)
-LOG = TableSchema("public", "log", (Column("msg", 25, "text"), Column("n", 23, "integer")))
-
-
-def settings(tmp: Path, **over: Any) -> IcebergSinkConfig:
-    base: dict[str, Any] = {
-        "catalog_uri": f"sqlite:///{tmp}/catalog.db",
-        "warehouse": str(tmp / "warehouse"),
-        "table_name": "{schema}_{table}",
-        "write_mode": "upsert",
-        "batch_size": 1_000_000,
-        "flush_interval_seconds": 3600,
-    }
-    base.update(over)
-    return IcebergSinkConfig(**base)
-
-
-class Source:
-    def __init__(self) -> None:
-        self.major = 1000
-        self.batch = 0
-
-    def events(
-        self, *changes: tuple[str, TableSchema, tuple[str | None, ...]]
-    ) -> list[SourceEvent]:
-        out = []
-        for op, table, row in changes:
-            self.major += 1
-            p = Position(self.major, 0)
-            if op == "d":
-                out.append(SourceEvent(Operation.DELETE, table, p, before=row))
-            else:
-                o = Operation.CREATE if op == "c" else Operation.UPDATE
-                out.append(
-                    SourceEvent(o, table, p, after=row, commit_time_us=1_700_000_000_000_000)
-                )
-        return out
-
-    def batch_of(self, events: list[SourceEvent]) -> SinkBatch:
-        self.batch += 1
-        return decode_batch(encode_batch(self.batch, "it", "slot", events))
+from tests.support.iceberg import LOG, ORDERS, Source, row, settings
 
 
 @pytest.fixture
@@ -81,10 +25,6 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop = asyncio.new_event_loop()
     yield loop
     loop.close()
-
-
-def row(i: int, qty: int = 1, note: str | None = "n") -> tuple[str | None, ...]:
-    return (str(i), str(qty), f"{i}.50", "2024-05-01 10:00:00+00", "t", note)
 
 
 def test_upsert_types_deletes_and_positions(
@@ -427,3 +367,63 @@ def test_compaction_concurrent_with_sink_commits_loses_nothing(
     assert len(got) == data.num_rows  # one row per key
     assert got == expected
     loop.run_until_complete(w.stop())
+
+
+def test_rest_catalog(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
+    """The sink through pyiceberg's REST client, against tests/support/rest_catalog.py (a
+    REST server over a real SQL catalog: no REST catalog server installs here)."""
+    from tests.support.rest_catalog import rest_catalog
+
+    with rest_catalog(tmp_path / "rest") as url:
+        w = IcebergSinkWriter(settings(tmp_path, catalog_uri=url), "it", "lake")
+        loop.run_until_complete(w.start())
+        s = Source()
+        loop.run_until_complete(
+            w.write(s.batch_of(s.events(*[("c", ORDERS, row(i)) for i in range(5)])))
+        )
+        loop.run_until_complete(w.flush())
+        loop.run_until_complete(
+            w.write(
+                s.batch_of(
+                    s.events(
+                        ("u", ORDERS, row(1, qty=9)),
+                        ("d", ORDERS, ("2", None, None, None, None, None)),
+                    )
+                )
+            )
+        )
+        loop.run_until_complete(w.flush())
+        table = w.tables["public.orders"].table
+        assert type(w.catalog).__name__ == "RestCatalog"
+        data = table.scan().to_arrow().sort_by("id")
+        assert data.column("id").to_pylist() == [0, 1, 3, 4]
+        assert data.column("qty").to_pylist() == [1, 9, 1, 1]
+        assert positions_of(table.current_snapshot().summary.additional_properties) == {
+            "slot": Position(s.major, 0)
+        }
+        assert maintenance.compact(table).files_after == 1
+        loop.run_until_complete(w.stop())
+
+
+def test_unreachable_catalog_fails_writes_and_health_not_start(
+    tmp_path: Path, loop: asyncio.AbstractEventLoop
+) -> None:
+    from domain.errors import SinkUnavailableError
+    from services.net import find_free_port
+
+    uri = f"postgresql://cat:topsecret@127.0.0.1:{find_free_port()}/ice"
+    w = IcebergSinkWriter(settings(tmp_path, catalog_uri=uri), "it", "lake")
+    loop.run_until_complete(w.start())  # does not wait for the catalog
+    report = loop.run_until_complete(w.health())
+    assert report.status.value == "error"
+    assert "postgresql://cat:***@127.0.0.1" in report.detail["error"]
+    assert "topsecret" not in str(report.as_dict())
+    s = Source()
+    with pytest.raises(SinkUnavailableError, match="iceberg catalog"):
+        loop.run_until_complete(w.write(s.batch_of(s.events(("c", ORDERS, row(1))))))
+    loop.run_until_complete(w.stop())
+    # Healthy once the catalog is there.
+    ok = IcebergSinkWriter(settings(tmp_path), "it", "lake")
+    loop.run_until_complete(ok.start())
+    assert loop.run_until_complete(ok.health()).status.value == "ok"
+    loop.run_until_complete(ok.stop())

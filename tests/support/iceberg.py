@@ -15,6 +15,10 @@ import psycopg
 import pyarrow.compute as pc
 import yaml
 
+from adapters.config.pipeline import IcebergSinkConfig
+from domain.events import Column, Operation, Position, SourceEvent, TableSchema
+from domain.ports import SinkBatch
+from services.wire import decode_batch, encode_batch
 from tests.support.pipeline import PipelineFiles
 
 
@@ -56,7 +60,6 @@ def use_sinks(files: PipelineFiles, sinks: Sequence[dict[str, Any]]) -> None:
 
 
 def load_table(sink: dict[str, Any], source_table: str) -> Any:
-    from adapters.config.pipeline import IcebergSinkConfig
     from adapters.iceberg.catalog import load_catalog, table_identifier
 
     settings = IcebergSinkConfig(**sink["iceberg"])
@@ -131,3 +134,63 @@ def duplicate_keys(sink: dict[str, Any], table: str, key: str = "id") -> int:
         return 0
     col = t.scan(selected_fields=(key,)).to_arrow().column(key)
     return len(col) - pc.count_distinct(col).as_py()
+
+
+# ----------------------------------------------------- the writer on its own (no pipeline)
+
+ORDERS = TableSchema(
+    "public",
+    "orders",
+    (
+        Column("id", 20, "bigint", is_key=True),
+        Column("qty", 23, "integer"),
+        Column("price", 1700, "numeric(12,2)"),
+        Column("at", 1184, "timestamp with time zone"),
+        Column("paid", 16, "boolean"),
+        Column("note", 25, "text"),
+    ),
+)
+LOG = TableSchema("public", "log", (Column("msg", 25, "text"), Column("n", 23, "integer")))
+
+
+def settings(tmp: Path, **over: Any) -> IcebergSinkConfig:
+    base: dict[str, Any] = {
+        "catalog_uri": f"sqlite:///{tmp}/catalog.db",
+        "warehouse": str(tmp / "warehouse"),
+        "table_name": "{schema}_{table}",
+        "write_mode": "upsert",
+        "batch_size": 1_000_000,
+        "flush_interval_seconds": 3600,
+    }
+    base.update(over)
+    return IcebergSinkConfig(**base)
+
+
+class Source:
+    def __init__(self) -> None:
+        self.major = 1000
+        self.batch = 0
+
+    def events(
+        self, *changes: tuple[str, TableSchema, tuple[str | None, ...]]
+    ) -> list[SourceEvent]:
+        out = []
+        for op, table, row in changes:
+            self.major += 1
+            p = Position(self.major, 0)
+            if op == "d":
+                out.append(SourceEvent(Operation.DELETE, table, p, before=row))
+            else:
+                o = Operation.CREATE if op == "c" else Operation.UPDATE
+                out.append(
+                    SourceEvent(o, table, p, after=row, commit_time_us=1_700_000_000_000_000)
+                )
+        return out
+
+    def batch_of(self, events: list[SourceEvent]) -> SinkBatch:
+        self.batch += 1
+        return decode_batch(encode_batch(self.batch, "it", "slot", events))
+
+
+def row(i: int, qty: int = 1, note: str | None = "n") -> tuple[str | None, ...]:
+    return (str(i), str(qty), f"{i}.50", "2024-05-01 10:00:00+00", "t", note)

@@ -254,7 +254,10 @@ def test_containers_refuse_adapters_that_do_not_exist() -> None:
     kafka = IngestContainer(pipeline=p, platform=PlatformConfig(transport_mode="kafka"))
     with pytest.raises(TransportNotAvailableError, match="kafka"):
         kafka.event_source()
-    assert kafka.source_monitor() is None
+    # The connector's monitor works without the event source (Connect's states, /readyz).
+    from adapters.debezium.monitor import ConnectorMonitor
+
+    assert isinstance(kafka.source_monitor(), ConnectorMonitor)
 
 
 # ------------------------------------------------------------------------------ CLI
