@@ -281,9 +281,8 @@ class WebhookSinkWriter:
 
     def _linger_expired(self) -> None:
         self._linger = None
-        if self._pending and self._failure is None:
-            with contextlib.suppress(RuntimeError):
-                self._dispatch(include_partial=True)
+        if self._pending and self._failure is None and self._gone is None:
+            self._dispatch(include_partial=True)
 
     def _raise_if_failed(self) -> None:
         if self._gone is not None:
