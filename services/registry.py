@@ -47,9 +47,11 @@ from adapters.postgres.source.provisioner import PostgresProvisioner
 from adapters.postgres.source.reader import PostgresWalSource, WalReaderSettings
 from adapters.postgres.source.slot_monitor import PostgresSlotMonitor
 from domain.ports import (
+    AckCallback,
     DeadLetterStore,
     ErrorRouter,
     EventSource,
+    Outlet,
     Provisioner,
     SinkWriter,
     SourceMonitor,
@@ -61,6 +63,9 @@ if TYPE_CHECKING:  # httpx is the `webhook` extra: imported when a webhook sink 
 
 SourceFactory = Callable[[PipelineConfig, PlatformConfig], EventSource]
 MonitorFactory = Callable[[PipelineConfig, PlatformConfig], SourceMonitor]
+# The capture stage of a transport fed by our WAL reader (services/capture): its publisher,
+# called with the callback that receives each batch's DeliveryAck.
+OutletFactory = Callable[[PipelineConfig, PlatformConfig, AckCallback], Outlet]
 ProvisionerFactory = Callable[[PipelineConfig, PlatformConfig], Provisioner]
 WriterFactory = Callable[[PipelineConfig, SinkConfig, PlatformConfig], SinkWriter]
 # The transport's dead letters: where sinks without their own put the changes they cannot
@@ -125,6 +130,8 @@ class TransportAdapter:
     fixed: Mapping[str, object] = field(default_factory=dict)
     event_source: SourceFactory | None = None
     source_monitor: MonitorFactory | None = None  # None: nothing to watch
+    # Transports fed by `cdc capture` (the WAL reader publishing to the broker).
+    capture_outlet: OutletFactory | None = None
     # What `cdc undeploy` tears down (and a deploy step creates); None: nothing to remove.
     # For kafka, `cdc run` / `cdc deploy` also run its provision() before the stages start.
     provisioner: ProvisionerFactory | None = None
@@ -136,6 +143,10 @@ class TransportAdapter:
     @property
     def available(self) -> bool:
         return self.event_source is not None
+
+    @property
+    def has_capture(self) -> bool:
+        return self.capture_outlet is not None
 
 
 @dataclass(frozen=True)
@@ -171,11 +182,18 @@ def source_conninfo(pipeline: PipelineConfig) -> str:
     )
 
 
-def build_wal_source(pipeline: PipelineConfig, platform: PlatformConfig) -> PostgresWalSource:
+def build_wal_source(
+    pipeline: PipelineConfig, platform: PlatformConfig, *, capture: bool = False
+) -> PostgresWalSource:
     """The direct transport: the ingest reads the slot itself. Its chunks are the ingest's
-    batches (``ingest.batch_max_events`` / ``batch_max_delay_ms``)."""
+    batches (``ingest.batch_max_events`` / ``batch_max_delay_ms``). For the capture stage of
+    pubsub / kinesis (``capture``) a partly filled chunk waits at most
+    ``wal_reader.batch_timeout_seconds`` for more changes."""
     s = pipeline.source
     wal = platform.wal_reader
+    delay = (
+        wal.batch_timeout_seconds if capture else platform.ingest.batch_max_delay_ms / 1000
+    )
     return PostgresWalSource(
         WalReaderSettings(
             conninfo=source_conninfo(pipeline),
@@ -186,7 +204,7 @@ def build_wal_source(pipeline: PipelineConfig, platform: PlatformConfig) -> Post
             snapshot_mode=s.snapshot_mode,
             status_interval_seconds=wal.status_interval_seconds,
             max_chunk_events=platform.ingest.batch_max_events,
-            max_chunk_delay_seconds=platform.ingest.batch_max_delay_ms / 1000,
+            max_chunk_delay_seconds=delay,
             heartbeat_mode=s.heartbeat_mode,
             heartbeat_interval_seconds=s.heartbeat_interval_seconds,
             snapshot_chunk_size=s.snapshot_chunk_size,
@@ -374,6 +392,41 @@ _CLOUD_READS = frozenset(
     }
 )
 
+# What the Kinesis adapters (services/kinesis.py) read: topic_prefix (stream names), dlq
+# (enabled, topic_suffix: the DLQ streams), retry (the backoff of failed puts and reads;
+# max_attempts is not read: a put is retried until it succeeds), max_buffered_messages (the
+# records the source buffers), wal_reader.batch_size / batch_timeout_seconds (the capture).
+_KINESIS_READS = _CLOUD_READS
+
+
+def _kinesis_source(pipeline: PipelineConfig, platform: PlatformConfig) -> EventSource:
+    from services.kinesis import build_kinesis_source  # boto3 only when chosen
+
+    return build_kinesis_source(pipeline, platform)
+
+
+def _kinesis_monitor(pipeline: PipelineConfig, platform: PlatformConfig) -> SourceMonitor:
+    from services.kinesis import build_kinesis_monitor
+
+    return build_kinesis_monitor(pipeline, platform)
+
+
+def _kinesis_publisher(
+    pipeline: PipelineConfig, platform: PlatformConfig, on_ack: AckCallback
+) -> Outlet:
+    from services.kinesis import build_kinesis_publisher
+
+    return build_kinesis_publisher(pipeline, platform, on_ack)
+
+
+def _kinesis_provisioner(pipeline: PipelineConfig, platform: PlatformConfig) -> Provisioner:
+    from services.kinesis import build_kinesis_provisioner
+
+    return build_kinesis_provisioner(
+        pipeline, platform, build_postgres_provisioner(pipeline, platform)
+    )
+
+
 TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
     t.name: t
     for t in (
@@ -425,8 +478,12 @@ TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
             "kinesis",
             "the WAL captured to Amazon Kinesis",
             sections={"kinesis": KinesisConfig, "wal_reader": WalReaderConfig},
-            reads=_CLOUD_READS,
-            provisioner=build_postgres_provisioner,  # the capture's slot and publication
+            reads=_KINESIS_READS,
+            event_source=_kinesis_source,
+            source_monitor=_kinesis_monitor,
+            capture_outlet=_kinesis_publisher,
+            # the capture's slot and publication, then the streams and the lease table
+            provisioner=_kinesis_provisioner,
         ),
     )
 }

@@ -49,6 +49,7 @@ __all__ = [
     "down",
     "parse_extras",
     "pid_alive",
+    "postgres_base_dir",
     "read_state",
     "status",
     "up",
@@ -191,7 +192,7 @@ def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
 # ---------------------------------------------------------------------- postgres
 
 
-def _postgres_base_dir(directory: Path) -> Path:
+def postgres_base_dir(directory: Path) -> Path:
     """``DIR/postgres``, unless this process is root and the unprivileged OS user PostgreSQL
     runs as cannot traverse DIR's parents (a home directory, pytest's tmp): then a directory
     under the system temp dir named after DIR, so that the cluster still survives down/up."""
@@ -236,7 +237,7 @@ def _start_postgres(directory: Path, password: str) -> tuple[Any, PartRecord]:
     from services.stack.postgres import PostgresServer
 
     began = time.monotonic()
-    server = PostgresServer(_postgres_base_dir(directory))
+    server = PostgresServer(postgres_base_dir(directory))
     try:
         server.start()
     except RuntimeError as exc:

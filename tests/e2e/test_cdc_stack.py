@@ -84,12 +84,18 @@ def _assert_nothing_left(directory: Path, processes: list[psutil.Process], ports
 
 @pytest.fixture
 def stack_dir(tmp_path: Path) -> Iterator[Path]:
+    import shutil
+
+    from services.stack.local_stack import postgres_base_dir
+
     directory = tmp_path / "stack"
     try:
         yield directory
     finally:
         if (directory / "run" / "state.json").exists():  # a failed test: stop what it left
             _cdc("stack", "down", "--dir", str(directory))
+        # as root, pytest's 0700 tmp dir keeps the cluster outside DIR: remove it too
+        shutil.rmtree(postgres_base_dir(directory.absolute()), ignore_errors=True)
 
 
 def _get(url: str) -> Any:

@@ -80,8 +80,8 @@ def test_transport_sections_of_the_loader_are_the_registrys() -> None:
     assert {k: set(v) for k, v in TRANSPORT_SECTIONS.items()} == owners
 
 
-def test_only_direct_postgres_webhook_and_iceberg_are_available() -> None:
-    assert registry.available_transports() == ("direct",)
+def test_only_direct_kinesis_postgres_webhook_and_iceberg_are_available() -> None:
+    assert registry.available_transports() == ("direct", "kinesis")
     assert registry.available_sink_types() == ("postgres", "webhook", "iceberg")
     assert AVAILABLE_SINK_TYPES == ("postgres", "webhook", "iceberg")
     direct = registry.TRANSPORTS["direct"]
@@ -109,13 +109,11 @@ def test_defaults_need_nothing() -> None:
     assert not registry.check(pipeline(), PlatformConfig())
 
 
-@pytest.mark.parametrize("mode", ["kafka", "pubsub", "kinesis"])
+@pytest.mark.parametrize("mode", ["kafka", "pubsub"])
 def test_a_transport_without_an_adapter_is_refused(mode: str) -> None:
     platform = PlatformConfig.model_validate(
         {"transport_mode": mode, "pubsub": {"project_id": "p"}}
         if mode == "pubsub"
-        else {"transport_mode": mode, "kinesis": {"region": "r"}}
-        if mode == "kinesis"
         else {"transport_mode": mode}
     )
     found = messages(registry.check(pipeline(), platform))
@@ -304,12 +302,14 @@ def test_cdc_validate_refuses_a_transport_without_an_adapter(
         "pipeline_id: orders\nsource:\n  database: shop\n  tables: [public.orders]\n"
     )
     platform_file = tmp_path / "platform.yaml"
-    platform_file.write_text("health_port: 8080\ntransport_mode: kinesis\nkinesis:\n  region: r\n")
-    assert load_platform(platform_file).transport_mode == "kinesis"  # valid configuration
+    platform_file.write_text(
+        "health_port: 8080\ntransport_mode: pubsub\npubsub:\n  project_id: p\n"
+    )
+    assert load_platform(platform_file).transport_mode == "pubsub"  # valid configuration
     code = main(["validate", str(pipeline_file), "--platform-config", str(platform_file)])
     err = capsys.readouterr().err
     assert code == 2
-    assert f"{platform_file}:2: transport_mode: 'kinesis'" in err
+    assert f"{platform_file}:2: transport_mode: 'pubsub'" in err
 
 
 def test_documented_refusal_is_the_real_output(
@@ -445,3 +445,18 @@ def test_the_webhook_example_validates() -> None:
     platform = load_platform(ROOT / "examples" / "platform.yaml")
     p = load_pipeline(ROOT / "examples" / "pipeline-webhook.yaml", platform=platform)
     assert not registry.check(p, platform)
+
+
+def test_a_webhook_sink_needs_the_transports_dead_letters() -> None:
+    without = [
+        name for name, t in registry.TRANSPORTS.items() if t.available and not t.error_router
+    ]
+    for mode in without:  # refused until that transport registers its error router
+        platform = PlatformConfig.model_validate(
+            {"transport_mode": mode, mode: {"region": "r"}}
+            if mode == "kinesis"
+            else {"transport_mode": mode}
+        )
+        found = messages(registry.check(pipeline(sinks=[WEBHOOK]), platform))
+        assert "needs the transport's dead letters" in found["sinks[0].sink_type"], found
+    assert not registry.check(pipeline(sinks=[WEBHOOK]), PlatformConfig())  # direct has them
