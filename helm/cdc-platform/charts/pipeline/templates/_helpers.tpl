@@ -33,6 +33,12 @@ app.kubernetes.io/component: ingest
 {{ include "pipeline.pipelineLabels" . }}
 {{- end -}}
 
+{{- define "pipeline.captureSelectorLabels" -}}
+app.kubernetes.io/name: cdc-capture
+app.kubernetes.io/component: capture
+{{ include "pipeline.pipelineLabels" . }}
+{{- end -}}
+
 {{/* dict root name sinkId */}}
 {{- define "pipeline.sinkSelectorLabels" -}}
 app.kubernetes.io/name: cdc-sink
