@@ -26,6 +26,10 @@ if str(_ROOT) not in sys.path:  # the project is not necessarily pip-installed
 from services.stack.postgres import PostgresServer  # noqa: E402
 from tests.support.postgres import PgTestContext  # noqa: E402
 
+# Session fixtures for the local-stack servers: tansu_broker, schema_registry, moto_server,
+# pubsub_emulator, seaweedfs_s3, kafka_connect.
+pytest_plugins = ["tests.support.stack"]
+
 # Markers are declared in pyproject.toml; `slow` is put on the tests themselves.
 _DIR_MARKERS = {"integration": "integration", "e2e": "e2e", "deploy": "deploy"}
 
