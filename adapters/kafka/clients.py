@@ -47,6 +47,8 @@ def consumer_settings(kafka: KafkaConfig, group_id: str) -> dict[str, Any]:
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
         "enable.partition.eof": False,
+        # A rebalance moves only the partitions that change owner; the others keep flowing.
+        "partition.assignment.strategy": "cooperative-sticky",
         "session.timeout.ms": 10_000,
         "heartbeat.interval.ms": 1_000,
     }

@@ -10,12 +10,10 @@ by tests/integration/test_kafka_source.py).
 
 from __future__ import annotations
 
-import io
 import json
 from decimal import Decimal
 from typing import Any
 
-import fastavro
 import pytest
 
 from adapters.debezium.envelope import UNAVAILABLE, EnvelopeError, postgres_type
@@ -23,79 +21,9 @@ from adapters.kafka.avro import SchemaNotFoundError, SchemaRegistry, TopicDecode
 from domain.blocks import build_blocks, events_of
 from domain.events import UNCHANGED, Operation, Position
 from domain.types import LogicalType
-
-
-def _opt(t: Any) -> list[Any]:
-    return ["null", t]
-
-
-def _field(name: str, t: Any, optional: bool = True) -> dict[str, Any]:
-    f: dict[str, Any] = {"name": name, "type": _opt(t) if optional else t}
-    if optional:
-        f["default"] = None
-    return f
-
-
-def _source(connector: str) -> dict[str, Any]:
-    fields = [
-        _field("version", "string", False),
-        _field("connector", "string", False),
-        _field("name", "string", False),
-        _field("ts_ms", "long", False),
-        _field("db", "string", False),
-        _field("schema", "string"),
-        _field("table", "string"),
-        _field("txId", "long"),
-        _field("lsn", "long"),
-        _field("collection", "string"),
-    ]
-    return {
-        "type": "record",
-        "name": "Source",
-        "namespace": f"io.debezium.connector.{connector}",
-        "fields": fields,
-    }
-
-
-def envelope(namespace: str, row_fields: list[dict[str, Any]], connector: str) -> dict[str, Any]:
-    value = {
-        "type": "record",
-        "name": "Value",
-        "namespace": namespace,
-        "fields": row_fields,
-        "connect.name": f"{namespace}.Value",
-    }
-    return {
-        "type": "record",
-        "name": "Envelope",
-        "namespace": namespace,
-        "fields": [
-            {"name": "before", "type": ["null", value], "default": None},
-            {"name": "after", "type": ["null", "Value"], "default": None},
-            {"name": "source", "type": _source(connector)},
-            {
-                "name": "transaction",
-                "type": [
-                    "null",
-                    {
-                        "type": "record",
-                        "name": "block",
-                        "namespace": "event",
-                        "fields": [
-                            {"name": "id", "type": "string"},
-                            {"name": "total_order", "type": "long"},
-                            {"name": "data_collection_order", "type": "long"},
-                        ],
-                    },
-                ],
-                "default": None,
-            },
-            {"name": "op", "type": "string"},
-            _field("ts_ms", "long"),
-        ],
-        "connect.name": f"{namespace}.Envelope",
-    }
-
+from tests.support.debezium_avro import envelope, source_block, source_schema, write
+from tests.support.debezium_avro import field as _field
+from tests.support.debezium_avro import opt as _opt
 
 PG_ROW = [
     {"name": "id", "type": {"type": "long", "connect.default": 0}},
@@ -165,30 +93,7 @@ class DictRegistry(SchemaRegistry):
         self._by_id.update(schemas)
 
 
-def write(schema: dict[str, Any], schema_id: int, record: dict[str, Any]) -> bytes:
-    out = io.BytesIO()
-    fastavro.schemaless_writer(out, fastavro.parse_schema(schema), record)
-    return frame(schema_id, out.getvalue())
-
-
 PG_VALUE = envelope("cdc.public.orders", PG_ROW, "postgresql")
-
-
-def _src(**kw: Any) -> dict[str, Any]:
-    base = {
-        "version": "3.6",
-        "connector": "postgresql",
-        "name": "cdc",
-        "ts_ms": 1_700_000_000_123,
-        "db": "shop",
-        "schema": "public",
-        "table": "orders",
-        "txId": 777,
-        "lsn": 1234,
-        "collection": None,
-    }
-    base.update(kw)
-    return base
 
 
 def _row(id_: int, **kw: Any) -> dict[str, Any]:
@@ -212,7 +117,7 @@ def _message(
         {
             "before": before,
             "after": after,
-            "source": _src(),
+            "source": source_block(),
             "transaction": None,
             "op": op,
             "ts_ms": 1_700_000_000_200,
@@ -302,7 +207,7 @@ def test_updates_deletes_truncates_and_tombstones() -> None:
         {
             "before": None,
             "after": None,
-            "source": _src(),
+            "source": source_block(),
             "transaction": None,
             "op": "t",
             "ts_ms": None,
@@ -352,7 +257,7 @@ def test_an_added_column_is_a_schema_change() -> None:
         {
             "before": None,
             "after": row,
-            "source": _src(),
+            "source": source_block(),
             "transaction": None,
             "op": "c",
             "ts_ms": None,
@@ -415,7 +320,7 @@ def test_a_mysql_row() -> None:
         {
             "before": None,
             "after": row,
-            "source": _src(connector="mysql", db="inventory", schema=None, txId=None),
+            "source": source_block(connector="mysql", db="inventory", schema=None, txId=None),
             "transaction": None,
             "op": "c",
             "ts_ms": None,
@@ -444,7 +349,7 @@ def test_a_mongodb_document() -> None:
             {"name": "before", "type": ["null", json_t], "default": None},
             {"name": "after", "type": ["null", json_t], "default": None},
             {"name": "updateDescription", "type": ["null", "string"], "default": None},
-            {"name": "source", "type": _source("mongodb")},
+            {"name": "source", "type": source_schema("mongodb")},
             {"name": "op", "type": ["null", "string"], "default": None},
             _field("ts_ms", "long"),
         ],
@@ -465,7 +370,7 @@ def test_a_mongodb_document() -> None:
             "before": None,
             "after": doc,
             "updateDescription": None,
-            "source": _src(connector="mongodb", collection="users"),
+            "source": source_block(connector="mongodb", collection="users"),
             "op": "c",
             "ts_ms": None,
         },
@@ -480,7 +385,7 @@ def test_a_mongodb_document() -> None:
             "before": None,
             "after": None,
             "updateDescription": None,
-            "source": _src(connector="mongodb"),
+            "source": source_block(connector="mongodb"),
             "op": "d",
             "ts_ms": None,
         },
@@ -510,7 +415,7 @@ def test_a_sqlserver_row() -> None:
         {
             "before": None,
             "after": {"id": 1, "at": 1_709_214_307_123_456_789},
-            "source": _src(connector="sqlserver", txId=None),
+            "source": source_block(connector="sqlserver", txId=None),
             "transaction": None,
             "op": "c",
             "ts_ms": None,
@@ -535,17 +440,12 @@ def test_undecodable_messages_raise_envelope_errors(data: bytes, message: str) -
 
 
 def test_an_unknown_schema_id_is_poison() -> None:
-    registry = DictRegistry({})
-    registry.url = "http://127.0.0.1:9"  # nothing listens: unreachable is not poison
-    decoder = TopicDecoder(DictRegistry({2: PG_VALUE}), "public", "orders", "shop")
-    decoder.registry._by_id.pop(2)
-
     class Missing(DictRegistry):
         def _request(self, method: str, path: str, body: Any = None) -> Any:
-            raise LookupError(path)
+            raise LookupError(path)  # what the client raises for the registry's 404
 
-    decoder.registry = Missing({})
-    with pytest.raises(SchemaNotFoundError):
+    decoder = TopicDecoder(Missing({}), "public", "orders", "shop")
+    with pytest.raises(SchemaNotFoundError, match="schema id 2 is not in the registry"):
         decoder.decode(None, frame(2, b""), 0)
 
 
