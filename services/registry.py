@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -45,9 +45,15 @@ from adapters.postgres.slot_monitor import PostgresSlotMonitor
 from adapters.postgres.wal_reader import PostgresWalSource, WalReaderSettings
 from domain.ports import EventSource, SinkWriter, SourceMonitor
 
+if TYPE_CHECKING:  # the kafka extra is imported only when the kafka transport is built
+    from adapters.kafka.consumer import KafkaEventSource
+    from adapters.kafka.monitor import KafkaSourceMonitor
+
 SourceFactory = Callable[[PipelineConfig, PlatformConfig], EventSource]
 MonitorFactory = Callable[[PipelineConfig, PlatformConfig], SourceMonitor]
 WriterFactory = Callable[[PipelineConfig, SinkConfig, PlatformConfig], SinkWriter]
+# Values of an adapter's own settings it does not support, as (loc, message) per file.
+ValueCheck = Callable[[PipelineConfig, PlatformConfig], "Problems"]
 
 # Shared settings that only some adapters read (dotted paths; ``topic_prefix`` is in
 # pipeline.yaml, the others in platform.yaml). Each one set in a file must be read by the
@@ -97,6 +103,8 @@ class TransportAdapter:
     fixed: Mapping[str, object] = field(default_factory=dict)
     event_source: SourceFactory | None = None
     source_monitor: MonitorFactory | None = None  # None: nothing to watch
+    # Refuses values of its settings it does not support (run by check()).
+    check_values: ValueCheck | None = None
 
     @property
     def available(self) -> bool:
@@ -174,6 +182,89 @@ def build_postgres_writer(
     )
 
 
+def _kafka_source(pipeline: PipelineConfig, platform: PlatformConfig) -> KafkaEventSource:
+    """The pipeline's one consumer (the source monitor reads its lag)."""
+    found = _KAFKA_SOURCES.get(id(pipeline))
+    if found is not None:
+        return found
+    from functools import partial
+
+    from adapters.kafka import clients
+    from adapters.kafka.consumer import KafkaEventSource, KafkaSourceSettings
+    from adapters.kafka.dead_letters import DeadLetterProducer
+
+    kafka, dlq, retry = platform.kafka, platform.dlq, platform.retry
+    consumer = clients.consumer_settings(kafka, clients.group_id(kafka, pipeline))
+    # The prefetch per partition librdkafka keeps: the consumer's buffer.
+    consumer["queued.min.messages"] = platform.max_buffered_messages
+    source = KafkaEventSource(
+        KafkaSourceSettings(
+            consumer=consumer,
+            topics=clients.data_topics(pipeline),
+            registry_url=str(kafka.schema_registry_url),
+            source_database=pipeline.source.database,
+            poll_batch_size=kafka.poll_batch_size,
+            commit_interval_seconds=kafka.commit_interval_seconds,
+            stop_on_incompatible_schema=platform.stop_on_incompatible_schema,
+            dead_letters=partial(
+                DeadLetterProducer,
+                clients.producer_settings(kafka),
+                dlq.topic_suffix,
+                dlq.include_headers,
+                retry.initial_wait_seconds,
+                retry.max_wait_seconds,
+                error_after=dlq.max_retries,
+            )
+            if dlq.enabled
+            else None,
+            retry_initial_seconds=retry.initial_wait_seconds,
+            retry_max_seconds=retry.max_wait_seconds,
+        )
+    )
+    _KAFKA_SOURCES[id(pipeline)] = source
+    return source
+
+
+_KAFKA_SOURCES: dict[int, KafkaEventSource] = {}
+
+
+def build_kafka_source(pipeline: PipelineConfig, platform: PlatformConfig) -> KafkaEventSource:
+    return _kafka_source(pipeline, platform)
+
+
+def build_kafka_monitor(pipeline: PipelineConfig, platform: PlatformConfig) -> KafkaSourceMonitor:
+    from adapters.kafka import clients
+    from adapters.kafka.monitor import KafkaSourceMonitor
+
+    return KafkaSourceMonitor(
+        _kafka_source(pipeline, platform),
+        clients.data_topics(pipeline),
+        str(platform.kafka.schema_registry_url),
+        interval_seconds=platform.schema_monitor_interval_seconds,
+    )
+
+
+def check_kafka_values(pipeline: PipelineConfig, platform: PlatformConfig) -> Problems:
+    found = Problems()
+    if platform.kafka.deser_pool_size > 1:
+        found.platform.append(
+            (
+                ("kafka", "deser_pool_size"),
+                "only 1 is supported: Avro is decoded on the consumer's thread (a thread pool"
+                " gains nothing under the GIL, measured in docs/benchmarks.md); remove it",
+            )
+        )
+    if platform.dlq.flush_interval_seconds > 0:
+        found.platform.append(
+            (
+                ("dlq", "flush_interval_seconds"),
+                "only 0 is supported: a dead-letter write is confirmed by the broker before"
+                " the offset can move past the message; remove it",
+            )
+        )
+    return found
+
+
 # ------------------------------------------------------------------------- the registry
 
 _CLOUD_READS = frozenset(
@@ -212,6 +303,9 @@ TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
                     "stop_on_incompatible_schema",
                 }
             ),
+            event_source=build_kafka_source,
+            source_monitor=build_kafka_monitor,
+            check_values=check_kafka_values,
         ),
         TransportAdapter(
             "pubsub",
@@ -306,6 +400,10 @@ def check(pipeline: PipelineConfig, platform: PlatformConfig) -> Problems:
                 " only)",
             )
         )
+    if transport.check_values is not None:
+        values = transport.check_values(pipeline, platform)
+        found.platform.extend(values.platform)
+        found.pipeline.extend(values.pipeline)
     sinks = []
     for index, sink in enumerate(pipeline.sinks):
         adapter = SINKS[sink.sink_type]

@@ -227,6 +227,8 @@ class KafkaEventSource:
                     log.warning("kafka.consume_error", error=str(err))
                 continue
             topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            if topic is None or partition is None or offset is None:
+                continue
             if (topic, partition) not in assigned or topic not in self._decoders:
                 continue
             lane = lane_of(topic, partition)

@@ -55,6 +55,7 @@ class DeadLetterProducer:
         initial_wait: float = 1.0,
         max_wait: float = 60.0,
         delivery_timeout: float = 15.0,
+        error_after: int = 3,
     ) -> None:
         self._producer = Producer({**settings, "message.timeout.ms": int(delivery_timeout * 1000)})
         self.suffix = suffix
@@ -62,6 +63,9 @@ class DeadLetterProducer:
         self.initial_wait = initial_wait
         self.max_wait = max_wait
         self.delivery_timeout = delivery_timeout
+        # Failed attempts of one message after which health says ERROR (it keeps retrying).
+        self.error_after = error_after
+        self.attempts = 0  # failed attempts of the message being written
         self.written = 0
         self.failures = 0
         self.last_error = ""
@@ -69,7 +73,7 @@ class DeadLetterProducer:
     def topic_of(self, topic: str) -> str:
         return dead_letter_topic(topic, self.suffix)
 
-    def headers(self, poison: Poison) -> list[tuple[str, bytes]]:
+    def headers(self, poison: Poison) -> list[tuple[str, str | bytes | None]]:
         if not self.include_headers:
             return []
         return [
@@ -114,6 +118,7 @@ class DeadLetterProducer:
                 self._send_once(poison)
             except (KafkaException, DeadLetterWriteError, BufferError) as exc:
                 self.failures += 1
+                self.attempts += 1
                 self.last_error = str(exc)
                 log.warning(
                     "kafka.dead_letter_write_failed",
@@ -132,6 +137,7 @@ class DeadLetterProducer:
                 wait = min(wait * 2, self.max_wait)
                 continue
             self.written += 1
+            self.attempts = 0
             self.last_error = ""
             log.warning(
                 "kafka.dead_lettered",

@@ -76,7 +76,7 @@ def test_transport_sections_of_the_loader_are_the_registrys() -> None:
 
 
 def test_only_direct_and_postgres_are_available() -> None:
-    assert registry.available_transports() == ("direct",)
+    assert registry.available_transports() == ("direct", "kafka")
     assert registry.available_sink_types() == ("postgres",)
     assert AVAILABLE_SINK_TYPES == ("postgres",)
     direct = registry.TRANSPORTS["direct"]
@@ -100,7 +100,7 @@ def test_defaults_need_nothing() -> None:
     assert not registry.check(pipeline(), PlatformConfig())
 
 
-@pytest.mark.parametrize("mode", ["kafka", "pubsub", "kinesis"])
+@pytest.mark.parametrize("mode", ["pubsub", "kinesis"])
 def test_a_transport_without_an_adapter_is_refused(mode: str) -> None:
     platform = PlatformConfig.model_validate(
         {"transport_mode": mode, "pubsub": {"project_id": "p"}}
@@ -111,7 +111,8 @@ def test_a_transport_without_an_adapter_is_refused(mode: str) -> None:
     )
     found = messages(registry.check(pipeline(), platform))
     assert list(found) == ["transport_mode"]
-    assert f"'{mode}'" in found["transport_mode"] and "available: direct" in found["transport_mode"]
+    assert f"'{mode}'" in found["transport_mode"]
+    assert "available: direct, kafka" in found["transport_mode"]
 
 
 def test_an_enabled_sink_without_a_writer_is_refused_a_disabled_one_is_not() -> None:
@@ -173,16 +174,28 @@ def test_retry_without_an_enabled_sink_that_reads_it_is_refused() -> None:
     assert "sink_type postgres" in found["retry"]
 
 
-def test_the_guides_platform_config_parses_and_is_refused_only_for_its_transport() -> None:
-    """Every field of the deployment guide's platform.yaml stays accepted configuration; what
-    `cdc validate` refuses is the kafka transport this release has no adapter for."""
+def test_the_guides_platform_config_parses_and_is_accepted() -> None:
+    """Every field of the deployment guide's platform.yaml (transport_mode kafka) is accepted
+    configuration that the kafka transport reads."""
     if not GUIDE.exists():
         pytest.skip("the deployment guide is not next to this checkout")
     text = GUIDE.read_text()
     block = text.split("### Platform Config", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
     platform = PlatformConfig.model_validate(yaml.safe_load(block))
     assert platform.transport_mode == "kafka" and platform.max_buffered_messages == 1000
-    assert list(messages(registry.check(pipeline(), platform))) == ["transport_mode"]
+    assert not registry.check(pipeline(), platform)
+
+
+def test_kafka_refuses_values_it_does_not_support() -> None:
+    platform = PlatformConfig.model_validate(
+        {
+            "transport_mode": "kafka",
+            "kafka": {"deser_pool_size": 4},
+            "dlq": {"flush_interval_seconds": 1.0},
+        }
+    )
+    found = messages(registry.check(pipeline(), platform))
+    assert set(found) == {"kafka.deser_pool_size", "dlq.flush_interval_seconds"}
 
 
 # ----------------------------------------------------------------------- containers
@@ -203,10 +216,22 @@ def test_containers_refuse_adapters_that_do_not_exist() -> None:
     p = pipeline(sinks=[WEBHOOK])
     with pytest.raises(SinkNotAvailableError, match="webhook"):
         SinkContainer(pipeline=p, sink=p.sinks[0], platform=PlatformConfig()).writer()
-    kafka = IngestContainer(pipeline=p, platform=PlatformConfig(transport_mode="kafka"))
-    with pytest.raises(TransportNotAvailableError, match="kafka"):
-        kafka.event_source()
-    assert kafka.source_monitor() is None
+    kinesis = IngestContainer(
+        pipeline=p,
+        platform=PlatformConfig.model_validate(
+            {"transport_mode": "kinesis", "kinesis": {"region": "r"}}
+        ),
+    )
+    with pytest.raises(TransportNotAvailableError, match="kinesis"):
+        kinesis.event_source()
+    assert kinesis.source_monitor() is None
+
+
+def test_the_kafka_container_builds_one_consumer_for_source_and_monitor() -> None:
+    ingest = IngestContainer(pipeline=pipeline(), platform=PlatformConfig(transport_mode="kafka"))
+    source = ingest.event_source()
+    assert type(source).__name__ == "KafkaEventSource"
+    assert ingest.source_monitor().source is source
 
 
 # ------------------------------------------------------------------------------ CLI
