@@ -7,6 +7,7 @@ the provisioner's branch (adapters/kafka/security.py) is a change here only.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +28,9 @@ def _common(kafka: KafkaConfig) -> dict[str, Any]:
         if isinstance(kafka.bootstrap_servers, str)
         else ",".join(kafka.bootstrap_servers),
         "security.protocol": kafka.security_protocol.lower(),
+        # librdkafka's own log lines go through logging (the process's log format), not
+        # straight to stderr.
+        "logger": logging.getLogger("librdkafka"),
     }
     mechanism = _SASL.get(kafka.auth_mechanism)
     if mechanism is not None:

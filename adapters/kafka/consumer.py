@@ -380,9 +380,11 @@ class KafkaEventSource:
             )
         dead = self._dead
         if dead is not None and dead.last_error:
+            # It keeps retrying; past dlq.max_retries failed attempts it fails readiness.
+            failing = Status.ERROR if dead.attempts > dead.error_after else Status.DEGRADED
             return ComponentHealth(
                 "kafka_source",
-                Status.DEGRADED,
+                failing,
                 {**detail, "error": f"dead-letter write failing: {dead.last_error}"},
             )
         if self._error:
