@@ -149,10 +149,19 @@ class KafkaEventSource:
             self._dead = self.settings.dead_letters()
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        committed: list[TopicPartition] = []
+        if partitions:
+            try:  # where this member starts: the lag is measured from it
+                committed = consumer.committed(partitions, timeout=10)
+            except KafkaException as exc:
+                log.warning("kafka.committed_unknown", error=str(exc))
         with self._lock:
             for tp in partitions:
                 self._assigned.add((tp.topic, tp.partition))
                 self._revoked_pending.discard(lane_of(tp.topic, tp.partition))
+            for tp in committed:
+                if tp.offset >= 0:
+                    self._committed[(tp.topic, tp.partition)] = tp.offset
         log.info(
             "kafka.partitions_assigned", lanes=[lane_of(p.topic, p.partition) for p in partitions]
         )
