@@ -261,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="a sink's HTTP base URL, instead of the one the ingest lists (port-forwards)",
     )
     status.set_defaults(func=cmd_status)
+    from services.cli import consume
+
+    consume.add_parser(sub)
     return parser
 
 

@@ -268,3 +268,51 @@ def test_a_poison_message_is_dead_lettered_and_the_pipeline_goes_on(
         for stage in (ingest, sink):
             if stage.alive():
                 stage.terminate()
+
+
+def test_cdc_consume_prints_changes_and_dead_letters_without_touching_the_pipelines_group(
+    kafka_pipeline: tuple[PipelineFiles, Changes, str, str], tmp_path: Path
+) -> None:
+    import json
+    import subprocess
+
+    from tests.support.pipeline import REPO, cdc_argv
+
+    files, changes, _replica_dsn, bootstrap = kafka_pipeline
+    rng = random.Random(3)
+    for _ in range(20):
+        changes.one(rng)
+    changes.producer.produce(changes.topic, value=b"not avro", partition=0)
+    changes.flush()
+    argv = cdc_argv(
+        "consume",
+        str(files.pipeline),
+        "--platform-config",
+        str(files.platform),
+        "--table",
+        "public.items",
+        "--idle-exit",
+        "3",
+    )
+    out = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(lines) == 21
+    decoded = [line for line in lines if "op" in line]
+    assert len(decoded) == 20 and {line["op"] for line in decoded} <= {"c", "u", "d"}
+    assert all(line["key"]["id"] for line in decoded)
+    (bad,) = [line for line in lines if "undecodable" in line]
+    assert bad["partition"] == 0
+    # Its reads committed nothing to the pipeline's group (nor to its own).
+    probe = Consumer({"bootstrap.servers": bootstrap, "group.id": f"e2e.{files.pipeline_id}"})
+    try:
+        committed = probe.committed(
+            [TopicPartition(changes.topic, p) for p in range(PARTITIONS)], timeout=10
+        )
+    finally:
+        probe.close()
+    assert all(tp.offset < 0 for tp in committed)
+    wrong = subprocess.run(
+        [*argv[:-4], "--table", "public.nope"], capture_output=True, text=True, cwd=REPO
+    )
+    assert wrong.returncode == 2 and "public.nope is not captured" in wrong.stderr
