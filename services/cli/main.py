@@ -262,8 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.set_defaults(func=cmd_status)
     from services.cli import consume
+    from services.cli import stack as stack_cli
 
     consume.add_parser(sub)
+    stack_cli.register(sub)
     return parser
 
 

@@ -16,7 +16,11 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    from services.stack.connect import KafkaConnect
+    from services.stack.moto import MotoServer
+    from services.stack.pubsub_emulator import PubSubEmulator
     from services.stack.schema_registry import SchemaRegistryServer
+    from services.stack.seaweedfs import SeaweedFS
     from services.stack.tansu import TansuBroker
 
 
@@ -40,3 +44,62 @@ def schema_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Schema
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    from services.stack import moto
+
+    server = moto.start(tmp_path_factory.mktemp("moto"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def pubsub_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PubSubEmulator]:
+    from services.stack import pubsub_emulator as emulator
+
+    try:
+        server = emulator.start(tmp_path_factory.mktemp("pubsub"))
+    except emulator.EmulatorNotInstalled as exc:
+        pytest.skip(str(exc))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweedfs_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """S3 on SeaweedFS: ``.endpoint_url``, ``.access_key``, ``.secret_key``, ``.bucket(name)``
+    (creates it; bucket names need 3-63 characters), ``.client()`` (boto3)."""
+    from services.stack import seaweedfs
+
+    server = seaweedfs.start(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_connect(
+    tmp_path_factory: pytest.TempPathFactory,
+    tansu_broker: TansuBroker,
+    schema_registry: SchemaRegistryServer,
+) -> Iterator[KafkaConnect]:
+    """A distributed Connect worker (Debezium connectors, Avro converter defaulting to the
+    session's schema registry) on the session's Tansu broker; ``.url`` is its REST API."""
+    from services.stack import connect
+
+    worker = connect.start(
+        tmp_path_factory.mktemp("connect"),
+        bootstrap_servers=tansu_broker.bootstrap_servers,
+        registry_url=schema_registry.url,
+    )
+    try:
+        yield worker
+    finally:
+        worker.stop()
