@@ -39,6 +39,12 @@ async def pipeline_health(
     components: list[ComponentHealth] = []
     if pipeline is not None and platform.transport_mode == "direct":
         components.append(await slot_health(pipeline, platform))
+    if platform.transport_mode == "kafka":
+        from services import kafka_ops
+
+        components += await kafka_ops.platform_health(platform)
+        if pipeline is not None:
+            components += await kafka_ops.pipeline_components(pipeline, platform)
     if pipeline is not None:
         for sink in pipeline.enabled_sinks:
             try:
@@ -96,6 +102,7 @@ async def undeploy(
     force: bool = False,
     retry_seconds: float = 10.0,
     settle_seconds: float = 6.0,
+    delete_topics: bool = False,
 ) -> list[str]:
     """Drop the pipeline's slot and publication; sink data is never touched.
 
@@ -103,9 +110,16 @@ async def undeploy(
     its walsender and retries the drop while the client reconnects. The end is checked: the
     slot must still be gone `settle_seconds` later, else a running pipeline re-created it
     and this raises UndeployError, as for any refusal."""
+    done: list[str] = []
+    if platform.transport_mode == "kafka":
+        # The Debezium connector first (it holds the slot); topics only with --delete-topics.
+        from services import kafka_ops
+
+        done += await kafka_ops.remove_connector(pipeline, platform, delete_topics=delete_topics)
+        if pipeline.source.source_type != "postgres":
+            return done
     slot = pipeline.effective_slot_name(platform)
     publication = pipeline.effective_publication_name(platform)
-    done: list[str] = []
 
     def in_use(who: str) -> UndeployError:
         return UndeployError(

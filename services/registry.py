@@ -43,14 +43,15 @@ from adapters.config.errors import Loc
 from adapters.postgres.sink_writer import PostgresSinkWriter
 from adapters.postgres.slot_monitor import PostgresSlotMonitor
 from adapters.postgres.wal_reader import PostgresWalSource, WalReaderSettings
-from domain.ports import EventSource, SinkWriter, SourceMonitor
+from domain.ports import EventSource, Provisioner, SinkWriter, SourceMonitor
 
 if TYPE_CHECKING:  # the kafka extra is imported only when the kafka transport is built
+    from adapters.debezium.monitor import ConnectorMonitor
     from adapters.kafka.consumer import KafkaEventSource
-    from adapters.kafka.monitor import KafkaSourceMonitor
 
 SourceFactory = Callable[[PipelineConfig, PlatformConfig], EventSource]
 MonitorFactory = Callable[[PipelineConfig, PlatformConfig], SourceMonitor]
+ProvisionerFactory = Callable[[PipelineConfig, PlatformConfig], Provisioner]
 WriterFactory = Callable[[PipelineConfig, SinkConfig, PlatformConfig], SinkWriter]
 # Values of an adapter's own settings it does not support, as (loc, message) per file.
 ValueCheck = Callable[[PipelineConfig, PlatformConfig], "Problems"]
@@ -103,6 +104,9 @@ class TransportAdapter:
     fixed: Mapping[str, object] = field(default_factory=dict)
     event_source: SourceFactory | None = None
     source_monitor: MonitorFactory | None = None  # None: nothing to watch
+    # Creates the transport's resources before the stages start (`cdc run`, `cdc deploy`);
+    # None: the event source creates what it needs itself.
+    provisioner: ProvisionerFactory | None = None
     # Refuses values of its settings it does not support (run by check()).
     check_values: ValueCheck | None = None
 
@@ -192,6 +196,7 @@ def _kafka_source(pipeline: PipelineConfig, platform: PlatformConfig) -> KafkaEv
     from adapters.kafka import clients
     from adapters.kafka.consumer import KafkaEventSource, KafkaSourceSettings
     from adapters.kafka.dead_letters import DeadLetterProducer
+    from adapters.kafka.security import registry_auth
 
     kafka, dlq, retry = platform.kafka, platform.dlq, platform.retry
     consumer = clients.consumer_settings(kafka, clients.group_id(kafka, pipeline))
@@ -202,6 +207,7 @@ def _kafka_source(pipeline: PipelineConfig, platform: PlatformConfig) -> KafkaEv
             consumer=consumer,
             topics=clients.data_topics(pipeline),
             registry_url=str(kafka.schema_registry_url),
+            registry_auth=registry_auth(kafka),
             source_database=pipeline.source.database,
             poll_batch_size=kafka.poll_batch_size,
             commit_interval_seconds=kafka.commit_interval_seconds,
@@ -232,16 +238,22 @@ def build_kafka_source(pipeline: PipelineConfig, platform: PlatformConfig) -> Ka
     return _kafka_source(pipeline, platform)
 
 
-def build_kafka_monitor(pipeline: PipelineConfig, platform: PlatformConfig) -> KafkaSourceMonitor:
+def build_kafka_monitor(pipeline: PipelineConfig, platform: PlatformConfig) -> ConnectorMonitor:
+    """The connector's states (Kafka Connect) around the consumer's monitor (schema
+    versions, lag)."""
+    from adapters.debezium.monitor import ConnectorMonitor
     from adapters.kafka import clients
     from adapters.kafka.monitor import KafkaSourceMonitor
+    from adapters.kafka.security import registry_auth
 
-    return KafkaSourceMonitor(
+    inner = KafkaSourceMonitor(
         _kafka_source(pipeline, platform),
         clients.data_topics(pipeline),
         str(platform.kafka.schema_registry_url),
+        registry_auth(platform.kafka),
         interval_seconds=platform.schema_monitor_interval_seconds,
     )
+    return ConnectorMonitor(pipeline, platform, inner=inner)
 
 
 def check_kafka_values(pipeline: PipelineConfig, platform: PlatformConfig) -> Problems:
@@ -263,6 +275,12 @@ def check_kafka_values(pipeline: PipelineConfig, platform: PlatformConfig) -> Pr
             )
         )
     return found
+
+
+def build_kafka_provisioner(pipeline: PipelineConfig, platform: PlatformConfig) -> Provisioner:
+    from adapters.kafka.provisioner import KafkaProvisioner
+
+    return KafkaProvisioner(pipeline, platform)
 
 
 # ------------------------------------------------------------------------- the registry
@@ -305,6 +323,7 @@ TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
             ),
             event_source=build_kafka_source,
             source_monitor=build_kafka_monitor,
+            provisioner=build_kafka_provisioner,
             check_values=check_kafka_values,
         ),
         TransportAdapter(

@@ -153,6 +153,14 @@ class SourceConfig(ConfigModel):
                     " remove it (or choose heartbeat_mode message or table)",
                 )
             )
+        if self.heartbeat_mode == "table" and self.source_type != "postgres":
+            problems.append(
+                (
+                    ("heartbeat_mode",),
+                    "heartbeat_mode table writes cdc_platform.heartbeat, a PostgreSQL table;"
+                    f" source_type {self.source_type} sends heartbeat messages: use message",
+                )
+            )
         if self.source_type == "mysql" and self.mysql_server_id is None:
             problems.append(
                 (

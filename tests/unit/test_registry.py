@@ -228,10 +228,15 @@ def test_containers_refuse_adapters_that_do_not_exist() -> None:
 
 
 def test_the_kafka_container_builds_one_consumer_for_source_and_monitor() -> None:
+    from adapters.debezium.monitor import ConnectorMonitor
+
     ingest = IngestContainer(pipeline=pipeline(), platform=PlatformConfig(transport_mode="kafka"))
     source = ingest.event_source()
     assert type(source).__name__ == "KafkaEventSource"
-    assert ingest.source_monitor().source is source
+    monitor = ingest.source_monitor()
+    # The connector's states (Connect) around the consumer's lag and schema versions.
+    assert isinstance(monitor, ConnectorMonitor)
+    assert monitor.inner is not None and monitor.inner.source is source  # type: ignore[attr-defined]
 
 
 # ------------------------------------------------------------------------------ CLI
