@@ -52,9 +52,13 @@ def unframe(data: bytes) -> tuple[int, memoryview]:
 
 
 class SchemaRegistry:
-    def __init__(self, url: str, timeout: float = 10.0) -> None:
+    def __init__(
+        self, url: str, auth: tuple[str, str] | None = None, timeout: float = 10.0
+    ) -> None:
         parsed = urllib.parse.urlsplit(url)
         self._auth: str | None = None
+        if auth is not None:
+            self._auth = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
         if parsed.username:
             user = urllib.parse.unquote(parsed.username)
             password = urllib.parse.unquote(parsed.password or "")

@@ -60,6 +60,7 @@ class KafkaSourceSettings:
     consumer: Mapping[str, Any]  # librdkafka settings (adapters/kafka/clients.py)
     topics: Mapping[str, str]  # data topic -> source table (schema.table)
     registry_url: str
+    registry_auth: tuple[str, str] | None = None  # registry basic auth (user, password)
     source_database: str = ""
     poll_batch_size: int = 500
     poll_timeout_seconds: float = 0.5
@@ -106,7 +107,7 @@ class _Fetched:
 class KafkaEventSource:
     def __init__(self, settings: KafkaSourceSettings) -> None:
         self.settings = settings
-        self.registry = SchemaRegistry(settings.registry_url)
+        self.registry = SchemaRegistry(settings.registry_url, settings.registry_auth)
         self._decoders: dict[str, TopicDecoder] = {}
         for topic, table in settings.topics.items():
             schema, name = table_of(table)

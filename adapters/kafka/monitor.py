@@ -32,11 +32,12 @@ class KafkaSourceMonitor:
         source: KafkaEventSource,
         topics: Mapping[str, str],
         registry_url: str,
+        registry_auth: tuple[str, str] | None = None,
         interval_seconds: float = 30.0,
     ) -> None:
         self.source = source
         self.topics = dict(topics)
-        self.registry = SchemaRegistry(registry_url)
+        self.registry = SchemaRegistry(registry_url, registry_auth)
         self.interval_seconds = interval_seconds
         self.versions: dict[str, int] = {}  # subject -> latest version seen
         self.changes = 0
