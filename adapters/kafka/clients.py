@@ -35,6 +35,9 @@ def consumer_settings(kafka: KafkaConfig, group_id: str) -> dict[str, Any]:
         "partition.assignment.strategy": "cooperative-sticky",
         "session.timeout.ms": 10_000,
         "heartbeat.interval.ms": 1_000,
+        # Tansu answers a fetch only after fetch.wait.max.ms even with data waiting (500 ms by
+        # default: 11k msg/s measured, 44k at 100 ms); a real broker answers at once anyway.
+        "fetch.wait.max.ms": 100,
         # A topic the provisioner creates after the consumer started is seen soon.
         "topic.metadata.refresh.interval.ms": 10_000,
     }
