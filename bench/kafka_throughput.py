@@ -168,7 +168,7 @@ def main() -> int:
         backends = psutil.Process(postmaster)
         pg_start = sum(c.cpu_times().user + c.cpu_times().system for c in backends.children())
         start_cpu = [p.cpu_times() for p in cpu]
-        group = "bench.bench"
+        group = "bench"
         while committed_total(broker.bootstrap_servers, group, topic, args.partitions) < (
             args.messages
         ):

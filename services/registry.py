@@ -199,7 +199,7 @@ def _kafka_source(pipeline: PipelineConfig, platform: PlatformConfig) -> KafkaEv
     from adapters.kafka.security import registry_auth
 
     kafka, dlq, retry = platform.kafka, platform.dlq, platform.retry
-    consumer = clients.consumer_settings(kafka, clients.group_id(kafka, pipeline))
+    consumer = clients.consumer_settings(kafka, pipeline.effective_group_id(platform))
     # The prefetch per partition librdkafka keeps: the consumer's buffer.
     consumer["queued.min.messages"] = platform.max_buffered_messages
     source = KafkaEventSource(

@@ -55,9 +55,3 @@ def data_topics(pipeline: PipelineConfig) -> Mapping[str, str]:
 
 def dead_letter_topic(topic: str, suffix: str) -> str:
     return topics.dlq_topic(topic, suffix)
-
-
-def group_id(kafka: KafkaConfig, pipeline: PipelineConfig) -> str:
-    """The pipeline's consumer group: the configured group id, per pipeline (pipelines that
-    share a platform.yaml must not share a group: they would split each other's partitions)."""
-    return f"{kafka.group_id}.{pipeline.pipeline_id}"

@@ -3,7 +3,7 @@ one JSON object per line (or its dead letters with `--dead-letters`).
 
 A debugging reader: it is assigned the topic's partitions directly (it never joins a
 consumer group, so it cannot take partitions from the pipeline), its group id is its own
-(``<group_id>.<pipeline_id>.consume.<random>``, never the pipeline's) and it commits
+(``<the pipeline's group>.consume.<random>``, never the pipeline's) and it commits
 nothing.
 """
 
@@ -98,7 +98,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     if args.dead_letters:
         topic = clients.dead_letter_topic(topic, platform.dlq.topic_suffix)
-    group = f"{clients.group_id(platform.kafka, pipeline)}.consume.{uuid.uuid4().hex[:8]}"
+    group = f"{pipeline.effective_group_id(platform)}.consume.{uuid.uuid4().hex[:8]}"
     settings = clients.consumer_settings(platform.kafka, group)
     consumer = Consumer(settings)
     schema, name = table_of(args.table)

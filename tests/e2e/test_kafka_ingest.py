@@ -119,7 +119,7 @@ def kafka_pipeline(
     platform["kafka"] = {
         "bootstrap_servers": tansu_broker.bootstrap_servers,
         "schema_registry_url": schema_registry.url,
-        "group_id": "e2e",
+        "group_id": f"e2e-{suffix}",  # a group per test: a killed member is not waited for
         "poll_batch_size": 500,
     }
     platform["retry"] = {"initial_wait_seconds": 0.2, "max_wait_seconds": 2}
@@ -134,9 +134,13 @@ def _consuming(port: int) -> bool:
     return source["status"] == "ok" and bool(source["assigned"])
 
 
+def _group(files: PipelineFiles) -> str:
+    return str(yaml.safe_load(files.platform.read_text())["kafka"]["group_id"])
+
+
 def _committed(bootstrap: str, files: PipelineFiles, changes: Changes) -> int:
     """The pipeline group's committed offsets, summed over the partitions."""
-    probe = Consumer({"bootstrap.servers": bootstrap, "group.id": f"e2e.{files.pipeline_id}"})
+    probe = Consumer({"bootstrap.servers": bootstrap, "group.id": _group(files)})
     try:
         committed = probe.committed(
             [TopicPartition(changes.topic, p) for p in range(PARTITIONS)], timeout=10
@@ -259,7 +263,7 @@ def test_a_poison_message_is_dead_lettered_and_the_pipeline_goes_on(
         assert headers["cdc.error.class"] == "SchemaNotFoundError"
         assert letter.value() == b"\x00\x00\x00\x07\xffbroken"
         # The partition's committed offset moved past the poison message.
-        probe = Consumer({"bootstrap.servers": bootstrap, "group.id": f"e2e.{files.pipeline_id}"})
+        probe = Consumer({"bootstrap.servers": bootstrap, "group.id": _group(files)})
         try:
             (tp,) = probe.committed([TopicPartition(changes.topic, 1)], timeout=10)
         finally:
@@ -308,7 +312,7 @@ def test_cdc_consume_prints_changes_and_dead_letters_without_touching_the_pipeli
     (bad,) = [line for line in lines if "undecodable" in line]
     assert bad["partition"] == 0
     # Its reads committed nothing to the pipeline's group (nor to its own).
-    probe = Consumer({"bootstrap.servers": bootstrap, "group.id": f"e2e.{files.pipeline_id}"})
+    probe = Consumer({"bootstrap.servers": bootstrap, "group.id": _group(files)})
     try:
         committed = probe.committed(
             [TopicPartition(changes.topic, p) for p in range(PARTITIONS)], timeout=10
@@ -379,7 +383,7 @@ def test_two_ingest_processes_in_one_group_with_rebalances_mid_stream(
             "sink = the changes written\n" + stage_logs(ingest_a, ingest_b),
         )
         assert table_rows(replica_dsn, "public.items") == changes.expected()
-        probe = Consumer({"bootstrap.servers": bootstrap, "group.id": f"e2e.{files.pipeline_id}"})
+        probe = Consumer({"bootstrap.servers": bootstrap, "group.id": _group(files)})
         try:
             wait_until(
                 lambda: (

@@ -145,7 +145,7 @@ def _kafka_run(pg: Any, broker: Any, registry: Any, connect_url: str, tmp_path: 
     platform["kafka"] = {
         "bootstrap_servers": broker.bootstrap_servers,
         "schema_registry_url": registry.url,
-        "group_id": "dbz",
+        "group_id": f"dbz-{suffix}",
         "poll_batch_size": 500,
         "topic_num_partitions": 1,
     }
