@@ -378,3 +378,39 @@ def test_dead_letter_topics_are_never_read_as_data(topic: Topic) -> None:
         assert keys == ["1"]
 
     asyncio.run(scenario())
+
+
+def test_periodic_commits_and_the_final_commit_on_stop(topic: Topic) -> None:
+    """commit_interval_seconds > 0: an ack is not committed at once but by the next periodic
+    commit; stop() commits what was acked before it closes the consumer."""
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    for k in range(6):
+        topic.send("c", k, {"id": k, "name": f"n{k}"})
+    lane = lane_of(topic.name, 0)
+
+    async def scenario() -> None:
+        source = KafkaEventSource(topic.settings(group, commit_interval_seconds=60.0))
+        await source.start()
+        try:
+            chunks = await read_chunks(source, 6)
+            events = [ev for c in chunks for ev in c.events]
+            await source.ack(lane, [events[2].position.major + 1])
+            await asyncio.sleep(1)
+            assert topic.committed(group) < 0  # the next periodic commit is a minute away
+        finally:
+            await source.stop()
+        assert topic.committed(group) == 3  # the final commit, before the consumer closed
+        source = KafkaEventSource(topic.settings(group, commit_interval_seconds=0.5))
+        await source.start()
+        try:
+            chunks = await read_chunks(source, 3)  # from the committed offset on
+            assert [ev.position.major for c in chunks for ev in c.events] == [3, 4, 5]
+            await source.ack(lane, [6])
+            deadline = time.monotonic() + 10
+            while topic.committed(group) != 6 and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            assert topic.committed(group) == 6  # by a periodic commit: no stop yet
+        finally:
+            await source.stop()
+
+    asyncio.run(scenario())
