@@ -11,12 +11,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import socket
-import time
 import urllib.error
 import urllib.request
 from typing import Any
-
-import psycopg
 
 from adapters.config import PipelineConfig, PlatformConfig
 from domain.health import ComponentHealth, Status
@@ -28,13 +25,12 @@ class ProvisioningFailed(Exception):
 
 
 async def provision(pipeline: PipelineConfig, platform: PlatformConfig) -> list[str]:
-    """Run the transport's Provisioner (nothing when the transport has none); what it did."""
+    """Run the kafka transport's Provisioner (topics, connector); what it did."""
+    # Only kafka provisions ahead: the WAL transports' readers create their slot themselves,
+    # with the exported snapshot their initial copy needs.
     factory = registry.TRANSPORTS[platform.transport_mode].provisioner
-    if factory is None:
+    if factory is None or platform.transport_mode != "kafka":
         return []
-    if platform.transport_mode != "kafka":
-        await factory(pipeline, platform).provision()
-        return ["provisioned"]
     from adapters.debezium.connect_client import ConnectError
     from adapters.kafka.provisioner import KafkaProvisioner, ProvisionError
     from adapters.kafka.security import KafkaSecurityError
@@ -141,48 +137,6 @@ async def _source_health(pipeline: PipelineConfig, platform: PlatformConfig) -> 
         error = f"database unreachable: {exc.strerror or exc}"
         return ComponentHealth("source", Status.ERROR, {**detail, "error": error})
     return ComponentHealth("source", Status.OK, {**detail, "checked": "TCP connect"})
-
-
-# ----------------------------------------------------------------------------- undeploy
-
-
-async def remove_connector(
-    pipeline: PipelineConfig,
-    platform: PlatformConfig,
-    *,
-    delete_topics: bool = False,
-    release_seconds: float = 30.0,
-) -> list[str]:
-    """Delete the connector (and the topics when asked), then wait until the connector's
-    task has let go of the replication slot, so that it can be dropped."""
-    from adapters.kafka.provisioner import KafkaProvisioner, ProvisionError
-
-    try:
-        done = await KafkaProvisioner(pipeline, platform).undeploy(delete_topics=delete_topics)
-    except ProvisionError as exc:
-        raise ProvisioningFailed(str(exc)) from exc
-    if pipeline.source.source_type == "postgres":
-        await _wait_slot_released(pipeline, platform, release_seconds)
-    return done
-
-
-async def _wait_slot_released(
-    pipeline: PipelineConfig, platform: PlatformConfig, seconds: float
-) -> None:
-    slot = pipeline.effective_slot_name(platform)
-    deadline = time.monotonic() + seconds
-    async with await psycopg.AsyncConnection.connect(
-        registry.source_conninfo(pipeline), connect_timeout=10, autocommit=True
-    ) as conn:
-        while time.monotonic() < deadline:
-            row = await (
-                await conn.execute(
-                    "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,)
-                )
-            ).fetchone()
-            if row is None or not row[0]:
-                return
-            await asyncio.sleep(0.25)
 
 
 # ------------------------------------------------------------------------------ output

@@ -40,9 +40,10 @@ from adapters.config import (
     WebhookSinkConfig,
 )
 from adapters.config.errors import Loc
-from adapters.postgres.sink_writer import PostgresSinkWriter
-from adapters.postgres.slot_monitor import PostgresSlotMonitor
-from adapters.postgres.wal_reader import PostgresWalSource, WalReaderSettings
+from adapters.postgres.sink.writer import PostgresSinkWriter
+from adapters.postgres.source.provisioner import PostgresProvisioner
+from adapters.postgres.source.reader import PostgresWalSource, WalReaderSettings
+from adapters.postgres.source.slot_monitor import PostgresSlotMonitor
 from domain.ports import EventSource, Provisioner, SinkWriter, SourceMonitor
 
 if TYPE_CHECKING:  # the kafka extra is imported only when the kafka transport is built
@@ -104,8 +105,8 @@ class TransportAdapter:
     fixed: Mapping[str, object] = field(default_factory=dict)
     event_source: SourceFactory | None = None
     source_monitor: MonitorFactory | None = None  # None: nothing to watch
-    # Creates the transport's resources before the stages start (`cdc run`, `cdc deploy`);
-    # None: the event source creates what it needs itself.
+    # What `cdc undeploy` tears down (and a deploy step creates); None: nothing to remove.
+    # For kafka, `cdc run` / `cdc deploy` also run its provision() before the stages start.
     provisioner: ProvisionerFactory | None = None
     # Refuses values of its settings it does not support (run by check()).
     check_values: ValueCheck | None = None
@@ -124,6 +125,8 @@ class SinkAdapter:
     config_model: type[BaseModel]
     reads: frozenset[str] = frozenset()
     writer: WriterFactory | None = None
+    # Checks of a sink's settings against the pipeline (locs relative to sinks[i]).
+    validate: Callable[[PipelineConfig, SinkConfig], list[tuple[Loc, str]]] | None = None
 
     @property
     def available(self) -> bool:
@@ -174,6 +177,62 @@ def build_slot_monitor(pipeline: PipelineConfig, platform: PlatformConfig) -> Po
         pipeline.effective_slot_name(platform),
         interval_seconds=platform.lag_monitor_interval_seconds,
         lag_degraded_bytes=platform.wal_reader.slot_lag_degraded_bytes,
+    )
+
+
+def build_iceberg_writer(
+    pipeline: PipelineConfig, sink: SinkConfig, platform: PlatformConfig
+) -> SinkWriter:
+    from adapters.iceberg.writer import IcebergSinkWriter
+
+    assert sink.iceberg is not None  # guaranteed by SinkConfig validation
+    return IcebergSinkWriter(sink.iceberg, pipeline.pipeline_id, sink.sink_id)
+
+
+def check_iceberg_sink(pipeline: PipelineConfig, sink: SinkConfig) -> list[tuple[Loc, str]]:
+    """A literal table_name (no {schema} / {table}) only for a sink that receives exactly
+    one table (source tables are exact names)."""
+    from adapters.iceberg.catalog import has_placeholders, table_identifier
+
+    assert sink.iceberg is not None
+    tables = [t for t in pipeline.source.tables if sink.accepts_table(t)]
+    if has_placeholders(sink.iceberg.table_name):
+        seen: dict[tuple[str, str], str] = {}
+        for t in tables:
+            ident = table_identifier(sink.iceberg, *t.split(".", 1))
+            if ident in seen:
+                return [
+                    (
+                        ("iceberg", "table_name"),
+                        f"{sink.iceberg.table_name!r} maps {seen[ident]} and {t} to the same"
+                        f" Iceberg table {'.'.join(ident)}; use both {{schema}} and {{table}}",
+                    )
+                ]
+            seen[ident] = t
+        return []
+    if len(tables) == 1:
+        return []
+    return [
+        (
+            ("iceberg", "table_name"),
+            f"{sink.iceberg.table_name!r} names one table but sink '{sink.sink_id}' receives"
+            f" {len(tables)} tables ({', '.join(tables) or 'none'}); use the"
+            " {schema} and {table} placeholders (e.g. '{schema}_{table}') or limit the sink"
+            " to one table with 'tables'",
+        )
+    ]
+
+
+def build_postgres_provisioner(
+    pipeline: PipelineConfig, platform: PlatformConfig
+) -> PostgresProvisioner:
+    """The publication, the replication slot and the reader's bookkeeping on the source:
+    what every transport that reads the WAL creates there."""
+    return PostgresProvisioner(
+        source_conninfo(pipeline),
+        pipeline.effective_slot_name(platform),
+        pipeline.effective_publication_name(platform),
+        tuple(pipeline.source.tables),
     )
 
 
@@ -306,6 +365,7 @@ TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
             fixed={"stop_on_incompatible_schema": False},
             event_source=build_wal_source,
             source_monitor=build_slot_monitor,
+            provisioner=build_postgres_provisioner,
         ),
         TransportAdapter(
             "kafka",
@@ -331,12 +391,14 @@ TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
             "the WAL captured to Google Pub/Sub",
             sections={"pubsub": PubSubConfig, "wal_reader": WalReaderConfig},
             reads=_CLOUD_READS,
+            provisioner=build_postgres_provisioner,  # the capture's slot and publication
         ),
         TransportAdapter(
             "kinesis",
             "the WAL captured to Amazon Kinesis",
             sections={"kinesis": KinesisConfig, "wal_reader": WalReaderConfig},
             reads=_CLOUD_READS,
+            provisioner=build_postgres_provisioner,  # the capture's slot and publication
         ),
     )
 }
@@ -352,7 +414,13 @@ SINKS: Mapping[SinkType, SinkAdapter] = {
             writer=build_postgres_writer,
         ),
         SinkAdapter("webhook", "batches of events POSTed as JSON", WebhookSinkConfig),
-        SinkAdapter("iceberg", "Apache Iceberg tables", IcebergSinkConfig),
+        SinkAdapter(
+            "iceberg",
+            "Apache Iceberg tables (append, or upsert with position deletes)",
+            IcebergSinkConfig,
+            writer=build_iceberg_writer,
+            validate=check_iceberg_sink,
+        ),
     )
 }
 
@@ -437,6 +505,9 @@ def check(pipeline: PipelineConfig, platform: PlatformConfig) -> Problems:
                     f" available: {_names(available_sink_types())} (or set enabled: false)",
                 )
             )
+        elif adapter.validate is not None:
+            for where, message in adapter.validate(pipeline, sink):
+                found.pipeline.append((("sinks", index, *where), message))
     # The settings: what the chosen adapters read, by what their entries declare (an adapter
     # that is not available still declares them, so its own settings are not reported twice).
     for path in ADAPTER_SETTINGS:

@@ -195,6 +195,11 @@ class ConnectorConfig(ConfigModel):
     timeout_seconds: PositiveFloat = 30.0
     retry_max_attempts: PositiveInt = 5
     retry_wait_seconds: NonNegativeFloat = 2.0
+    # Debezium restarts its task after a retriable error (a lost or refused database
+    # connection) this many times before the connector becomes FAILED, which /readyz and
+    # `cdc health` report; -1 retries for ever while Connect keeps saying RUNNING.
+    errors_max_retries: int = Field(default=30, ge=-1)
+    errors_retry_wait_seconds: PositiveFloat = 10.0
 
 
 class DlqConfig(ConfigModel):

@@ -62,6 +62,13 @@ def _common(pipeline: PipelineConfig, platform: PlatformConfig) -> dict[str, str
         # A delete is followed by a tombstone so compacted topics drop the key; the consumer
         # skips tombstones.
         "tombstones.on.delete": "true",
+        # Retriable errors (connection lost or refused) restart the task a bounded number
+        # of times; then the connector is FAILED and the health checks say why. Unbounded
+        # (-1), a wrong password would look RUNNING for ever.
+        "errors.max.retries": str(platform.connector.errors_max_retries),
+        "retriable.restart.connector.wait.ms": str(
+            round(platform.connector.errors_retry_wait_seconds * 1000)
+        ),
         "topic.creation.default.partitions": str(kafka.topic_num_partitions),
         "topic.creation.default.replication.factor": str(kafka.topic_replication_factor),
         **security.converter_settings(kafka),

@@ -29,6 +29,7 @@ from adapters.debezium import connectors
 from adapters.debezium.connect_client import ConnectClient, ConnectError, ConnectorStatus
 from adapters.kafka import topics
 from adapters.kafka.admin import TopicAdmin, TopicAdminError, TopicSpec
+from domain.errors import TeardownRefusedError
 
 log = structlog.get_logger(__name__)
 
@@ -57,7 +58,11 @@ class KafkaProvisioner:
         *,
         running_timeout_seconds: float = 120.0,
         poll_seconds: float = 1.0,
+        delete_topics: bool = False,
+        slot_release_seconds: float = 30.0,
     ) -> None:
+        self.delete_topics = delete_topics
+        self.slot_release_seconds = slot_release_seconds
         self.pipeline = pipeline
         self.platform = platform
         self.connect = ConnectClient(platform.connector)
@@ -138,16 +143,8 @@ class KafkaProvisioner:
 
     async def _ensure_heartbeat_table(self) -> None:
         import psycopg
-        from psycopg.conninfo import make_conninfo
 
-        s = self.pipeline.source
-        conninfo = make_conninfo(
-            host=s.host,
-            port=s.port,
-            dbname=s.database,
-            user=s.username,
-            password=s.password or None,
-        )
+        conninfo = self._source_conninfo()
         try:
             async with await psycopg.AsyncConnection.connect(
                 conninfo, connect_timeout=10, autocommit=True
@@ -177,17 +174,60 @@ class KafkaProvisioner:
 
     # -- teardown --------------------------------------------------------------------------
 
-    async def teardown(self) -> None:
-        await self.undeploy()
+    async def teardown(self, force: bool = False) -> list[str]:
+        """`cdc undeploy`: the connector, the topics when constructed with
+        ``delete_topics``, then (PostgreSQL sources) the slot and the publication Debezium
+        made, once the deleted connector's task has let go of the slot."""
+        done = await self.remove_connector(delete_topics=self.delete_topics)
+        if self.pipeline.source.source_type != "postgres":
+            return done
+        from adapters.postgres.source.provisioner import PostgresProvisioner
 
-    async def undeploy(self, *, delete_topics: bool = False) -> list[str]:
-        """Delete the connector (and the topics when asked); what was done, line by line.
-        The replication slot is dropped by the caller (services/ops.py), after this."""
+        postgres = PostgresProvisioner(
+            self._source_conninfo(),
+            self.pipeline.effective_slot_name(self.platform),
+            self.pipeline.effective_publication_name(self.platform),
+            tuple(self.pipeline.source.tables),
+        )
+        await self._wait_slot_released(postgres.slot_name)
+        return done + list(await postgres.teardown(force=force))
+
+    def _source_conninfo(self) -> str:
+        from psycopg.conninfo import make_conninfo
+
+        s = self.pipeline.source
+        return make_conninfo(
+            host=s.host,
+            port=s.port,
+            dbname=s.database,
+            user=s.username,
+            password=s.password or None,
+        )
+
+    async def _wait_slot_released(self, slot: str) -> None:
+        import psycopg
+
+        deadline = time.monotonic() + self.slot_release_seconds
+        async with await psycopg.AsyncConnection.connect(
+            self._source_conninfo(), connect_timeout=10, autocommit=True
+        ) as conn:
+            while time.monotonic() < deadline:
+                row = await (
+                    await conn.execute(
+                        "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+                    )
+                ).fetchone()
+                if row is None or not row[0]:
+                    return
+                await asyncio.sleep(0.25)
+
+    async def remove_connector(self, *, delete_topics: bool = False) -> list[str]:
+        """Delete the connector (and the topics when asked); what was done, line by line."""
         done = []
         try:
             deleted = await self.connect.delete(self.name)
         except ConnectError as exc:
-            raise ProvisionError(f"connector {self.name} not deleted: {exc}") from exc
+            raise TeardownRefusedError(f"connector {self.name} not deleted: {exc}", []) from exc
         done.append(
             f"deleted connector {self.name}" if deleted else f"connector {self.name} did not exist"
         )
@@ -196,7 +236,7 @@ class KafkaProvisioner:
             try:
                 gone = await asyncio.to_thread(self.admin.delete_topics, names)
             except TopicAdminError as exc:
-                raise ProvisionError(str(exc)) from exc
+                raise TeardownRefusedError(str(exc), done) from exc
             done += [f"deleted topic {n}" for n in gone]
             done += [f"topic {n} did not exist" for n in names if n not in gone]
         else:

@@ -24,11 +24,10 @@ def provision_or_report(pipeline: object, platform: object) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     from adapters.config import load_pipeline, load_platform
-    from services import registry
 
     platform = load_platform(args.platform_config)
     pipeline = load_pipeline(args.pipeline, platform=platform)
-    if registry.TRANSPORTS[platform.transport_mode].provisioner is None:
+    if platform.transport_mode != "kafka":
         print(
             f"transport_mode {platform.transport_mode}: nothing to provision ahead"
             " (the ingest creates its replication slot and publication when it starts)"

@@ -155,7 +155,6 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_undeploy(args: argparse.Namespace) -> int:
-    from services.kafka_ops import ProvisioningFailed
     from services.lifecycle import describe_holder, running_here
     from services.ops import UndeployError, undeploy
 
@@ -188,9 +187,6 @@ def cmd_undeploy(args: argparse.Namespace) -> int:
         lines = asyncio.run(
             undeploy(pipeline, platform, force=args.force, delete_topics=args.delete_topics)
         )
-    except ProvisioningFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     except UndeployError as exc:
         for line in exc.done:
             print(line)
@@ -294,10 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a sink's HTTP base URL, instead of the one the ingest lists (port-forwards)",
     )
     status.set_defaults(func=cmd_status)
-    from services.cli import consume
+    from services.cli import consume, lakehouse
     from services.cli import stack as stack_cli
 
     consume.add_parser(sub)
+    lakehouse.add_parser(sub, with_configs)
     stack_cli.register(sub)
     return parser
 

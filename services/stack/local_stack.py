@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -29,18 +30,24 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from services.stack.process import HOST, LaunchError, kill_group, port_open, wait_ports_closed
+from services.stack.process import LaunchError, kill_group, port_open, wait_ports_closed
 
 __all__ = [
+    "DEFAULT_DIR",
     "EXTRAS",
+    "PartRecord",
+    "PartStatus",
     "StackError",
     "StackState",
+    "UpResult",
     "down",
+    "parse_extras",
+    "pid_alive",
     "read_state",
     "status",
     "up",
@@ -450,8 +457,12 @@ class _Daemon:
         self.state.status = "running"
         self.state.save()
         print("stack running", flush=True)
+        reported: set[str] = set()
         while not self.stop_requested.wait(1.0):
-            pass
+            for part in self.state.parts:  # `cdc stack status` shows it too; the log says when
+                if part.name not in reported and not part.alive():
+                    reported.add(part.name)
+                    print(f"{part.name} exited; see {part.log}", file=sys.stderr, flush=True)
         self.state.status = "stopping"
         self.state.save()
         self.stop_all()
@@ -487,6 +498,24 @@ class UpResult:
     stack_json: dict[str, Any]
 
 
+@contextlib.contextmanager
+def _exclusive(directory: Path) -> Iterator[None]:
+    """One ``up`` or ``down`` at a time per directory (a second one waits)."""
+    (directory / "run").mkdir(parents=True, exist_ok=True)
+    with (directory / "run" / "lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _wait_stopped(state: StackState, timeout: float = 120.0) -> None:
+    """A daemon that is stopping its parts (a `down` elsewhere): wait until it is gone."""
+    deadline = time.monotonic() + timeout
+    while state.daemon_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if state.daemon_alive():
+        raise StackError(f"the stack in {state.directory} is still stopping; try again later")
+
+
 def up(
     directory: Path,
     extras: Iterable[str] = (),
@@ -496,8 +525,20 @@ def up(
 ) -> UpResult:
     """Start the stack in ``directory`` (detached) and wait until every part is healthy."""
     directory = directory.absolute()
-    chosen = list(extras)
+    directory.mkdir(parents=True, exist_ok=True)
+    with _exclusive(directory):
+        return _up(directory, list(extras), timeout, progress)
+
+
+def _up(
+    directory: Path,
+    chosen: list[str],
+    timeout: float,
+    progress: Callable[[str], None] | None,
+) -> UpResult:
     existing = read_state(directory)
+    if existing is not None and existing.daemon_alive() and existing.status == "stopping":
+        _wait_stopped(existing)
     if (
         existing is not None
         and existing.daemon_alive()
@@ -507,8 +548,6 @@ def up(
     if existing is not None:
         _stop_leftovers(existing)  # a daemon that died: make sure its parts are gone
         existing.path.unlink(missing_ok=True)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "run").mkdir(exist_ok=True)
     (directory / "stack.json").unlink(missing_ok=True)
     log_path = directory / "stack.log"
     root = str(Path(__file__).resolve().parents[2])
@@ -626,6 +665,13 @@ def _stop_leftovers(state: StackState) -> list[str]:
 def down(directory: Path, timeout: float = 120.0) -> StackState | None:
     """Stop what ``up`` started in ``directory``; None when nothing was recorded."""
     directory = directory.absolute()
+    if read_state(directory) is None:
+        return None
+    with _exclusive(directory):
+        return _down(directory, timeout)
+
+
+def _down(directory: Path, timeout: float) -> StackState | None:
     state = read_state(directory)
     if state is None:
         return None
@@ -655,14 +701,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-__all__ += [
-    "DEFAULT_DIR",
-    "HOST",
-    "PartRecord",
-    "PartStatus",
-    "UpResult",
-    "parse_extras",
-    "pid_alive",
-]

@@ -38,28 +38,32 @@ def _extras() -> str:
     return "s3,pubsub,kinesis"
 
 
-def _running(pid: int) -> bool:
+def _running(process: psutil.Process | int) -> bool:
+    """Runs and is not a zombie; a psutil.Process also must be the same process (pids are
+    reused quickly on a busy machine with pid_max 32768)."""
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        if isinstance(process, int):
+            process = psutil.Process(process)
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
 
 
-def _recorded(directory: Path) -> tuple[list[int], set[int]]:
+def _recorded(directory: Path) -> tuple[list[psutil.Process], set[int]]:
     state = json.loads((directory / "run" / "state.json").read_text())
-    pids = [state["daemon"]["pid"]]
+    processes = [psutil.Process(state["daemon"]["pid"])]
     ports: set[int] = set()
     for part in state["parts"]:
-        pids.append(part["pid"])
-        pids += [child.pid for child in psutil.Process(part["pid"]).children(recursive=True)]
+        process = psutil.Process(part["pid"])
+        processes += [process, *process.children(recursive=True)]
         ports.update(part["ports"])
-    return pids, ports
+    return processes, ports
 
 
-def _assert_nothing_left(directory: Path, pids: list[int], ports: set[int]) -> None:
+def _assert_nothing_left(directory: Path, processes: list[psutil.Process], ports: set[int]) -> None:
     deadline = time.monotonic() + 20
     while True:
-        alive = [pid for pid in pids if _running(pid)]
+        alive = [p.pid for p in processes if _running(p)]
         mentioning = [
             p.pid
             for p in psutil.process_iter(["cmdline"])
@@ -167,7 +171,7 @@ def test_up_status_down_leaves_nothing(stack_dir: Path) -> None:
         *({"s3": "s3", "pubsub": "pubsub", "kinesis": "kinesis"}[x] for x in extras.split(",")),
     }
 
-    pids, ports = _recorded(stack_dir)
+    processes, ports = _recorded(stack_dir)
     # a part that dies is reported, and `down` still cleans up everything else
     kinesis_pid = parts["kinesis"]["detail"].split()[-1]
     os.kill(int(kinesis_pid), signal.SIGKILL)
@@ -175,10 +179,14 @@ def test_up_status_down_leaves_nothing(stack_dir: Path) -> None:
     broken = _cdc("stack", "status", "--dir", str(stack_dir))
     assert broken.returncode == 1
     assert "DOWN kinesis" in broken.stdout
+    deadline = time.monotonic() + 10
+    while "kinesis exited" not in (stack_dir / "stack.log").read_text():
+        assert time.monotonic() < deadline, "the daemon did not log the part that exited"
+        time.sleep(0.2)
 
     down = _cdc("stack", "down", "--dir", str(stack_dir))
     assert down.returncode == 0, down.stdout + down.stderr
-    _assert_nothing_left(stack_dir, pids, ports)
+    _assert_nothing_left(stack_dir, processes, ports)
     after = _cdc("stack", "status", "--dir", str(stack_dir))
     assert after.returncode == 1 and "no stack runs" in after.stdout
 
@@ -187,21 +195,39 @@ def test_up_status_down_leaves_nothing(stack_dir: Path) -> None:
 def test_a_killed_daemon_takes_its_parts_along(stack_dir: Path) -> None:
     up = _cdc("stack", "up", "--dir", str(stack_dir))
     assert up.returncode == 0, up.stdout + up.stderr
-    pids, ports = _recorded(stack_dir)
-    os.kill(pids[0], signal.SIGKILL)  # the daemon
+    import psycopg
+
+    pg = json.loads((stack_dir / "stack.json").read_text())["postgres"]
+    conninfo = {
+        "host": pg["host"],
+        "user": pg["username"],
+        "password": pg["password"],
+        "dbname": pg["database"],
+    }
+    with psycopg.connect(port=pg["port"], **conninfo, autocommit=True) as conn:
+        conn.execute("INSERT INTO public.orders (id, customer, amount) VALUES (7, 'kept', 1.5)")
+    processes, ports = _recorded(stack_dir)
+    processes[0].kill()  # the daemon, SIGKILL
     # PR_SET_PDEATHSIG stops the launchers' parts, PostgreSQL's watchdog its cluster
     deadline = time.monotonic() + 60
-    while any(_running(pid) for pid in pids[1:]) and time.monotonic() < deadline:
+    while any(_running(p) for p in processes[1:]) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert [pid for pid in pids[1:] if _running(pid)] == []
+    left = [p for p in processes[1:] if _running(p)]
+    assert left == [], [p.cmdline()[:3] for p in left]
     status = _cdc("stack", "status", "--dir", str(stack_dir))
     assert status.returncode == 1
     down = _cdc("stack", "down", "--dir", str(stack_dir))
     assert down.returncode == 0, down.stdout + down.stderr
-    _assert_nothing_left(stack_dir, pids, ports)
+    _assert_nothing_left(stack_dir, processes, ports)
     # and a new `up` in the same directory works, with PostgreSQL's data kept
     again = _cdc("stack", "up", "--dir", str(stack_dir))
     assert again.returncode == 0, again.stdout + again.stderr
+    pg = json.loads((stack_dir / "stack.json").read_text())["postgres"]
+    assert pg["password"] == conninfo["password"]
+    with psycopg.connect(port=pg["port"], **conninfo) as conn:
+        assert conn.execute("SELECT customer FROM public.orders WHERE id = 7").fetchone() == (
+            "kept",
+        )
     assert _cdc("stack", "down", "--dir", str(stack_dir)).returncode == 0
 
 
@@ -224,3 +250,69 @@ def test_unknown_with_part_is_refused(stack_dir: Path) -> None:
     assert up.returncode == 1
     assert "unknown part(s) ['redis']" in up.stderr
     assert not stack_dir.exists()
+
+
+@pytest.mark.slow
+def test_cdc_run_with_the_written_files_replicates(stack_dir: Path) -> None:
+    """The README's Kafka quick start: `cdc stack up`, then `cdc run` with the written
+    pipeline.yaml and platform.yaml; the replica equals the source row by row."""
+    import psycopg
+
+    from services import registry
+
+    if not registry.TRANSPORTS["kafka"].available:
+        pytest.skip("the kafka transport adapter is not registered in services/registry.py")
+    up = _cdc("stack", "up", "--dir", str(stack_dir))
+    assert up.returncode == 0, up.stdout + up.stderr
+    pg = json.loads((stack_dir / "stack.json").read_text())["postgres"]
+    conninfo = {
+        "host": pg["host"],
+        "port": pg["port"],
+        "user": pg["username"],
+        "password": pg["password"],
+    }
+    with psycopg.connect(dbname=pg["database"], autocommit=True, **conninfo) as conn:
+        conn.execute(
+            "INSERT INTO public.orders (id, customer, amount)"
+            " SELECT g, 'c' || g, g * 1.5 FROM generate_series(1, 100) g"
+        )
+    log = (stack_dir / "cdc-run.log").open("wb")
+    run = subprocess.Popen(
+        [
+            *cdc_command(),
+            "run",
+            str(stack_dir / "pipeline.yaml"),
+            "--platform-config",
+            str(stack_dir / "platform.yaml"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    query = "SELECT id, customer, amount FROM public.orders ORDER BY id"
+    try:
+        with psycopg.connect(dbname=pg["database"], autocommit=True, **conninfo) as conn:
+            conn.execute("UPDATE public.orders SET amount = 0 WHERE id <= 10")
+            conn.execute("DELETE FROM public.orders WHERE id > 90")
+            conn.execute("INSERT INTO public.orders (id, customer, amount) VALUES (500, 'x', 1)")
+            source = conn.execute(query).fetchall()
+        deadline = time.monotonic() + 180
+        replica: list[Any] = []
+        while time.monotonic() < deadline and run.poll() is None:
+            try:
+                with psycopg.connect(dbname=pg["replica_database"], **conninfo) as conn:
+                    replica = conn.execute(query).fetchall()
+            except psycopg.errors.UndefinedTable:
+                replica = []
+            if replica == source:
+                break
+            time.sleep(1)
+        assert run.poll() is None, (stack_dir / "cdc-run.log").read_text()[-3000:]
+        assert replica == source
+    finally:
+        run.terminate()
+        try:
+            run.wait(60)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            run.wait()
+        log.close()

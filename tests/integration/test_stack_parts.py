@@ -14,8 +14,8 @@ from services.net import find_free_port
 from services.stack.process import LaunchError, port_open
 
 
-def _assert_gone(pids: list[int], ports: list[int]) -> None:
-    alive = [pid for pid in pids if _running(pid)]
+def _assert_gone(processes: list[psutil.Process], ports: list[int]) -> None:
+    alive = [p.pid for p in processes if _running(p)]
     assert alive == [], f"processes still running: {alive}"
     listening = {
         conn.laddr.port
@@ -25,16 +25,17 @@ def _assert_gone(pids: list[int], ports: list[int]) -> None:
     assert listening.isdisjoint(ports), f"ports still listening: {listening & set(ports)}"
 
 
-def _running(pid: int) -> bool:
+def _running(process: psutil.Process) -> bool:
+    """The same process (not a reused pid) still runs and is not a zombie."""
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
 
 
-def _group(pid: int) -> list[int]:
+def _group(pid: int) -> list[psutil.Process]:
     parent = psutil.Process(pid)
-    return [pid, *(child.pid for child in parent.children(recursive=True))]
+    return [parent, *parent.children(recursive=True)]
 
 
 def test_tansu_serves_kafka_and_stops_cleanly(tmp_path: Path) -> None:
@@ -44,7 +45,7 @@ def test_tansu_serves_kafka_and_stops_cleanly(tmp_path: Path) -> None:
     from services.stack import tansu
 
     broker = tansu.start(tmp_path)
-    pids = _group(broker.process.pid)
+    processes = _group(broker.process.pid)
     try:
         admin = AdminClient({"bootstrap.servers": broker.bootstrap_servers})
         admin.create_topics([NewTopic("parts.check", num_partitions=1)])["parts.check"].result(10)
@@ -70,7 +71,7 @@ def test_tansu_serves_kafka_and_stops_cleanly(tmp_path: Path) -> None:
         assert (tmp_path / "tansu.log").is_file()
     finally:
         broker.stop()
-    _assert_gone(pids, [broker.port])
+    _assert_gone(processes, [broker.port])
 
 
 def test_a_taken_port_is_named(tmp_path: Path) -> None:
@@ -107,7 +108,7 @@ def test_schema_registry_process_serves_and_persists(tmp_path: Path) -> None:
     from services.stack import schema_registry
 
     server = schema_registry.start(tmp_path)
-    pids = _group(server.process.pid)
+    processes = _group(server.process.pid)
     schema = json.dumps({"type": "record", "name": "V", "fields": [{"name": "id", "type": "int"}]})
     request = urllib.request.Request(
         f"{server.url}/subjects/t-value/versions",
@@ -120,7 +121,7 @@ def test_schema_registry_process_serves_and_persists(tmp_path: Path) -> None:
             schema_id = json.loads(response.read())["id"]
     finally:
         server.stop()
-    _assert_gone(pids, [server.port])
+    _assert_gone(processes, [server.port])
     again = schema_registry.start(tmp_path)
     try:
         with urllib.request.urlopen(f"{again.url}/schemas/ids/{schema_id}", timeout=5) as response:
@@ -143,7 +144,7 @@ def test_moto_serves_kinesis_and_stops_cleanly(tmp_path: Path) -> None:
     from services.stack import moto
 
     server = moto.start(tmp_path)
-    pids = _group(server.process.pid)
+    processes = _group(server.process.pid)
     try:
         kinesis = boto3.client(
             "kinesis",
@@ -156,7 +157,7 @@ def test_moto_serves_kinesis_and_stops_cleanly(tmp_path: Path) -> None:
         assert "parts" in kinesis.list_streams()["StreamNames"]
     finally:
         server.stop()
-    _assert_gone(pids, [server.port])
+    _assert_gone(processes, [server.port])
 
 
 def test_moto_fixture(moto_server: object) -> None:
@@ -189,10 +190,10 @@ def test_pubsub_emulator_launcher_stops_its_jvm(tmp_path: Path) -> None:
         server = pubsub_emulator.start(tmp_path)
     except pubsub_emulator.EmulatorNotInstalled as exc:
         pytest.skip(str(exc))
-    pids = _group(server.process.pid)
+    processes = _group(server.process.pid)
     assert (tmp_path / "pubsub_emulator.log").read_text().strip()
     server.stop()
-    _assert_gone(pids, [server.port])
+    _assert_gone(processes, [server.port])
 
 
 def test_pubsub_emulator_missing_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -220,7 +221,7 @@ def test_seaweedfs_s3_and_stop(tmp_path: Path) -> None:
     from services.stack import seaweedfs
 
     server = seaweedfs.start(tmp_path, buckets=["warehouse"])
-    pids = _group(server.process.pid)
+    processes = _group(server.process.pid)
     try:
         client = server.client()
         client.put_object(Bucket="warehouse", Key="a/b.txt", Body=b"hello")
@@ -239,7 +240,7 @@ def test_seaweedfs_s3_and_stop(tmp_path: Path) -> None:
             stranger.get_object(Bucket="warehouse", Key="a/b.txt")
     finally:
         server.stop()
-    _assert_gone(pids, list(server.ports.values()))
+    _assert_gone(processes, list(server.ports.values()))
 
 
 def test_seaweedfs_fixture(seaweedfs_s3: object) -> None:
@@ -265,7 +266,7 @@ def test_kafka_connect_loads_debezium_and_avro_and_stops_cleanly(
         registry_url=schema_registry.url,
         group_id="parts-connect",
     )
-    pids = _group(worker.process.pid)
+    processes = _group(worker.process.pid)
     try:
         with urllib.request.urlopen(
             f"{worker.url}/connector-plugins?connectorsOnly=false", timeout=10
@@ -282,7 +283,7 @@ def test_kafka_connect_loads_debezium_and_avro_and_stops_cleanly(
         assert "cdc-connect" not in worker.properties_path.read_text()
     finally:
         worker.stop()
-    _assert_gone(pids, [worker.port])
+    _assert_gone(processes, [worker.port])
 
 
 def test_kafka_connect_classpath_fixes(tmp_path: Path) -> None:
@@ -360,3 +361,37 @@ def test_kafka_connect_runs_debezium_postgres_with_avro(
     finally:
         delete = urllib.request.Request(f"{kafka_connect.url}/connectors/{name}", method="DELETE")
         urllib.request.urlopen(delete, timeout=30).close()
+
+
+def test_schema_registry_process_with_basic_auth(tmp_path: Path) -> None:
+    import urllib.error
+    import urllib.request
+
+    from services.stack import schema_registry
+
+    server = schema_registry.start(tmp_path, basic_auth=("u", "p"))
+    try:
+        assert "u:p" not in " ".join(server.process.process.args)  # not visible in ps
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(f"{server.url}/subjects", timeout=5)
+        assert caught.value.code == 401
+        assert schema_registry.registry_healthy(server.url, basic_auth=("u", "p"))
+    finally:
+        server.stop()
+
+
+def test_a_killed_part_comes_back_on_the_same_port(tmp_path: Path) -> None:
+    """kill() is a crash (SIGKILL to the group); start(port=...) brings the part back where
+    its clients look for it."""
+    from services.stack import schema_registry
+
+    first = schema_registry.start(tmp_path)
+    processes = _group(first.process.pid)
+    first.process.kill()
+    _assert_gone(processes, [first.port])
+    second = schema_registry.start(tmp_path, port=first.port)
+    try:
+        assert second.url == first.url
+        assert schema_registry.registry_healthy(second.url)
+    finally:
+        second.stop()

@@ -57,6 +57,8 @@ def assert_common(conf: dict[str, str], prefix: str = "cdc") -> None:
         assert conf[f"{side}.converter"] == "io.confluent.connect.avro.AvroConverter"
         assert conf[f"{side}.converter.schema.registry.url"] == "http://registry:8081"
         assert conf[f"{side}.converter.basic.auth.user.info"] == "sr:srpw"
+    assert conf["errors.max.retries"] == "30"  # bounded: a lasting failure becomes FAILED
+    assert conf["retriable.restart.connector.wait.ms"] == "10000"
     assert conf["topic.creation.default.partitions"] == "3"
     assert conf["topic.creation.default.replication.factor"] == "2"
     assert all(isinstance(v, str) for v in conf.values())  # Connect wants strings

@@ -30,7 +30,7 @@ from typing import Any
 import psycopg
 import structlog
 
-from adapters.postgres.snapshot import TableProgress, key_indexes, read_chunk
+from adapters.postgres.source.snapshot import TableProgress, key_indexes, read_chunk
 from domain.events import SourceEvent, TableSchema, TextRow
 
 log = structlog.get_logger(__name__)
