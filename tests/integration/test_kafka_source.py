@@ -252,7 +252,9 @@ def test_lag_per_partition_from_fetched_high_watermarks(topic: Topic) -> None:
 
     async def scenario() -> None:
         source = KafkaEventSource(topic.settings(group))
-        monitor = KafkaSourceMonitor(source, {topic.name: "public.items"}, topic.registry_url, 60)
+        monitor = KafkaSourceMonitor(
+            source, {topic.name: "public.items"}, topic.registry_url, interval_seconds=60
+        )
         await source.start()
         try:
             chunks = await read_chunks(source, 10)
