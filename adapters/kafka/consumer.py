@@ -3,8 +3,9 @@
 - **Lanes** are topic partitions (``<topic>:<partition>``); a change's position is its
   offset. One chunk per partition per poll, in offset order.
 - **Ack handles** are the next offset to consume (last offset of the chunk + 1). `ack`
-  records the newest released one; it is committed at once (`commit_interval_seconds` 0)
-  or by a periodic commit (> 0). Nothing is committed automatically by the client
+  records the newest released one; it is committed at once (`commit_interval_seconds` 0:
+  acks arriving while a commit is in flight go with the next one) or by a periodic commit
+  (> 0). Nothing is committed automatically by the client
   (`enable.auto.commit=false`): an offset is committed only once every targeted sink made
   its changes durable (or they were dead-lettered).
 - **Polling**: `consume(poll_batch_size)` on one dedicated thread, which is the only
@@ -126,6 +127,7 @@ class KafkaEventSource:
         self._high: dict[tuple[str, int], int] = {}  # fetched high watermarks
         self._stopping = threading.Event()
         self._commit_task: asyncio.Task[None] | None = None
+        self._commit_wanted = asyncio.Event()
         self._error = ""
         self._halted: str | None = None
         self.events_read = 0
@@ -340,12 +342,24 @@ class KafkaEventSource:
 
     async def start(self) -> None:
         await self._call(self._open)
+        self._commit_wanted = asyncio.Event()
         if self.settings.commit_interval_seconds > 0:
             self._commit_task = asyncio.create_task(self._commit_periodically())
+        else:
+            self._commit_task = asyncio.create_task(self._commit_when_acked())
 
     async def _commit_periodically(self) -> None:
         while True:
             await asyncio.sleep(self.settings.commit_interval_seconds)
+            await self._call(self._commit_sync)
+
+    async def _commit_when_acked(self) -> None:
+        """commit_interval_seconds 0: commit as soon as something was acked. Acks that come
+        while a commit is in flight are taken by the next one (a commit round trip to the
+        broker per durable batch would hold the acks, and so the sinks' credits, back)."""
+        while True:
+            await self._commit_wanted.wait()
+            self._commit_wanted.clear()
             await self._call(self._commit_sync)
 
     async def chunks(self) -> AsyncIterator[SourceChunk]:
@@ -374,7 +388,7 @@ class KafkaEventSource:
             if newest > self._acked.get(key, OFFSET_INVALID):
                 self._acked[key] = newest
         if self.settings.commit_interval_seconds <= 0:
-            await self._call(self._commit_sync, [key])
+            self._commit_wanted.set()
 
     async def health(self) -> ComponentHealth:
         with self._lock:

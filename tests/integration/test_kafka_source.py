@@ -130,6 +130,14 @@ async def read_chunks(source: KafkaEventSource, events: int) -> list[SourceChunk
     return out
 
 
+async def _committed_by(source: KafkaEventSource, lane: str, offset: int) -> None:
+    """Commits follow acks asynchronously: wait until the source committed `offset`."""
+    deadline = time.monotonic() + 10
+    while source.lag().get(lane, {}).get("committed") != offset:
+        assert time.monotonic() < deadline, source.lag()
+        await asyncio.sleep(0.05)
+
+
 def read_topic(bootstrap: str, topic: str, count: int) -> list[Any]:
     consumer = Consumer(
         {
@@ -232,6 +240,7 @@ def test_a_failed_dead_letter_write_holds_the_partition_and_its_commit_back(
             assert [ev.after[0] for ev in chunk.events if ev.after] == ["1", "2"]
             assert chunk.ack == 3
             await source.ack(chunk.lane, [chunk.ack])
+            await _committed_by(source, chunk.lane, 3)
             assert topic.committed(group) == 3
             assert (await source.health()).status is Status.OK
             await chunks.aclose()  # type: ignore[attr-defined]
@@ -261,10 +270,12 @@ def test_lag_per_partition_from_fetched_high_watermarks(topic: Topic) -> None:
             lane = lane_of(topic.name, 0)
             first = chunks[0].events[3].position.major + 1
             await source.ack(lane, [first])
+            await _committed_by(source, lane, first)
             lag = await monitor.lag()
             assert lag["partitions"][lane] == {"high_watermark": 10, "committed": 4, "lag": 6}
             assert lag["total_lag"] == 6
             await source.ack(lane, [10])
+            await _committed_by(source, lane, 10)
             assert (await monitor.lag())["total_lag"] == 0
             await monitor.poll()
             health = await monitor.health()
