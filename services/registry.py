@@ -44,6 +44,7 @@ from adapters.postgres.sink_writer import PostgresSinkWriter
 from adapters.postgres.slot_monitor import PostgresSlotMonitor
 from adapters.postgres.wal_reader import PostgresWalSource, WalReaderSettings
 from domain.ports import AckCallback, EventSource, Outlet, Provisioner, SinkWriter, SourceMonitor
+from services import pubsub_transport
 
 SourceFactory = Callable[[PipelineConfig, PlatformConfig], EventSource]
 MonitorFactory = Callable[[PipelineConfig, PlatformConfig], SourceMonitor]
@@ -236,7 +237,12 @@ TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
             "pubsub",
             "the WAL captured to Google Pub/Sub",
             sections={"pubsub": PubSubConfig, "wal_reader": WalReaderConfig},
-            reads=_CLOUD_READS,
+            # Flow control is pubsub.max_outstanding_messages, not max_buffered_messages.
+            reads=_CLOUD_READS - {"max_buffered_messages"},
+            event_source=pubsub_transport.build_source,
+            source_monitor=pubsub_transport.build_monitor,
+            capture_outlet=pubsub_transport.build_outlet,
+            provisioner=pubsub_transport.build_provisioner,
         ),
         TransportAdapter(
             "kinesis",

@@ -175,6 +175,9 @@ def cmd_undeploy(args: argparse.Namespace) -> int:
             print(line)
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    from services.capture.main import teardown_transport
+
+    lines += asyncio.run(teardown_transport(pipeline, platform))
     for line in lines:
         print(line)
     return 0

@@ -1,0 +1,133 @@
+"""How the registry (services/registry.py) builds the Pub/Sub transport's parts from the two
+config files. google-cloud-pubsub is imported only when transport_mode is pubsub (extra
+`gcp`), so the other transports run without it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from adapters.config import PipelineConfig, PlatformConfig
+from domain.ports import AckCallback
+from services.capture.payload import ArrowBatchCodec
+from services.capture.publisher import LanePublisher, RetrySettings
+from services.lifecycle import StartupError
+
+if TYPE_CHECKING:
+    from adapters.pubsub.monitor import PubSubMonitor
+    from adapters.pubsub.naming import PipelineNames
+    from adapters.pubsub.provisioner import PubSubProvisioner
+    from adapters.pubsub.source import PubSubEventSource
+
+# One EventSource per pipeline in a process: its monitor reads the same source's counts.
+_SOURCES: dict[str, PubSubEventSource] = {}
+
+
+def _require_library() -> None:
+    try:
+        import google.cloud.pubsub_v1  # noqa: F401
+    except ImportError:
+        raise StartupError(
+            "transport_mode pubsub needs google-cloud-pubsub: pip install 'cdc-platform[gcp]'"
+        ) from None
+
+
+def names(pipeline: PipelineConfig, platform: PlatformConfig) -> PipelineNames:
+    from adapters.pubsub.naming import PipelineNames
+
+    assert platform.pubsub is not None and platform.pubsub.project_id  # config validation
+    return PipelineNames.of(
+        platform.pubsub.project_id,
+        pipeline.topic_prefix,
+        pipeline.pipeline_id,
+        platform.dlq.topic_suffix,
+    )
+
+
+def build_provisioner(pipeline: PipelineConfig, platform: PlatformConfig) -> PubSubProvisioner:
+    _require_library()
+    from adapters.pubsub.provisioner import (
+        PubSubProvisioner,
+        SubscriptionSettings,
+        delivery_attempts,
+    )
+
+    ps = platform.pubsub
+    assert ps is not None
+    return PubSubProvisioner(
+        names(pipeline, platform),
+        SubscriptionSettings(
+            ordered=ps.ordering_enabled,
+            ack_deadline_seconds=ps.ack_deadline_seconds,
+            dead_letter=platform.dlq.enabled,
+            max_delivery_attempts=delivery_attempts(platform.dlq.max_retries),
+        ),
+    )
+
+
+def build_outlet(
+    pipeline: PipelineConfig, platform: PlatformConfig, on_ack: AckCallback
+) -> LanePublisher:
+    _require_library()
+    from adapters.pubsub.publisher import PublishSettings, PubSubTransport
+
+    ps = platform.pubsub
+    assert ps is not None
+    transport = PubSubTransport(
+        names(pipeline, platform).topic_path,
+        PublishSettings(
+            max_messages=ps.publish_max_messages,
+            max_bytes=ps.publish_max_bytes,
+            max_latency_seconds=ps.publish_max_latency_seconds,
+            ordered=ps.ordering_enabled,
+        ),
+    )
+    r = platform.retry
+    return LanePublisher(
+        transport,
+        ArrowBatchCodec(),
+        pipeline.pipeline_id,
+        lanes=ps.lanes if ps.ordering_enabled else 1,
+        max_changes_per_message=platform.wal_reader.batch_size,
+        max_in_flight_batches=platform.ingest.max_in_flight_batches,
+        on_ack=on_ack,
+        retry=RetrySettings(
+            r.max_attempts, r.initial_wait_seconds, r.max_wait_seconds, r.multiplier, r.jitter
+        ),
+    )
+
+
+def build_source(pipeline: PipelineConfig, platform: PlatformConfig) -> PubSubEventSource:
+    _require_library()
+    from adapters.pubsub.source import PubSubEventSource, SourceSettings
+
+    cached = _SOURCES.get(pipeline.pipeline_id)
+    if cached is not None:
+        return cached
+    ps = platform.pubsub
+    assert ps is not None
+    n = names(pipeline, platform)
+    source = PubSubEventSource(
+        SourceSettings(
+            subscription_path=n.subscription_path,
+            dlq_topic_path=n.dlq_topic_path if platform.dlq.enabled else None,
+            max_outstanding_messages=ps.max_outstanding_messages,
+            max_chunk_events=platform.ingest.batch_max_events,
+            ack_deadline_seconds=ps.ack_deadline_seconds,
+        ),
+        ArrowBatchCodec(),
+        provision=build_provisioner(pipeline, platform).provision,
+    )
+    _SOURCES[pipeline.pipeline_id] = source
+    return source
+
+
+def build_monitor(pipeline: PipelineConfig, platform: PlatformConfig) -> PubSubMonitor:
+    from adapters.pubsub.monitor import PubSubMonitor
+
+    n = names(pipeline, platform)
+    return PubSubMonitor(
+        build_source(pipeline, platform),
+        n.project,
+        n.subscription,
+        interval_seconds=max(60.0, platform.lag_monitor_interval_seconds),
+    )
