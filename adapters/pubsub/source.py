@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +47,16 @@ log = structlog.get_logger(__name__)
 
 LANE_ATTRIBUTE = "cdc_lane"
 PULL_TIMEOUT_SECONDS = 10.0
+# Between pulls that found nothing: from IDLE_WAIT_MIN doubling to IDLE_WAIT_MAX, cut short
+# by an ack (which may make a key's next messages deliverable).
+IDLE_WAIT_MIN = 0.005
+IDLE_WAIT_MAX = 0.1
+# return_immediately is deprecated in the API (an empty answer costs a request) but it is the
+# one way to pull without waiting on the server: a waiting pull is not woken when an ack makes
+# an ordering key's next messages deliverable (measured on the emulator: it answered empty
+# after 3 s), and a client deadline shorter than the server's wait would lose the messages a
+# late answer leases (redelivered only after the ack deadline, stalling their key).
+warnings.filterwarnings("ignore", message="The return_immediately flag is deprecated")
 MAX_PULL = 1000  # Pub/Sub's limit per Pull request
 MAX_ACK_IDS = 2500  # ack ids per Acknowledge / ModifyAckDeadline request (stays < 512 KB)
 
@@ -87,6 +99,7 @@ class PubSubEventSource:
         self._subscriber: pubsub_v1.SubscriberClient | None = None
         self._dlq_publisher: pubsub_v1.PublisherClient | None = None
         self._outstanding: dict[str, Received] = {}
+        self._pull_size = MAX_PULL
         self._room = asyncio.Event()
         self._extender: asyncio.Task[None] | None = None
         self._stopping = False
@@ -103,21 +116,33 @@ class PubSubEventSource:
         if self._provision is not None:
             await self._provision()
         if self._subscriber is None:
-            self._subscriber = pubsub_v1.SubscriberClient()
+            self._subscriber = make_subscriber()
         self._extender = asyncio.create_task(self._extend_leases(), name="pubsub-leases")
         log.info("pubsub.subscribed", subscription=self.settings.subscription_path)
 
     async def chunks(self) -> AsyncIterator[SourceChunk]:
+        idle = IDLE_WAIT_MIN
         while not self._stopping:
             room = self.settings.max_outstanding_messages - len(self._outstanding)
             if room <= 0:
                 self._room.clear()
                 await self._room.wait()
                 continue
-            pulled = await self._pull(min(room, MAX_PULL))
+            self._room.clear()
+            pulled = await self._pull(min(room, self._pull_size))
             if self._stopping:
                 self._nack([r.ack_id for r, _ in pulled])
                 return
+            if not pulled:
+                # Nothing deliverable now. An ack may unlock an ordering key's next messages
+                # (Pub/Sub holds them until the key's earlier ones are acked, and does not
+                # wake a waiting pull for it): pull again right after the next ack, or after
+                # a wait growing to IDLE_WAIT_MAX while nothing comes.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._room.wait(), idle)
+                idle = min(IDLE_WAIT_MAX, idle * 2)
+                continue
+            idle = IDLE_WAIT_MIN
             lanes: dict[str, tuple[list[Received], list[Any]]] = {}
             for received, data in pulled:
                 events = await self._decode(received, data)
@@ -135,12 +160,22 @@ class PubSubEventSource:
     async def _pull(self, count: int) -> list[tuple[Received, bytes]]:
         assert self._subscriber is not None
         subscriber = self._subscriber
+        request = {
+            "subscription": self.settings.subscription_path,
+            "max_messages": count,
+            "return_immediately": True,
+        }
         try:
             response = await asyncio.to_thread(
-                subscriber.pull,
-                request={"subscription": self.settings.subscription_path, "max_messages": count},
-                timeout=PULL_TIMEOUT_SECONDS,
+                subscriber.pull, request=request, timeout=PULL_TIMEOUT_SECONDS
             )
+        except gexc.ResourceExhausted as exc:
+            if "larger than max" in str(exc) and self._pull_size > 1:
+                # The response would not fit a gRPC message: ask for fewer messages.
+                self._pull_size = max(1, self._pull_size // 2)
+                log.info("pubsub.pull_size_reduced", max_messages=self._pull_size)
+                return []
+            raise ConnectionError(f"pull failed: {exc}") from exc
         except (gexc.DeadlineExceeded, gexc.ServiceUnavailable, gexc.RetryError) as exc:
             log.debug("pubsub.pull_retry", error=repr(exc))
             return []
@@ -296,3 +331,20 @@ class PubSubEventSource:
         if self._subscriber is not None:
             self._subscriber.close()
             self._subscriber = None
+
+
+def make_subscriber() -> pubsub_v1.SubscriberClient:
+    """The client; against the emulator with gRPC's 4 MB receive limit lifted (the library
+    opens a plain channel there; its own channel to Google has no limit), so a pull of large
+    messages does not fail."""
+    host = os.environ.get("PUBSUB_EMULATOR_HOST")
+    if not host:
+        return pubsub_v1.SubscriberClient()
+    import grpc
+    from google.pubsub_v1.services.subscriber.transports.grpc import SubscriberGrpcTransport
+
+    channel = grpc.insecure_channel(
+        host,
+        options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)],
+    )
+    return pubsub_v1.SubscriberClient(transport=SubscriberGrpcTransport(channel=channel))
