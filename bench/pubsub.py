@@ -99,12 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[str] = []
     try:
         ws = runners.Workspace(server, workdir, args.timeout)
-        for transport in ("direct", "pubsub"):
+        for transport, lanes in (("direct", 0), ("pubsub", 8), ("pubsub", 1)):
+            if lanes:
+                os.environ["BENCH_PUBSUB_LANES"] = str(lanes)
             tp = runners.ours(ws, spec, None, discard=False, transport=transport)
             lat = runners.ours(ws, None, steady, discard=False, transport=transport)
             assert lat.latency_ms is not None
+            label = f"{transport}, {lanes} lane{'s' if lanes > 1 else ''}" if lanes else transport
             rows.append(
-                f"| {transport} | {tp.changes:,} | {tp.rows_per_s:,.0f} |"
+                f"| {label} | {tp.changes:,} | {tp.rows_per_s:,.0f} |"
                 f" {lat.offered_rate:,.0f} | {lat.latency_ms['p50']:.0f} |"
                 f" {lat.latency_ms['p99']:.0f} |"
             )

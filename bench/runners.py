@@ -355,9 +355,9 @@ def _write_configs(
         "ingest": {"grpc_port": find_free_port()},
     }
     if transport == "pubsub":  # bench/pubsub.py: against the emulator (PUBSUB_EMULATOR_HOST)
-        pipeline["pipeline_id"] = f"bench-{tag}".replace("_", "-")
-        platform["transport_mode"] = "pubsub"
         lanes = int(os.environ.get("BENCH_PUBSUB_LANES", "8"))
+        pipeline["pipeline_id"] = f"bench-{tag}-l{lanes}".replace("_", "-")
+        platform["transport_mode"] = "pubsub"
         platform["pubsub"] = {"project_id": "bench", "lanes": lanes}
         platform["wal_reader"] = {"batch_size": 500, "batch_timeout_seconds": 0.02}
     # Experiments only (e.g. batch sizes); a measured run uses the defaults.

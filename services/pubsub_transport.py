@@ -22,13 +22,19 @@ if TYPE_CHECKING:
 _SOURCES: dict[str, PubSubEventSource] = {}
 
 
-def _require_library() -> None:
+def _require_library(platform: PlatformConfig) -> None:
     try:
         import google.cloud.pubsub_v1  # noqa: F401
     except ImportError:
         raise StartupError(
             "transport_mode pubsub needs google-cloud-pubsub: pip install 'cdc-platform[gcp]'"
         ) from None
+    if platform.pubsub is not None and not platform.pubsub.ordering_enabled:
+        raise StartupError(
+            "pubsub.ordering_enabled: false is not supported: sinks keep the order of each"
+            " lane (an ordering key) and skip a change at or before the last one applied, so"
+            " changes delivered out of order could be skipped; set it to true"
+        )
 
 
 def names(pipeline: PipelineConfig, platform: PlatformConfig) -> PipelineNames:
@@ -44,7 +50,7 @@ def names(pipeline: PipelineConfig, platform: PlatformConfig) -> PipelineNames:
 
 
 def build_provisioner(pipeline: PipelineConfig, platform: PlatformConfig) -> PubSubProvisioner:
-    _require_library()
+    _require_library(platform)
     from adapters.pubsub.provisioner import (
         PubSubProvisioner,
         SubscriptionSettings,
@@ -67,7 +73,7 @@ def build_provisioner(pipeline: PipelineConfig, platform: PlatformConfig) -> Pub
 def build_outlet(
     pipeline: PipelineConfig, platform: PlatformConfig, on_ack: AckCallback
 ) -> LanePublisher:
-    _require_library()
+    _require_library(platform)
     from adapters.pubsub.publisher import PublishSettings, PubSubTransport
 
     ps = platform.pubsub
@@ -86,7 +92,7 @@ def build_outlet(
         transport,
         ArrowBatchCodec(),
         pipeline.pipeline_id,
-        lanes=ps.lanes if ps.ordering_enabled else 1,
+        lanes=ps.lanes,
         max_changes_per_message=platform.wal_reader.batch_size,
         max_in_flight_batches=platform.ingest.max_in_flight_batches,
         on_ack=on_ack,
@@ -97,7 +103,7 @@ def build_outlet(
 
 
 def build_source(pipeline: PipelineConfig, platform: PlatformConfig) -> PubSubEventSource:
-    _require_library()
+    _require_library(platform)
     from adapters.pubsub.source import PubSubEventSource, SourceSettings
 
     cached = _SOURCES.get(pipeline.pipeline_id)
@@ -110,6 +116,7 @@ def build_source(pipeline: PipelineConfig, platform: PlatformConfig) -> PubSubEv
         SourceSettings(
             subscription_path=n.subscription_path,
             dlq_topic_path=n.dlq_topic_path if platform.dlq.enabled else None,
+            dlq_include_attributes=platform.dlq.include_headers,
             max_outstanding_messages=ps.max_outstanding_messages,
             max_chunk_events=platform.ingest.batch_max_events,
             ack_deadline_seconds=ps.ack_deadline_seconds,

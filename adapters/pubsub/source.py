@@ -65,6 +65,8 @@ MAX_ACK_IDS = 2500  # ack ids per Acknowledge / ModifyAckDeadline request (stays
 class SourceSettings:
     subscription_path: str
     dlq_topic_path: str | None  # None: dead letters are left to the subscription's policy
+    # dlq.include_headers: a dead letter keeps the original message's attributes
+    dlq_include_attributes: bool = True
     max_outstanding_messages: int = 1000
     max_chunk_events: int = 2000
     ack_deadline_seconds: int = 60
@@ -219,7 +221,7 @@ class PubSubEventSource:
         if self.settings.dlq_topic_path is None:
             self._nack([received.ack_id])  # the subscription's dead-letter policy takes it
             return
-        attributes = dict(received.attributes)
+        attributes = dict(received.attributes) if self.settings.dlq_include_attributes else {}
         attributes.update(
             {
                 "cdc_error": error[:1000],
