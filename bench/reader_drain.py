@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from adapters.postgres.wal_reader import PostgresWalSource, WalReaderSettings
+from adapters.postgres.source.reader import PostgresWalSource, WalReaderSettings
 
 
 async def drain(args: argparse.Namespace) -> dict[str, float]:

@@ -106,11 +106,23 @@ def arrow_schema(table: TableSchema) -> pa.Schema:
     )
 
 
-def build_blocks(events: Sequence[SourceEvent], lane: int = 0) -> list[ChangeBlock]:
+LaneOf = int | Sequence[int]  # one lane index for all changes, or one per change
+
+
+def lane_indices(counts: Sequence[int]) -> list[int]:
+    """The lane index of each change of a batch whose changes are grouped by lane, `counts[i]`
+    of them in lane i."""
+    return [i for i, count in enumerate(counts) for _ in range(count)]
+
+
+def build_blocks(events: Sequence[SourceEvent], lane: LaneOf = 0) -> list[ChangeBlock]:
     """One block per run of a table's changes in one shape (TableSchema, by identity): a
     table whose shape changes mid-batch gets a new block from there on, so the blocks of one
     table are in change order. Blocks are in order of their first change; `@index` keeps
-    each change's place in `events`."""
+    each change's place in `events`. `lane`: the index (into the batch's lanes) of every
+    change, or of each change (a batch carrying several lanes)."""
+    if not isinstance(lane, int) and len(lane) != len(events):
+        raise BlockError(f"{len(lane)} lane indices for {len(events)} changes")
     groups: list[tuple[TableSchema, list[int]]] = []
     current: dict[str, tuple[TableSchema, list[int]]] = {}
     last: TableSchema | None = None
@@ -133,8 +145,14 @@ def build_blocks(events: Sequence[SourceEvent], lane: int = 0) -> list[ChangeBlo
 _LETTERS = {op: op.value for op in Operation}
 
 
+def _lane_array(lane: LaneOf, indices: Sequence[int]) -> pa.Array:
+    if isinstance(lane, int):
+        return pa.repeat(pa.scalar(lane, pa.uint16()), len(indices))
+    return pa.array([lane[i] for i in indices], pa.uint16())
+
+
 def _build(
-    table: TableSchema, events: Sequence[SourceEvent], indices: Sequence[int], lane: int
+    table: TableSchema, events: Sequence[SourceEvent], indices: Sequence[int], lane: LaneOf
 ) -> ChangeBlock:
     fast = _build_from_wire(table, events, indices, lane)
     if fast is not None:
@@ -216,7 +234,7 @@ def _build(
         pa.array(minors, pa.uint64()),
         pa.array(times, _COMMIT_TIME_TYPE),
         pa.array(xids, pa.uint64()),
-        pa.array([lane] * m, pa.uint16()),
+        _lane_array(lane, indices),
         pa.array(images, pa.uint8()),
         pa.array(unchanged, _UNCHANGED_TYPE) if any_unchanged else pa.nulls(m, _UNCHANGED_TYPE),
         before_array,
@@ -226,7 +244,7 @@ def _build(
 
 
 def _build_from_wire(
-    table: TableSchema, events: Sequence[SourceEvent], indices: Sequence[int], lane: int
+    table: TableSchema, events: Sequence[SourceEvent], indices: Sequence[int], lane: LaneOf
 ) -> ChangeBlock | None:
     """`_build` for the common case of changes read from the WAL: one row each, in its wire
     form (an insert's or update's new row, a delete's old row), decoded straight into
@@ -263,7 +281,7 @@ def _build_from_wire(
         pa.array([p.minor for p in positions], pa.uint64()),
         pa.array([ev.commit_time_us for ev in events], _COMMIT_TIME_TYPE),
         pa.array([ev.transaction_id for ev in events], pa.uint64()),
-        pa.repeat(pa.scalar(lane, pa.uint16()), m),
+        _lane_array(lane, indices),
         pa.array(images, pa.uint8()),
         pa.array(unchanged, _UNCHANGED_TYPE) if unchanged else pa.nulls(m, _UNCHANGED_TYPE),
         pa.nulls(m, schema.field(BEFORE).type),
@@ -362,6 +380,44 @@ def events_of_blocks(
     pairs = [p for b in blocks for p in events_of(b, lanes, source_database)]
     pairs.sort(key=lambda p: p[0])
     return [ev for _, ev in pairs]
+
+
+def lanes_of_blocks(blocks: Sequence[ChangeBlock]) -> list[int]:
+    """The lane index of each change of `blocks`, in batch order (`@index`)."""
+    if len(blocks) == 1:
+        return [int(x) for x in blocks[0].records.column(6).to_pylist()]
+    pairs = [
+        (int(i), int(lane))
+        for b in blocks
+        for i, lane in zip(
+            b.records.column(0).to_pylist(), b.records.column(6).to_pylist(), strict=True
+        )
+    ]
+    pairs.sort()
+    return [lane for _, lane in pairs]
+
+
+def lane_blocks(blocks: Sequence[ChangeBlock], lane: int) -> list[ChangeBlock]:
+    """The changes of lane `lane` in `blocks`, as blocks of a batch of that one lane
+    (`@lane` 0); blocks without a change of the lane are left out."""
+    out: list[ChangeBlock] = []
+    for block in blocks:
+        rb = block.records
+        lanes = rb.column(6)
+        if not len(block):
+            continue
+        if pc.all(pc.equal(lanes, pa.scalar(lane, pa.uint16()))).as_py():
+            picked = rb
+        else:
+            picked = rb.filter(pc.equal(lanes, pa.scalar(lane, pa.uint16())))
+            if not picked.num_rows:
+                continue
+        if lane:
+            picked = picked.set_column(
+                6, rb.schema.field(6), pa.repeat(pa.scalar(0, pa.uint16()), picked.num_rows)
+            )
+        out.append(ChangeBlock(block.schema, picked, block.encoding))
+    return out
 
 
 def after_position(block: ChangeBlock, applied: Position | None) -> ChangeBlock:

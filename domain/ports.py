@@ -10,7 +10,14 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from domain.blocks import ChangeBlock, build_blocks, events_of_blocks
+from domain.blocks import (
+    ChangeBlock,
+    build_blocks,
+    events_of_blocks,
+    lane_blocks,
+    lane_indices,
+    lanes_of_blocks,
+)
 from domain.events import Position, SchemaChange, SourceEvent
 from domain.health import ComponentHealth
 
@@ -53,10 +60,23 @@ class Guarantee(enum.Enum):
 class SinkBatch:
     """A batch as a sink receives it: its changes as columnar blocks (one per table shape,
     the bulk form, `domain.blocks`) and/or as events (the row-level view). Either is
-    derived from the other on first use."""
+    derived from the other on first use.
 
-    __slots__ = ("_blocks", "_events", "batch_id", "lanes", "partition", "pipeline_id",
-                 "source_database")
+    A batch may carry several lanes (`lanes`; each change's lane is the `@lane` column of
+    its block, or, for a batch made of events, `lane_counts`: the events grouped by lane,
+    that many of each). Positions are ordered within a lane only; `by_lane()` splits the
+    batch into one batch per lane. `partition` is the first lane."""
+
+    __slots__ = (
+        "_blocks",
+        "_events",
+        "_lane_counts",
+        "batch_id",
+        "lanes",
+        "partition",
+        "pipeline_id",
+        "source_database",
+    )
 
     def __init__(
         self,
@@ -67,6 +87,7 @@ class SinkBatch:
         *,
         blocks: Sequence[ChangeBlock] | None = None,
         lanes: Sequence[str] | None = None,
+        lane_counts: Sequence[int] = (),
         source_database: str = "",
     ) -> None:
         if events is None and blocks is None:
@@ -77,6 +98,16 @@ class SinkBatch:
         self._events = events
         self._blocks = blocks
         self.lanes: tuple[str, ...] = tuple(lanes) if lanes else (partition,)
+        self._lane_counts = tuple(lane_counts)
+        if self._lane_counts:
+            if len(self._lane_counts) != len(self.lanes):
+                raise ValueError(
+                    f"{len(self._lane_counts)} lane counts for {len(self.lanes)} lanes"
+                )
+            if events is not None and sum(self._lane_counts) != len(events):
+                raise ValueError(
+                    f"lane counts add up to {sum(self._lane_counts)}, not {len(events)}"
+                )
         self.source_database = source_database
 
     @property
@@ -90,13 +121,59 @@ class SinkBatch:
     def blocks(self) -> Sequence[ChangeBlock]:
         if self._blocks is None:
             assert self._events is not None
-            self._blocks = build_blocks(self._events)
+            lane: int | list[int] = lane_indices(self._lane_counts) if self._lane_counts else 0
+            self._blocks = build_blocks(self._events, lane)
         return self._blocks
 
     @property
     def has_blocks(self) -> bool:
         """Whether the batch came as blocks (the columnar path needs no conversion)."""
         return self._blocks is not None
+
+    def by_lane(self) -> list[SinkBatch]:
+        """One batch per lane that has changes here, in lane order (the batch itself when it
+        has one lane). Each keeps the batch id and the changes of its lane, in order."""
+        if len(self.lanes) == 1:
+            return [self]
+        out: list[SinkBatch] = []
+        if self._blocks is not None:
+            for i, lane in enumerate(self.lanes):
+                blocks = lane_blocks(self._blocks, i)
+                if blocks:
+                    out.append(self._one_lane(lane, blocks=blocks))
+            return out
+        events = self.events
+        counts = self._lane_counts or (len(events),)
+        start = 0
+        for lane, count in zip(self.lanes, counts, strict=False):
+            if count:
+                out.append(self._one_lane(lane, events=events[start : start + count]))
+            start += count
+        return out
+
+    def _one_lane(
+        self,
+        lane: str,
+        *,
+        events: Sequence[SourceEvent] | None = None,
+        blocks: Sequence[ChangeBlock] | None = None,
+    ) -> SinkBatch:
+        return SinkBatch(
+            self.pipeline_id,
+            lane,
+            self.batch_id,
+            events,
+            blocks=blocks,
+            source_database=self.source_database,
+        )
+
+    def lane_of_events(self) -> list[int]:
+        """The lane index of each of `events`."""
+        if self._blocks is not None:
+            return lanes_of_blocks(self._blocks)
+        if self._lane_counts:
+            return lane_indices(self._lane_counts)
+        return [0] * len(self.events)
 
     def __len__(self) -> int:
         if self._events is not None:
@@ -133,13 +210,44 @@ class DeliveryAck:
 
 @dataclass(slots=True)
 class OutboundBatch:
-    """A routed batch on its way out of the ingest pump."""
+    """A routed batch on its way out of the ingest pump.
+
+    It may carry several lanes: `events` are grouped by lane, `lane_counts[i]` of them in
+    `lanes[i]` (empty `lane_counts`: all of them are `lanes[0]`'s). A lane may have no
+    event here (its changes went to other sinks)."""
 
     batch_id: int
     pipeline_id: str
     lanes: tuple[str, ...]
     events: Sequence[SourceEvent]
     trace_context: Mapping[str, str] = field(default_factory=dict)
+    lane_counts: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.lanes:
+            raise ValueError(f"batch {self.batch_id} has no lane")
+        if self.lane_counts and (
+            len(self.lane_counts) != len(self.lanes) or sum(self.lane_counts) != len(self.events)
+        ):
+            raise ValueError(
+                f"batch {self.batch_id}: lane counts {self.lane_counts} do not match"
+                f" {len(self.lanes)} lanes and {len(self.events)} events"
+            )
+
+    def by_lane(self) -> list[tuple[str, Sequence[SourceEvent]]]:
+        """(lane, its events in order) for every lane of the batch."""
+        if not self.lane_counts:
+            return [(self.lanes[0], self.events)]
+        out: list[tuple[str, Sequence[SourceEvent]]] = []
+        start = 0
+        for lane, count in zip(self.lanes, self.lane_counts, strict=True):
+            out.append((lane, self.events[start : start + count]))
+            start += count
+        return out
+
+    def last_positions(self) -> dict[str, Position]:
+        """The newest position of each lane that has events here."""
+        return {lane: events[-1].position for lane, events in self.by_lane() if events}
 
 
 @dataclass(slots=True)
@@ -169,11 +277,16 @@ class EventSource(Protocol):
 
 
 class Provisioner(Protocol):
-    """Creates the transport resources a pipeline needs; never deletes data it did not create."""
+    """Creates the transport resources a pipeline needs (idempotent) and removes them again
+    (`cdc undeploy`); never deletes data it did not create.
+
+    `teardown` returns what it did, one line each. It refuses to remove resources a running
+    pipeline uses unless `force`, raising `domain.errors.TeardownRefusedError` (which lists
+    what was removed before the refusal)."""
 
     async def provision(self) -> None: ...
 
-    async def teardown(self) -> None: ...
+    async def teardown(self, force: bool = False) -> Sequence[str]: ...
 
 
 class SourceMonitor(Protocol):

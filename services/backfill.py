@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 import psycopg
 
 from adapters.config import PipelineConfig, PlatformConfig
-from adapters.postgres.signals import request_backfill, signal_status
+from adapters.postgres.source.signals import request_backfill, signal_status
 from services.ingest.container import source_conninfo
 
 

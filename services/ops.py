@@ -1,22 +1,18 @@
-"""Operator commands behind `cdc health` and `cdc undeploy`."""
+"""Operator commands behind `cdc health`, `cdc undeploy` and the source checks of
+`cdc validate`."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
 import psycopg
-from psycopg import sql
 
 from adapters.config import PipelineConfig, PlatformConfig
-from adapters.postgres.catalog import (
-    forget_slot_state,
-    identity_problems,
-    missing_generated_columns,
-)
-from adapters.postgres.slot_monitor import check_slot
+from adapters.postgres.source.catalog import identity_problems, missing_generated_columns
+from adapters.postgres.source.slot_monitor import check_slot
+from domain.errors import TeardownRefusedError
 from domain.health import ComponentHealth, Status, overall
+from services import registry
 from services.ingest.container import source_conninfo
 from services.sink.container import SinkContainer
 
@@ -39,6 +35,12 @@ async def pipeline_health(
     components: list[ComponentHealth] = []
     if pipeline is not None and platform.transport_mode == "direct":
         components.append(await slot_health(pipeline, platform))
+    if platform.transport_mode == "kafka":
+        from services import kafka_ops
+
+        components += await kafka_ops.platform_health(platform)
+        if pipeline is not None:
+            components += await kafka_ops.pipeline_components(pipeline, platform)
     if pipeline is not None:
         for sink in pipeline.enabled_sinks:
             try:
@@ -60,33 +62,9 @@ async def pipeline_health(
     }
 
 
-class UndeployError(Exception):
-    """Undeploy refused or failed; `done` lists what it did before."""
-
-    def __init__(self, message: str, done: list[str]) -> None:
-        super().__init__(message)
-        self.done = done
-
-
-async def _slot_user(
-    conn: psycopg.AsyncConnection[Any], slot: str
-) -> tuple[int | None, str] | None:
-    """None when the slot does not exist, else (walsender pid or None, who that is)."""
-    row = await (
-        await conn.execute(
-            "SELECT s.active_pid, a.client_addr::text, a.application_name"
-            " FROM pg_replication_slots s LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid"
-            " WHERE s.slot_name = %s",
-            (slot,),
-        )
-    ).fetchone()
-    if row is None:
-        return None
-    pid, addr, app = row
-    who = f"walsender pid {pid}, client {addr or 'local socket'}"
-    if app:
-        who += f", application_name {app!r}"
-    return (pid or None), who
+# A refused or unfinished teardown (the slot is in use, a pipeline re-created it); `done`
+# lists what was removed before.
+UndeployError = TeardownRefusedError
 
 
 async def undeploy(
@@ -94,77 +72,27 @@ async def undeploy(
     platform: PlatformConfig,
     *,
     force: bool = False,
-    retry_seconds: float = 10.0,
-    settle_seconds: float = 6.0,
+    delete_topics: bool = False,
 ) -> list[str]:
-    """Drop the pipeline's slot and publication; sink data is never touched.
+    """Remove the pipeline's transport resources through its transport's `Provisioner`
+    (for the WAL: the slot and the publication); sink data is never touched.
 
-    An active slot (a pipeline streams from it) is refused unless `force`, which terminates
-    its walsender and retries the drop while the client reconnects. The end is checked: the
-    slot must still be gone `settle_seconds` later, else a running pipeline re-created it
-    and this raises UndeployError, as for any refusal."""
-    slot = pipeline.effective_slot_name(platform)
-    publication = pipeline.effective_publication_name(platform)
-    done: list[str] = []
-
-    def in_use(who: str) -> UndeployError:
-        return UndeployError(
-            f"replication slot {slot} is in use ({who}): stop the pipeline first"
-            + ("" if force else " (or pass --force to terminate the walsender)"),
-            done,
+    A slot in use (a pipeline streams from it) is refused unless `force`, which terminates
+    its walsender; a slot re-created right after the drop means a pipeline is still
+    running, and is refused too (UndeployError)."""
+    transport = registry.TRANSPORTS[platform.transport_mode]
+    if transport.provisioner is None:
+        raise UndeployError(
+            f"transport_mode {transport.name} has no provisioner in this release:"
+            " nothing to undeploy",
+            [],
         )
+    if delete_topics:  # kafka only (the CLI refuses it otherwise)
+        from adapters.kafka.provisioner import KafkaProvisioner
 
-    async with await psycopg.AsyncConnection.connect(
-        source_conninfo(pipeline), connect_timeout=10, autocommit=True
-    ) as conn:
-        deadline = time.monotonic() + retry_seconds
-        existed = False
-        while (state := await _slot_user(conn, slot)) is not None:
-            existed = True
-            pid, who = state
-            if pid is not None:
-                if not force:
-                    raise in_use(who)
-                await conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
-            try:
-                await conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-                break
-            except psycopg.errors.ObjectInUse:
-                # A client (re)connected between the check and the drop.
-                if time.monotonic() > deadline:
-                    raise in_use(who) from None
-                await asyncio.sleep(0.2)
-            except psycopg.errors.UndefinedObject:
-                break  # dropped meanwhile by someone else
-        done.append(
-            f"dropped replication slot {slot}"
-            if existed
-            else f"replication slot {slot} did not exist"
-        )
-        exists = await (
-            await conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,))
-        ).fetchone()
-        if exists:
-            await conn.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(publication)))
-            done.append(f"dropped publication {publication}")
-        else:
-            done.append(f"publication {publication} did not exist")
-        await forget_slot_state(conn, slot)
-        # A pipeline still running somewhere re-creates its slot within seconds (measured:
-        # about 2 s when its ingest is restarted by `cdc run`).
-        settled = time.monotonic() + settle_seconds
-        while True:
-            state = await _slot_user(conn, slot)
-            if state is not None:
-                raise UndeployError(
-                    f"replication slot {slot} was re-created right after the drop ({state[1]}):"
-                    " the pipeline is still running; stop it, then undeploy again",
-                    done,
-                )
-            if time.monotonic() >= settled:
-                break
-            await asyncio.sleep(0.25)
-    return done
+        provisioner = KafkaProvisioner(pipeline, platform, delete_topics=True)
+        return list(await provisioner.teardown(force=force))
+    return list(await transport.provisioner(pipeline, platform).teardown(force=force))
 
 
 class SourceChecksSkipped(Exception):

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from adapters.config import PipelineConfig, PlatformConfig
-from domain.ports import AckCallback
+from domain.ports import AckCallback, Provisioner
 from services.capture.payload import ArrowBatchCodec
 from services.capture.publisher import LanePublisher, RetrySettings
 from services.lifecycle import StartupError
@@ -138,3 +138,27 @@ def build_monitor(pipeline: PipelineConfig, platform: PlatformConfig) -> PubSubM
         n.subscription,
         interval_seconds=max(60.0, platform.lag_monitor_interval_seconds),
     )
+
+
+class CaptureProvisioner:
+    """What a pubsub pipeline creates: the capture's publication and slot on the source (the
+    WAL's provisioner), then the topics and subscriptions. Teardown in the same order: a slot
+    still in use refuses the whole undeploy before anything on Pub/Sub is deleted."""
+
+    def __init__(self, wal: Provisioner, pubsub: PubSubProvisioner) -> None:
+        self.wal = wal
+        self.pubsub = pubsub
+
+    async def provision(self) -> None:
+        await self.wal.provision()
+        await self.pubsub.provision()
+
+    async def teardown(self, force: bool = False) -> list[str]:
+        done = list(await self.wal.teardown(force=force))
+        return done + list(await self.pubsub.teardown(force=force))
+
+
+def build_capture_provisioner(
+    pipeline: PipelineConfig, platform: PlatformConfig, wal: Provisioner
+) -> CaptureProvisioner:
+    return CaptureProvisioner(wal, build_provisioner(pipeline, platform))

@@ -40,9 +40,10 @@ from adapters.config import (
     WebhookSinkConfig,
 )
 from adapters.config.errors import Loc
-from adapters.postgres.sink_writer import PostgresSinkWriter
-from adapters.postgres.slot_monitor import PostgresSlotMonitor
-from adapters.postgres.wal_reader import PostgresWalSource, WalReaderSettings
+from adapters.postgres.sink.writer import PostgresSinkWriter
+from adapters.postgres.source.provisioner import PostgresProvisioner
+from adapters.postgres.source.reader import PostgresWalSource, WalReaderSettings
+from adapters.postgres.source.slot_monitor import PostgresSlotMonitor
 from domain.ports import AckCallback, EventSource, Outlet, Provisioner, SinkWriter, SourceMonitor
 from services import pubsub_transport
 
@@ -104,7 +105,8 @@ class TransportAdapter:
     source_monitor: MonitorFactory | None = None  # None: nothing to watch
     # Transports fed by `cdc capture` (the WAL reader publishing to the broker).
     capture_outlet: OutletFactory | None = None
-    # Creates (idempotently) and removes (`cdc undeploy`) the transport's resources.
+    # What `cdc undeploy` tears down (and a deploy step creates); None: nothing to remove.
+    # For kafka, `cdc run` / `cdc deploy` also run its provision() before the stages start.
     provisioner: ProvisionerFactory | None = None
 
     @property
@@ -125,6 +127,8 @@ class SinkAdapter:
     config_model: type[BaseModel]
     reads: frozenset[str] = frozenset()
     writer: WriterFactory | None = None
+    # Checks of a sink's settings against the pipeline (locs relative to sinks[i]).
+    validate: Callable[[PipelineConfig, SinkConfig], list[tuple[Loc, str]]] | None = None
 
     @property
     def available(self) -> bool:
@@ -185,6 +189,62 @@ def build_slot_monitor(pipeline: PipelineConfig, platform: PlatformConfig) -> Po
     )
 
 
+def build_iceberg_writer(
+    pipeline: PipelineConfig, sink: SinkConfig, platform: PlatformConfig
+) -> SinkWriter:
+    from adapters.iceberg.writer import IcebergSinkWriter
+
+    assert sink.iceberg is not None  # guaranteed by SinkConfig validation
+    return IcebergSinkWriter(sink.iceberg, pipeline.pipeline_id, sink.sink_id)
+
+
+def check_iceberg_sink(pipeline: PipelineConfig, sink: SinkConfig) -> list[tuple[Loc, str]]:
+    """A literal table_name (no {schema} / {table}) only for a sink that receives exactly
+    one table (source tables are exact names)."""
+    from adapters.iceberg.catalog import has_placeholders, table_identifier
+
+    assert sink.iceberg is not None
+    tables = [t for t in pipeline.source.tables if sink.accepts_table(t)]
+    if has_placeholders(sink.iceberg.table_name):
+        seen: dict[tuple[str, str], str] = {}
+        for t in tables:
+            ident = table_identifier(sink.iceberg, *t.split(".", 1))
+            if ident in seen:
+                return [
+                    (
+                        ("iceberg", "table_name"),
+                        f"{sink.iceberg.table_name!r} maps {seen[ident]} and {t} to the same"
+                        f" Iceberg table {'.'.join(ident)}; use both {{schema}} and {{table}}",
+                    )
+                ]
+            seen[ident] = t
+        return []
+    if len(tables) == 1:
+        return []
+    return [
+        (
+            ("iceberg", "table_name"),
+            f"{sink.iceberg.table_name!r} names one table but sink '{sink.sink_id}' receives"
+            f" {len(tables)} tables ({', '.join(tables) or 'none'}); use the"
+            " {schema} and {table} placeholders (e.g. '{schema}_{table}') or limit the sink"
+            " to one table with 'tables'",
+        )
+    ]
+
+
+def build_postgres_provisioner(
+    pipeline: PipelineConfig, platform: PlatformConfig
+) -> PostgresProvisioner:
+    """The publication, the replication slot and the reader's bookkeeping on the source:
+    what every transport that reads the WAL creates there."""
+    return PostgresProvisioner(
+        source_conninfo(pipeline),
+        pipeline.effective_slot_name(platform),
+        pipeline.effective_publication_name(platform),
+        tuple(pipeline.source.tables),
+    )
+
+
 def build_postgres_writer(
     pipeline: PipelineConfig, sink: SinkConfig, platform: PlatformConfig
 ) -> PostgresSinkWriter:
@@ -192,6 +252,20 @@ def build_postgres_writer(
     return PostgresSinkWriter(
         sink.postgres, pipeline.pipeline_id, sink.sink_id, retry=platform.retry
     )
+
+
+def build_kafka_provisioner(pipeline: PipelineConfig, platform: PlatformConfig) -> Provisioner:
+    from adapters.kafka.provisioner import KafkaProvisioner
+
+    return KafkaProvisioner(pipeline, platform)
+
+
+def build_connector_monitor(
+    pipeline: PipelineConfig, platform: PlatformConfig
+) -> SourceMonitor:
+    from adapters.debezium.monitor import ConnectorMonitor
+
+    return ConnectorMonitor(pipeline, platform)
 
 
 # ------------------------------------------------------------------------- the registry
@@ -207,6 +281,47 @@ _CLOUD_READS = frozenset(
     }
 )
 
+# What the Kinesis adapters (services/kinesis.py) read: topic_prefix (stream names), dlq
+# (enabled, topic_suffix: the DLQ streams), retry (the backoff of failed puts and reads;
+# max_attempts is not read: a put is retried until it succeeds), max_buffered_messages (the
+# records the source buffers), wal_reader.batch_size / batch_timeout_seconds (the capture).
+_KINESIS_READS = _CLOUD_READS
+
+
+def _kinesis_source(pipeline: PipelineConfig, platform: PlatformConfig) -> EventSource:
+    from services.kinesis import build_kinesis_source  # boto3 only when chosen
+
+    return build_kinesis_source(pipeline, platform)
+
+
+def _kinesis_monitor(pipeline: PipelineConfig, platform: PlatformConfig) -> SourceMonitor:
+    from services.kinesis import build_kinesis_monitor
+
+    return build_kinesis_monitor(pipeline, platform)
+
+
+def _kinesis_publisher(
+    pipeline: PipelineConfig, platform: PlatformConfig, on_ack: AckCallback
+) -> Outlet:
+    from services.kinesis import build_kinesis_publisher
+
+    return build_kinesis_publisher(pipeline, platform, on_ack)
+
+
+def _pubsub_provisioner(pipeline: PipelineConfig, platform: PlatformConfig) -> Provisioner:
+    return pubsub_transport.build_capture_provisioner(
+        pipeline, platform, build_postgres_provisioner(pipeline, platform)
+    )
+
+
+def _kinesis_provisioner(pipeline: PipelineConfig, platform: PlatformConfig) -> Provisioner:
+    from services.kinesis import build_kinesis_provisioner
+
+    return build_kinesis_provisioner(
+        pipeline, platform, build_postgres_provisioner(pipeline, platform)
+    )
+
+
 TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
     t.name: t
     for t in (
@@ -217,6 +332,7 @@ TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
             fixed={"stop_on_incompatible_schema": False},
             event_source=build_wal_source,
             source_monitor=build_slot_monitor,
+            provisioner=build_postgres_provisioner,
         ),
         TransportAdapter(
             "kafka",
@@ -232,6 +348,9 @@ TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
                     "stop_on_incompatible_schema",
                 }
             ),
+            # The consumer EventSource is not registered yet: the transport stays refused.
+            source_monitor=build_connector_monitor,
+            provisioner=build_kafka_provisioner,
         ),
         TransportAdapter(
             "pubsub",
@@ -242,13 +361,19 @@ TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
             event_source=pubsub_transport.build_source,
             source_monitor=pubsub_transport.build_monitor,
             capture_outlet=pubsub_transport.build_outlet,
-            provisioner=pubsub_transport.build_provisioner,
+            # the capture's slot and publication, then the topics and subscriptions
+            provisioner=_pubsub_provisioner,
         ),
         TransportAdapter(
             "kinesis",
             "the WAL captured to Amazon Kinesis",
             sections={"kinesis": KinesisConfig, "wal_reader": WalReaderConfig},
-            reads=_CLOUD_READS,
+            reads=_KINESIS_READS,
+            event_source=_kinesis_source,
+            source_monitor=_kinesis_monitor,
+            capture_outlet=_kinesis_publisher,
+            # the capture's slot and publication, then the streams and the lease table
+            provisioner=_kinesis_provisioner,
         ),
     )
 }
@@ -264,7 +389,13 @@ SINKS: Mapping[SinkType, SinkAdapter] = {
             writer=build_postgres_writer,
         ),
         SinkAdapter("webhook", "batches of events POSTed as JSON", WebhookSinkConfig),
-        SinkAdapter("iceberg", "Apache Iceberg tables", IcebergSinkConfig),
+        SinkAdapter(
+            "iceberg",
+            "Apache Iceberg tables (append, or upsert with position deletes)",
+            IcebergSinkConfig,
+            writer=build_iceberg_writer,
+            validate=check_iceberg_sink,
+        ),
     )
 }
 
@@ -345,6 +476,9 @@ def check(pipeline: PipelineConfig, platform: PlatformConfig) -> Problems:
                     f" available: {_names(available_sink_types())} (or set enabled: false)",
                 )
             )
+        elif adapter.validate is not None:
+            for where, message in adapter.validate(pipeline, sink):
+                found.pipeline.append((("sinks", index, *where), message))
     # The settings: what the chosen adapters read, by what their entries declare (an adapter
     # that is not available still declares them, so its own settings are not reported twice).
     for path in ADAPTER_SETTINGS:

@@ -20,9 +20,10 @@ from domain.blocks import (
     BlockError,
     ChangeBlock,
     build_blocks,
+    lane_indices,
 )
 from domain.events import Column, SourceEvent, TableSchema
-from domain.ports import SinkBatch
+from domain.ports import OutboundBatch, SinkBatch
 
 WIRE_VERSION = "cdc.v2"
 
@@ -89,6 +90,20 @@ def encode_blocks(
             rows=len(block),
         )
     return message
+
+
+def encode_outbound(batch: OutboundBatch) -> pb.EventBatch:
+    """A routed batch, of one lane or several (`OutboundBatch.lane_counts`)."""
+    events = batch.events
+    lane: int | list[int] = lane_indices(batch.lane_counts) if batch.lane_counts else 0
+    try:
+        blocks = build_blocks(events, lane)
+    except BlockError as exc:
+        raise WireFormatError(str(exc)) from exc
+    database = events[-1].source_database if events else ""
+    return encode_blocks(
+        batch.batch_id, batch.pipeline_id, batch.lanes, blocks, batch.trace_context, database
+    )
 
 
 def encode_batch(

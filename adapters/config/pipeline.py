@@ -153,6 +153,14 @@ class SourceConfig(ConfigModel):
                     " remove it (or choose heartbeat_mode message or table)",
                 )
             )
+        if self.heartbeat_mode == "table" and self.source_type != "postgres":
+            problems.append(
+                (
+                    ("heartbeat_mode",),
+                    "heartbeat_mode table writes cdc_platform.heartbeat, a PostgreSQL table;"
+                    f" source_type {self.source_type} sends heartbeat messages: use message",
+                )
+            )
         if self.source_type == "mysql" and self.mysql_server_id is None:
             problems.append(
                 (
@@ -335,6 +343,10 @@ class IcebergSinkConfig(ConfigModel):
     s3_access_key_id: str | None = None
     s3_secret_access_key: str | None = Field(default=None, repr=False)
     s3_region: str | None = None
+    # upsert: a delete keeps the row with _cdc_deleted = true instead of removing it
+    soft_delete: bool = False
+    # partition transforms: "column", "day(ts)", "bucket(16, id)", "truncate(4, name)", ...
+    partition_by: list[NonEmptyStr] = Field(default_factory=list)
     maintenance: IcebergMaintenanceConfig = Field(default_factory=IcebergMaintenanceConfig)
 
 

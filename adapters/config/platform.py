@@ -76,6 +76,14 @@ class KafkaConfig(ConfigModel):
     sasl_password: str | None = Field(default=None, repr=False)
     aws_region: str | None = None
     gcp_project_id: str | None = None
+    # TLS to the brokers (SSL / SASL_SSL): PEM files on this machine. The connector gets
+    # their contents (Connect may run elsewhere), see adapters/kafka/security.py.
+    ssl_ca_file: NonEmptyStr | None = None
+    ssl_cert_file: NonEmptyStr | None = None
+    ssl_key_file: NonEmptyStr | None = None
+    ssl_key_password: str | None = Field(default=None, repr=False)
+    schema_registry_username: NonEmptyStr | None = None
+    schema_registry_password: str | None = Field(default=None, repr=False)
 
     @field_validator("auth_mechanism", mode="before")
     @classmethod
@@ -139,8 +147,45 @@ class KafkaConfig(ConfigModel):
                     "gcp_project_id is used only with auth_mechanism sasl_oauthbearer",
                 )
             )
+        problems += self._tls_and_registry_problems()
         raise_if(problems)
         return self
+
+
+    def _tls_and_registry_problems(self) -> list[tuple[Loc, str]]:
+        problems: list[tuple[Loc, str]] = []
+        tls = ("ssl_ca_file", "ssl_cert_file", "ssl_key_file", "ssl_key_password")
+        if self.security_protocol not in ("SSL", "SASL_SSL"):
+            for name in tls:
+                if getattr(self, name) is not None:
+                    problems.append(
+                        (
+                            (name,),
+                            f"{name} is used only with security_protocol SSL or SASL_SSL,"
+                            f" not {self.security_protocol}",
+                        )
+                    )
+        if (self.ssl_cert_file is None) != (self.ssl_key_file is None):
+            missing = "ssl_key_file" if self.ssl_key_file is None else "ssl_cert_file"
+            problems.append(
+                ((missing,), "a client certificate needs both ssl_cert_file and ssl_key_file")
+            )
+        if self.ssl_key_password is not None and self.ssl_key_file is None:
+            problems.append((("ssl_key_password",), "ssl_key_password needs ssl_key_file"))
+        if (self.schema_registry_username is None) != (self.schema_registry_password is None):
+            missing = (
+                "schema_registry_password"
+                if self.schema_registry_password is None
+                else "schema_registry_username"
+            )
+            problems.append(
+                (
+                    (missing,),
+                    "Schema Registry basic auth needs both schema_registry_username and"
+                    " schema_registry_password",
+                )
+            )
+        return problems
 
 
 class ConnectorConfig(ConfigModel):
@@ -150,6 +195,11 @@ class ConnectorConfig(ConfigModel):
     timeout_seconds: PositiveFloat = 30.0
     retry_max_attempts: PositiveInt = 5
     retry_wait_seconds: NonNegativeFloat = 2.0
+    # Debezium restarts its task after a retriable error (a lost or refused database
+    # connection) this many times before the connector becomes FAILED, which /readyz and
+    # `cdc health` report; -1 retries for ever while Connect keeps saying RUNNING.
+    errors_max_retries: int = Field(default=30, ge=-1)
+    errors_retry_wait_seconds: PositiveFloat = 10.0
 
 
 class DlqConfig(ConfigModel):

@@ -54,9 +54,11 @@ class PubSubProvisioner:
     async def provision(self) -> None:
         await asyncio.to_thread(self._provision)
 
-    async def teardown(self) -> None:
-        """Remove everything (dead letters kept on the DLQ subscription too); `report`."""
+    async def teardown(self, force: bool = False) -> list[str]:
+        """Remove everything, dead letters on the DLQ subscription too (`force` changes
+        nothing: Pub/Sub has no notion of a resource in use); one line per resource."""
         self.report = await asyncio.to_thread(self._teardown)
+        return self.report
 
     def teardown_report(self) -> list[str]:
         self.report = self._teardown()

@@ -55,16 +55,6 @@ async def provision(pipeline: PipelineConfig, platform: PlatformConfig) -> None:
         await adapter.provisioner(pipeline, platform).provision()
 
 
-async def teardown_transport(pipeline: PipelineConfig, platform: PlatformConfig) -> list[str]:
-    """`cdc undeploy`: remove what the transport's provisioner created (lines to print)."""
-    adapter = registry.TRANSPORTS[platform.transport_mode]
-    if adapter.provisioner is None:
-        return []
-    provisioner = adapter.provisioner(pipeline, platform)
-    await provisioner.teardown()
-    return [str(line) for line in getattr(provisioner, "report", [])]
-
-
 async def run_capture(
     pipeline: PipelineConfig, platform: PlatformConfig, http_port: int | None = None
 ) -> int:

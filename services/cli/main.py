@@ -124,8 +124,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(f"run:{pipeline.pipeline_id}")
     sinks = [s.sink_id for s in pipeline.enabled_sinks]
     sink_host = security.connect_host(security.listen_host(platform))
+    # The transport's resources (Kafka: topics and the Debezium connector) before the stages.
     from services import registry
+    from services.cli.deploy import provision_or_report
 
+    if provision_or_report(pipeline, platform) != 0:
+        lock.release()
+        return 1
     capture = registry.TRANSPORTS[platform.transport_mode].has_capture
     supervisor = Supervisor(args.pipeline, args.platform_config, sinks, sink_host, capture)
     supervisor.configure_lifecycle(platform.shutdown_timeout_seconds, lock.fd)
@@ -142,7 +147,12 @@ def cmd_health(args: argparse.Namespace) -> int:
     platform = load_platform(args.platform_config)
     pipeline = load_pipeline(args.pipeline, platform=platform) if args.pipeline else None
     report = asyncio.run(pipeline_health(pipeline, platform))
-    print(json.dumps(report, indent=2, default=str))
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        from services.kafka_ops import health_table
+
+        print(health_table(report))
     return 0 if report["status"] != "error" else 1
 
 
@@ -160,24 +170,30 @@ def cmd_undeploy(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    if args.delete_topics and platform.transport_mode != "kafka":
+        print("error: --delete-topics is for transport_mode kafka", file=sys.stderr)
+        return EXIT_CONFIG
     if not args.yes:
+        what = "replication slot and publication"
+        if platform.transport_mode == "kafka":
+            what = "Debezium connector, " + what
+            what += " and topics" if args.delete_topics else " (topics are kept)"
         answer = input(
-            f"Drop replication slot and publication of pipeline '{pipeline.pipeline_id}'?"
+            f"Drop the {what} of pipeline '{pipeline.pipeline_id}'?"
             " Data in sinks is not touched. [y/N] "
         )
         if answer.strip().lower() not in ("y", "yes"):
             print("aborted")
             return 1
     try:
-        lines = asyncio.run(undeploy(pipeline, platform, force=args.force))
+        lines = asyncio.run(
+            undeploy(pipeline, platform, force=args.force, delete_topics=args.delete_topics)
+        )
     except UndeployError as exc:
         for line in exc.done:
             print(line)
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    from services.capture.main import teardown_transport
-
-    lines += asyncio.run(teardown_transport(pipeline, platform))
     for line in lines:
         print(line)
     return 0
@@ -234,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     health = sub.add_parser("health", help="check the platform, or a pipeline's source and sinks")
     health.add_argument("pipeline", nargs="?", default=None, help="pipeline.yaml (optional)")
     health.add_argument("--platform-config", default=None)
+    health.add_argument("--json", action="store_true", help="JSON instead of a table")
     health.set_defaults(func=cmd_health)
     undeploy = with_configs(sub.add_parser("undeploy", help="drop the slot and publication"))
     undeploy.add_argument("--yes", action="store_true", help="do not ask")
@@ -243,7 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="terminate the walsender of an active slot (the pipeline must be stopped: a "
         "running one re-creates the slot, and undeploy then fails)",
     )
+    undeploy.add_argument(
+        "--delete-topics",
+        action="store_true",
+        help="kafka: also delete the pipeline's topics (data, dead letters, schema history)",
+    )
     undeploy.set_defaults(func=cmd_undeploy)
+    from services.cli import deploy
+
+    deploy.add_parser(sub)
     backfill = with_configs(
         sub.add_parser("backfill", help="re-read tables in chunks while changes keep flowing")
     )
@@ -270,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a sink's HTTP base URL, instead of the one the ingest lists (port-forwards)",
     )
     status.set_defaults(func=cmd_status)
+    from services.cli import lakehouse
+    from services.cli import stack as stack_cli
+
+    lakehouse.add_parser(sub, with_configs)
+    stack_cli.register(sub)
     return parser
 
 

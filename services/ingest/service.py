@@ -2,14 +2,21 @@
 
 One pump serves `cdc ingest` (outlets: the sink services' gRPC streams) and a capture stage
 that publishes to a broker (outlets: a Pub/Sub or Kinesis publisher): it depends only on
-the `EventSource` and `Outlet` ports."""
+the `EventSource` and `Outlet` ports.
+
+The source is read ahead by at most about one batch of events. Chunks of different lanes
+that are waiting together leave in one batch (one handle per lane), so a source with many
+lanes (Kafka partitions, key-hash lanes) does not cut the stream into slivers of one lane
+each; a chunk of a lane already in the batch, or one that revokes lanes, starts the next."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -121,26 +128,61 @@ class IngestService:
         log.info("ingest.stopped", events_read=self.events_read)
 
     async def _read_loop(self) -> None:
-        async for chunk in self.source.chunks():
-            await self._dispatch(chunk)
+        ahead = _ReadAhead(self.batch_max_events)
+        feeder = asyncio.create_task(self._feed(ahead), name="ingest-source")
+        try:
+            while (chunk := await ahead.take()) is not None:
+                group = [chunk]
+                if not chunk.revoked:
+                    lanes = {chunk.lane}
+                    room = self.batch_max_events - len(chunk.events)
+                    while (more := ahead.take_joining(lanes, room)) is not None:
+                        group.append(more)
+                        lanes.add(more.lane)
+                        room -= len(more.events)
+                await self._dispatch_group(group)
+        finally:
+            feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feeder
+
+    async def _feed(self, ahead: _ReadAhead) -> None:
+        try:
+            async for chunk in self.source.chunks():
+                await ahead.put(chunk)
+        except BaseException as exc:
+            ahead.close(exc)
+            raise
+        ahead.close()
 
     async def _dispatch(self, chunk: SourceChunk) -> None:
-        if chunk.revoked:
-            dropped = self.tracker.revoke(chunk.revoked)
-            log.info("ingest.lanes_revoked", lanes=sorted(chunk.revoked), abandoned=dropped)
-        for change in chunk.schema_changes:
-            self._schema_changed(change)
-        events = chunk.events
-        self.events_read += len(events)
-        self.metrics.count_read(events)
+        await self._dispatch_group([chunk])
+
+    async def _dispatch_group(self, group: list[SourceChunk]) -> None:
+        """Send the chunks of `group` (of distinct lanes; only the first may revoke lanes,
+        and a group of several holds at most `batch_max_events` events) as one batch, or a
+        single chunk as batches of at most `batch_max_events`, its handle with the last."""
+        first = group[0]
+        if first.revoked:
+            dropped = self.tracker.revoke(first.revoked)
+            log.info("ingest.lanes_revoked", lanes=sorted(first.revoked), abandoned=dropped)
+        for chunk in group:
+            for change in chunk.schema_changes:
+                self._schema_changed(change)
+            self.events_read += len(chunk.events)
+            self.metrics.count_read(chunk.events)
+        if len(group) > 1:
+            await self._send([_Part(c.lane, c.events, c.ack) for c in group])
+            return
+        events = first.events
         size = self.batch_max_events
         if not events:
-            await self._send(chunk.lane, [], chunk.ack)
+            await self._send([_Part(first.lane, [], first.ack)])
             return
         for start in range(0, len(events), size):
             part = events[start : start + size]
             last = start + size >= len(events)
-            await self._send(chunk.lane, part, chunk.ack if last else None)
+            await self._send([_Part(first.lane, part, first.ack if last else None)])
 
     def _schema_changed(self, change: SchemaChange) -> None:
         if not change.is_change:  # a table seen for the first time in this process
@@ -156,33 +198,41 @@ class IngestService:
             retyped=list(change.retyped),
         )
 
-    async def _send(self, lane: str, events: list[SourceEvent], handle: Any) -> None:
+    async def _send(self, parts: list[_Part]) -> None:
+        """One batch of the lanes in `parts` (distinct), routed: each targeted outlet gets
+        the changes meant for it, grouped by lane."""
         batch_id = self._next_batch_id
         self._next_batch_id += 1
-        by_sink = self.router.split(events)
-        targets = [sink_id for sink_id, evs in by_sink.items() if evs]
-        self.tracker.register(batch_id, targets, {lane: handle})
+        routed = [self.router.split(p.events) for p in parts]
+        per_sink: dict[str, list[tuple[str, list[SourceEvent]]]] = {}
+        for part, by_sink in zip(parts, routed, strict=True):
+            for sink_id, evs in by_sink.items():
+                if evs:
+                    per_sink.setdefault(sink_id, []).append((part.lane, evs))
+        targets = list(per_sink)
+        self.tracker.register(batch_id, targets, {p.lane: p.handle for p in parts})
         if not targets:
-            await self._commit_ready(lane)
+            for part in parts:
+                await self._commit_ready(part.lane)
             return
-        commit_us = events[-1].commit_time_us
+        lanes = [p.lane for p in parts]
+        commit_us = max((p.events[-1].commit_time_us for p in parts if p.events), default=0)
         with self._tracer.start_as_current_span(
             "ingest.batch",
             attributes={
                 "cdc.pipeline_id": self.pipeline_id,
-                "cdc.lane": lane,
+                "cdc.lane": ",".join(lanes),
                 "cdc.batch_id": batch_id,
-                "cdc.events": len(events),
+                "cdc.events": sum(len(p.events) for p in parts),
                 "cdc.sinks": ",".join(targets),
             },
         ):
             context = tracing.inject()
             for sink_id in targets:
-                await self.channels[sink_id].send(
-                    OutboundBatch(batch_id, self.pipeline_id, (lane,), by_sink[sink_id], context)
-                )
+                outbound = _outbound(batch_id, self.pipeline_id, per_sink[sink_id], context)
+                await self.channels[sink_id].send(outbound)
                 self._sent_at[(batch_id, sink_id)] = (time.monotonic(), commit_us)
-                self.metrics.count_sent(sink_id, by_sink[sink_id])
+                self.metrics.count_sent(sink_id, outbound.events)
                 self.metrics.unacked.labels(self.pipeline_id, sink_id).set(
                     self.channels[sink_id].unacked
                 )
@@ -233,3 +283,88 @@ class IngestService:
             "pending_batches": self.tracker.pending_count(),
             "components": {c.name: c.as_dict() for c in components},
         }
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """The changes of one lane in a batch being sent, and the lane's handle with it."""
+
+    lane: str
+    events: list[SourceEvent]
+    handle: Any
+
+
+def _outbound(
+    batch_id: int,
+    pipeline_id: str,
+    lanes: list[tuple[str, list[SourceEvent]]],
+    context: Mapping[str, str],
+) -> OutboundBatch:
+    if len(lanes) == 1:
+        lane, events = lanes[0]
+        return OutboundBatch(batch_id, pipeline_id, (lane,), events, context)
+    return OutboundBatch(
+        batch_id,
+        pipeline_id,
+        tuple(lane for lane, _ in lanes),
+        [ev for _, evs in lanes for ev in evs],
+        context,
+        lane_counts=tuple(len(evs) for _, evs in lanes),
+    )
+
+
+class _ReadAhead:
+    """Chunks read from the source before they are dispatched: at most about one batch of
+    events (`limit`; one chunk is always let in), so backpressure from the outlets still
+    stops reading the source soon."""
+
+    def __init__(self, limit: int) -> None:
+        self._chunks: deque[SourceChunk] = deque()
+        self._events = 0
+        self._limit = max(1, limit)
+        self._changed = asyncio.Event()
+        self._ended = False
+        self._error: BaseException | None = None
+
+    async def put(self, chunk: SourceChunk) -> None:
+        while self._chunks and self._events >= self._limit:
+            self._changed.clear()
+            await self._changed.wait()
+        self._chunks.append(chunk)
+        self._events += len(chunk.events)
+        self._changed.set()
+
+    def close(self, error: BaseException | None = None) -> None:
+        """The source ended (or failed: `take` raises its error once the chunks read before
+        it are taken)."""
+        self._ended = True
+        if error is not None and not isinstance(error, asyncio.CancelledError):
+            self._error = error
+        self._changed.set()
+
+    async def take(self) -> SourceChunk | None:
+        """The next chunk, waiting for one; None when the source ended."""
+        while not self._chunks:
+            if self._ended:
+                if self._error is not None:
+                    raise self._error
+                return None
+            self._changed.clear()
+            await self._changed.wait()
+        return self._pop()
+
+    def take_joining(self, lanes: set[str], room: int) -> SourceChunk | None:
+        """The next chunk if it is already here and may join a batch of `lanes` with `room`
+        events left: another lane, no revocation, small enough."""
+        if not self._chunks:
+            return None
+        chunk = self._chunks[0]
+        if chunk.lane in lanes or chunk.revoked or len(chunk.events) > room:
+            return None
+        return self._pop()
+
+    def _pop(self) -> SourceChunk:
+        chunk = self._chunks.popleft()
+        self._events -= len(chunk.events)
+        self._changed.set()
+        return chunk

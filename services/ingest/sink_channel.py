@@ -10,7 +10,9 @@ resent in order after a reconnect; the sink skips positions it applied.
 
 Every connection starts with the Describe handshake: a sink of another wire version is
 refused with a clear message (logged, and in this channel's health) and asked again after
-a backoff, instead of being sent batches it would misread.
+a backoff, instead of being sent batches it would misread. The handshake has a deadline
+(the ack timeout): a sink that never answers it (hung, or a half-open connection) is
+reported by name and address, its connection dropped, and asked again.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from cdc_proto.v2 import events_pb2, sink_pb2, sink_pb2_grpc
 from domain.events import Position
 from domain.health import ComponentHealth, Status
 from domain.ports import DeliveryAck, OutboundBatch
-from services.wire import WIRE_VERSION, encode_batch, wire_version_mismatch
+from services.wire import WIRE_VERSION, encode_outbound, wire_version_mismatch
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +59,10 @@ class AckTimeoutError(ConnectionError):
     answer its health check: the stream and its connection are dropped."""
 
 
+class DescribeTimeoutError(ConnectionError):
+    """The sink did not answer the Describe handshake within its deadline."""
+
+
 class SinkChannel:
     def __init__(
         self,
@@ -77,7 +83,7 @@ class SinkChannel:
         # Not yet durable at the sink, in send order (resent after a reconnect).
         self._unacked: OrderedDict[int, events_pb2.EventBatch] = OrderedDict()
         self._accepted: set[int] = set()  # of those, accepted: their credit is back
-        self._last: dict[int, tuple[str, Position]] = {}  # batch -> (lane, newest position)
+        self._last: dict[int, dict[str, Position]] = {}  # batch -> newest position per lane
         self._outbox: asyncio.Queue[events_pb2.EventBatch] = asyncio.Queue()
         self._on_ack = on_ack
         self._channel: grpc.aio.Channel | None = None
@@ -88,6 +94,7 @@ class SinkChannel:
         self._stopping = False
         self.sink_description: sink_pb2.DescribeReply | None = None
         self._wire_refused: str | None = None
+        self._handshake_error: str | None = None  # the last Describe timed out
         self.acked_batches = 0
         self.last_ack_monotonic = time.monotonic()
         # Since when the oldest unacked batch could have been written by the sink: its send,
@@ -108,15 +115,10 @@ class SinkChannel:
 
     async def send(self, batch: OutboundBatch | events_pb2.EventBatch) -> None:
         if isinstance(batch, OutboundBatch):
-            if batch.events:
-                self._last[batch.batch_id] = (batch.lanes[0], batch.events[-1].position)
-            message = encode_batch(
-                batch.batch_id,
-                batch.pipeline_id,
-                batch.lanes[0],
-                batch.events,
-                batch.trace_context,
-            )
+            last = batch.last_positions()
+            if last:
+                self._last[batch.batch_id] = last
+            message = encode_outbound(batch)
         else:
             message = batch
         await self._credits.acquire()
@@ -150,8 +152,8 @@ class SinkChannel:
         }
         if self._last_error:
             detail["error"] = self._last_error
-        if self._wire_refused:
-            detail["error"] = self._wire_refused
+        if self._wire_refused or self._handshake_error:
+            detail["error"] = self._wire_refused or self._handshake_error
             return ComponentHealth(f"sink:{self.sink_id}", Status.ERROR, detail)
         # The sink's own health check says whether it is up and its destination reachable;
         # a broken stream is retried on its own and shows up in `detail`.
@@ -223,9 +225,13 @@ class SinkChannel:
         """The handshake: both sides must speak the same wire version."""
         try:
             reply = await stub.Describe(
-                sink_pb2.DescribeRequest(wire_version=WIRE_VERSION), wait_for_ready=True
+                sink_pb2.DescribeRequest(wire_version=WIRE_VERSION),
+                wait_for_ready=True,
+                timeout=self._ack_timeout,
             )
         except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+                await self._describe_timed_out()
             if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
                 # A sink of an older release: it has no cdc.v2 service at all.
                 self._refuse(wire_version_mismatch(WIRE_VERSION, "cdc.v1", "ingest"))
@@ -235,7 +241,37 @@ class SinkChannel:
         if reply.wire_version != WIRE_VERSION:
             self._refuse(wire_version_mismatch(WIRE_VERSION, reply.wire_version, "ingest"))
         self.sink_description = reply
-        self._wire_refused = None
+        self._wire_refused = self._handshake_error = None
+
+    async def _describe_timed_out(self) -> None:
+        """No answer to the handshake in time. Connected but silent (a hung sink, a
+        half-open connection): the channel is dropped so the next attempt connects anew.
+        Not connected: the sink is not listening (yet) at its address."""
+        channel, self._channel = self._channel, None
+        state = channel.get_state() if channel is not None else None
+        connected = state is grpc.ChannelConnectivity.READY
+        why = (
+            "connected, but it did not answer"
+            if connected
+            else "could not connect (is it running and listening there?)"
+        )
+        message = (
+            f"sink {self.sink_id} at {self.target}: no answer to the Describe handshake within"
+            f" {self._ack_timeout:g} s (ingest.ack_timeout_seconds): {why}"
+        )
+        log.warning(
+            "sink.describe_timeout",
+            sink=self.sink_id,
+            target=self.target,
+            timeout_seconds=self._ack_timeout,
+            connected=connected,
+        )
+        if channel is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await channel.close()
+        self._handshake_error = message
+        raise DescribeTimeoutError(message)
 
     def _refuse(self, message: str) -> None:
         self._last_error = self._wire_refused = message
@@ -328,7 +364,9 @@ class SinkChannel:
         durable = {d.lane: Position(d.position, d.sequence) for d in ack.durable_positions}
         for other in [b for b in self._unacked if b in self._accepted]:
             last = self._last.get(other)
-            if last is not None and last[0] in durable and last[1] <= durable[last[0]]:
+            if last and all(
+                lane in durable and position <= durable[lane] for lane, position in last.items()
+            ):
                 await self._release(other, None)
 
     async def _release(self, batch_id: int, ack: sink_pb2.BatchAck | None) -> None:

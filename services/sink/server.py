@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -15,7 +15,7 @@ import structlog
 from adapters.config import PipelineConfig, PlatformConfig
 from cdc_proto.v1 import sink_pb2_grpc as v1_sink_pb2_grpc
 from cdc_proto.v2 import events_pb2, sink_pb2, sink_pb2_grpc
-from domain.errors import CdcError
+from domain.errors import CdcError, SinkHaltedError
 from domain.health import Status
 from domain.ports import Guarantee, SinkBatch, SinkWriter
 from services import lifecycle, security, tracing
@@ -41,9 +41,15 @@ _GUARANTEES = {
 
 class SinkServicer(sink_pb2_grpc.SinkServiceServicer):
     def __init__(
-        self, writer: SinkWriter, sink_id: str, metrics: SinkMetrics, sink_type: str = ""
+        self,
+        writer: SinkWriter,
+        sink_id: str,
+        metrics: SinkMetrics,
+        sink_type: str = "",
+        on_halt: Callable[[str], None] | None = None,
     ) -> None:
         self.writer = writer
+        self.on_halt = on_halt
         self.sink_id = sink_id
         self.sink_type = sink_type
         self.metrics = metrics
@@ -116,6 +122,10 @@ class SinkServicer(sink_pb2_grpc.SinkServiceServicer):
                     in_flight.dec()
                 if ack.status == sink_pb2.ACK_STATUS_WRITTEN and not ack.durable:
                     self._buffered = True
+                elif ack.status == sink_pb2.ACK_STATUS_WRITTEN and self._buffered:
+                    # The writer committed what it had buffered with this batch: release
+                    # the earlier accepted batches too (its flush now commits nothing).
+                    yield await self._flushed()
                 if self._buffered and decoded.empty():
                     # A writer that buffers: make what it accepted durable while the stream
                     # is idle, and say up to where (batch_id 0: not about one batch).
@@ -166,6 +176,11 @@ class SinkServicer(sink_pb2_grpc.SinkServiceServicer):
                 started = time.monotonic()
                 try:
                     result = await self.writer.write(batch)
+                except SinkHaltedError as exc:
+                    log.error("sink.halted", batch_id=message.batch_id, error=str(exc))
+                    if self.on_halt is not None:
+                        self.on_halt(str(exc))
+                    return _rejected(message.batch_id, str(exc))
                 except CdcError as exc:
                     # Not written: the ingest service keeps the batch and resends it later.
                     log.error("sink.write_failed", batch_id=message.batch_id, error=str(exc))
@@ -242,8 +257,16 @@ async def run_sink(
         ]
     )
     metrics = SinkMetrics(pipeline.pipeline_id, sink_id)
+    stop = asyncio.Event()
+    halted: list[str] = []
+
+    def halt(reason: str) -> None:
+        # Exit 2 afterwards: `cdc run` does not restart a stage that would fail the same way.
+        halted.append(reason)
+        stop.set()
+
     sink_pb2_grpc.add_SinkServiceServicer_to_server(
-        SinkServicer(writer, sink_id, metrics, sink.sink_type), server
+        SinkServicer(writer, sink_id, metrics, sink.sink_type, on_halt=halt), server
     )
     v1_sink_pb2_grpc.add_SinkServiceServicer_to_server(RefuseOlderWire(sink_id), server)
     health = add_health(server)
@@ -263,7 +286,6 @@ async def run_sink(
         "sink.listening", sink_id=sink_id, host=host, port=bound, tls=credentials is not None
     )
 
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -325,4 +347,7 @@ async def run_sink(
         http.shutdown()
     tracing.shutdown_tracing()
     log.info("sink.stopped", sink_id=sink_id)
+    if halted:
+        log.error("sink.halted_exit", sink_id=sink_id, reason=halted[0])
+        return 2
     return 0

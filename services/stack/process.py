@@ -6,6 +6,10 @@ connect) builds on :func:`launch`. The child gets ``PR_SET_PDEATHSIG`` (Linux): 
 that started it dies, even by SIGKILL, it is sent SIGTERM, so a killed test run or a killed
 ``cdc stack`` daemon leaves no server behind. The process group covers what the child starts
 itself (a shell wrapper's JVM, for instance).
+
+The death signal is set by a tiny ``python -S -c`` trampoline that then execs the server, not by
+``preexec_fn``: a Python callback between fork and exec runs the parent's fork handlers, and a
+parent holding gRPC channels (a test that used the Pub/Sub client) then aborts the child.
 """
 
 from __future__ import annotations
@@ -16,13 +20,12 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
-
-from services import lifecycle
 
 __all__ = [
     "HOST",
@@ -55,6 +58,8 @@ def port_open(port: int, host: str = HOST, timeout: float = 0.5) -> bool:
 def check_port_free(port: int, what: str, host: str = HOST) -> None:
     """Raise :class:`LaunchError` naming ``what`` when host:port cannot be bound."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # as servers bind: a port left in TIME_WAIT by a stopped server is free for them
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
@@ -145,12 +150,49 @@ class ManagedProcess:
         if still:
             raise LaunchError(f"{self.name}: ports {still} still open after stopping it")
 
+    def kill(self) -> None:
+        """SIGKILL the whole process group (a crash, for tests) and wait until its ports are
+        closed; ``start`` again with the same ports to bring it back."""
+        if self._stopped:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pgid, signal.SIGKILL)
+        kill_group(self.pgid, 10.0, self.process)
+        self._stopped = True
+        still = wait_ports_closed(self.ports, timeout=10)
+        if still:
+            raise LaunchError(f"{self.name}: ports {still} still open after killing it")
+
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
         try:
             text = self.log_path.read_bytes().decode(errors="replace")
         except OSError as exc:
             return f"<could not read {self.log_path}: {exc}>"
         return "\n".join(text.splitlines()[-lines:])
+
+
+# argv: PARENT_PID PROGRAM ARGS...; exit 127 (like a shell) when PROGRAM cannot be run.
+_TRAMPOLINE: Final = """\
+import ctypes, os, signal, sys
+parent = int(sys.argv[1])
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+    pass
+if os.getppid() != parent:
+    sys.exit(143)  # the parent died before the signal was armed
+try:
+    os.execvp(sys.argv[2], sys.argv[2:])
+except OSError as exc:
+    print(f"could not run {sys.argv[2]}: {exc}", file=sys.stderr, flush=True)
+    sys.exit(127)
+"""
+
+
+def _with_parent_death_signal(argv: Sequence[str]) -> list[str]:
+    if not sys.platform.startswith("linux"):
+        return list(argv)
+    return [sys.executable, "-S", "-c", _TRAMPOLINE, str(os.getpid()), *argv]
 
 
 def launch(
@@ -175,7 +217,6 @@ def launch(
     for port in ports:
         check_port_free(port, name)
     log_path = workdir / f"{log_name or name}.log"
-    parent = os.getpid()
     full_env = dict(os.environ if env is None else env)
     with log_path.open("ab") as log:
         log.write(
@@ -184,14 +225,13 @@ def launch(
         log.flush()
         try:
             proc = subprocess.Popen(
-                list(argv),
+                _with_parent_death_signal(argv),
                 cwd=workdir,
                 env=full_env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=lambda: lifecycle.set_parent_death_signal(parent),
             )
         except OSError as exc:
             raise LaunchError(f"{name}: could not run {argv[0]}: {exc}") from exc

@@ -8,7 +8,8 @@ compatibility level), ``POST /subjects/{s}`` (look a schema up), ``GET /schemas/
 ``GET /subjects/{s}/versions``, ``GET /subjects/{s}/versions/{v|latest}`` (+ ``/schema``),
 ``DELETE /subjects/{s}`` and ``DELETE /subjects/{s}/versions/{v}``,
 ``POST /compatibility/subjects/{s}/versions/{v|latest}`` (``?verbose=true`` adds messages),
-``GET|PUT /config`` and ``GET|PUT|DELETE /config/{s}``. Errors carry Confluent's
+``GET|PUT /config`` and ``GET|PUT|DELETE /config/{s}``; optional HTTP basic auth
+(``$CDC_SCHEMA_REGISTRY_BASIC_AUTH=user:password``). Errors carry Confluent's
 ``error_code`` values. State is kept in one JSON file, rewritten atomically on every change.
 
 Run it with ``python -m services.stack.schema_registry --host 127.0.0.1 --port N
@@ -18,6 +19,8 @@ Run it with ``python -m services.stack.schema_registry --host 127.0.0.1 --port N
 from __future__ import annotations
 
 import argparse
+import base64
+import hmac
 import json
 import os
 import re
@@ -42,6 +45,8 @@ __all__ = ["RegistryError", "RegistryState", "SchemaRegistryServer", "make_serve
 
 CONTENT_TYPE: Final = "application/vnd.schemaregistry.v1+json"
 DEFAULT_COMPATIBILITY: Final = "BACKWARD"
+#: ``USER:PASSWORD``: when set, the server requires HTTP basic auth with these credentials.
+BASIC_AUTH_ENV: Final = "CDC_SCHEMA_REGISTRY_BASIC_AUTH"
 
 
 class RegistryError(Exception):
@@ -400,6 +405,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = parts.path.rstrip("/") or "/"
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         try:
+            self._authenticate()
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
             body: Any = json.loads(raw) if raw.strip() else {}
@@ -418,10 +424,25 @@ class _Handler(BaseHTTPRequestHandler):
             status, payload = HTTPStatus.BAD_REQUEST, {"error_code": 400, "message": str(exc)}
         data = json.dumps(payload).encode()
         self.send_response(status)
+        if status == HTTPStatus.UNAUTHORIZED:
+            self.send_header("WWW-Authenticate", 'Basic realm="cdc-schema-registry"')
         self.send_header("Content-Type", CONTENT_TYPE)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def _authenticate(self) -> None:
+        expected = self.server.basic_auth
+        if expected is None:
+            return
+        header = self.headers.get("Authorization", "")
+        scheme, _, encoded = header.partition(" ")
+        try:
+            given = base64.b64decode(encoded, validate=True) if scheme.lower() == "basic" else b""
+        except ValueError:
+            given = b""
+        if not hmac.compare_digest(given, expected):
+            raise RegistryError(401, 401, "Unauthorized")
 
     def _route(self, method: str, path: str, body: dict[str, Any], query: dict[str, str]) -> Any:
         path_matched = False
@@ -454,22 +475,36 @@ class _RegistryHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     routes: list[_Route]
     state: RegistryState
+    basic_auth: bytes | None
 
 
-def make_server(host: str, port: int, data_file: Path | None = None) -> _RegistryHTTPServer:
-    """An HTTP server (not yet serving) for the registry; ``port`` 0 picks one."""
+def make_server(
+    host: str,
+    port: int,
+    data_file: Path | None = None,
+    basic_auth: tuple[str, str] | None = None,
+) -> _RegistryHTTPServer:
+    """An HTTP server (not yet serving) for the registry; ``port`` 0 picks one. With
+    ``basic_auth`` (user, password) every request needs those HTTP basic credentials."""
     server = _RegistryHTTPServer((host, port), _Handler)
     server.state = RegistryState(data_file)
     server.routes = _routes(server.state)
+    server.basic_auth = f"{basic_auth[0]}:{basic_auth[1]}".encode() if basic_auth else None
     return server
 
 
 # ---------------------------------------------------------------------- managed process
 
 
-def registry_healthy(url: str, timeout: float = 1.0) -> bool:
+def registry_healthy(
+    url: str, timeout: float = 1.0, basic_auth: tuple[str, str] | None = None
+) -> bool:
+    request = urllib.request.Request(f"{url}/subjects")
+    if basic_auth is not None:
+        token = base64.b64encode(f"{basic_auth[0]}:{basic_auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(f"{url}/subjects", timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return bool(response.status == 200)
     except (OSError, urllib.error.URLError):
         return False
@@ -483,6 +518,7 @@ class SchemaRegistryServer:
     port: int
     data_file: Path
     process: ManagedProcess
+    basic_auth: tuple[str, str] | None = None
 
     @property
     def url(self) -> str:
@@ -492,14 +528,25 @@ class SchemaRegistryServer:
         self.process.stop()
 
 
-def start(workdir: Path, *, port: int | None = None, timeout: float = 20.0) -> SchemaRegistryServer:
+def start(
+    workdir: Path,
+    *,
+    port: int | None = None,
+    basic_auth: tuple[str, str] | None = None,
+    timeout: float = 20.0,
+) -> SchemaRegistryServer:
     """Run the registry as ``python -m services.stack.schema_registry`` on 127.0.0.1 with its
-    state in ``workdir/schemas.json`` and its log in ``workdir/schema_registry.log``."""
+    state in ``workdir/schemas.json`` and its log in ``workdir/schema_registry.log``; with
+    ``basic_auth`` (user, password) it requires those credentials (passed in the environment,
+    not on the command line)."""
     port = port or find_free_port()
     data_file = workdir / "schemas.json"
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    env.pop(BASIC_AUTH_ENV, None)
+    if basic_auth is not None:
+        env[BASIC_AUTH_ENV] = f"{basic_auth[0]}:{basic_auth[1]}"
     url = f"http://{HOST}:{port}"
     managed = launch(
         "schema_registry",
@@ -516,11 +563,11 @@ def start(workdir: Path, *, port: int | None = None, timeout: float = 20.0) -> S
         ],
         workdir=workdir,
         ports=[port],
-        healthy=lambda: registry_healthy(url),
+        healthy=lambda: registry_healthy(url, basic_auth=basic_auth),
         timeout=timeout,
         env=env,
     )
-    return SchemaRegistryServer(HOST, port, data_file, managed)
+    return SchemaRegistryServer(HOST, port, data_file, managed, basic_auth)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -532,7 +579,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8081)
     parser.add_argument("--data-file", type=Path, default=None, help="JSON state file")
     args = parser.parse_args(argv)
-    server = make_server(args.host, args.port, args.data_file)
+    user, sep, password = os.environ.get(BASIC_AUTH_ENV, "").partition(":")
+    server = make_server(args.host, args.port, args.data_file, (user, password) if sep else None)
     print(f"schema registry listening on http://{args.host}:{server.server_port}", flush=True)
     try:
         server.serve_forever()

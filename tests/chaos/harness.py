@@ -37,7 +37,7 @@ import psycopg
 import yaml
 from psycopg.types.json import Jsonb
 
-from adapters.postgres.catalog import parse_lsn
+from adapters.postgres.source.catalog import parse_lsn
 from services.stack.postgres import PostgresServer
 from tests.support.pipeline import (
     REPO,

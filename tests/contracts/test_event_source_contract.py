@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from adapters.postgres.wal_reader import PostgresWalSource, WalReaderSettings
+from adapters.postgres.source.reader import PostgresWalSource, WalReaderSettings
 from domain.events import Column, Operation, Position, SourceEvent, TableSchema
 from domain.ports import EventSource, SourceChunk
 from tests.support.fakes import FakeLog, LogSource

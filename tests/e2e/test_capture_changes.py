@@ -23,7 +23,7 @@ import psycopg
 import pytest
 import yaml
 
-from adapters.postgres.pgoutput import PgOutputDecoder
+from adapters.postgres.source.pgoutput import PgOutputDecoder
 from domain.events import UNCHANGED, Operation, SourceEvent
 from tests.support.pipeline import (
     REPO,

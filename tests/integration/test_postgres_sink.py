@@ -19,7 +19,7 @@ import psycopg
 import pytest
 
 from adapters.config.pipeline import PostgresSinkConfig
-from adapters.postgres.sink_writer import PostgresSinkWriter
+from adapters.postgres.sink.writer import PostgresSinkWriter
 from domain.blocks import BlockError, build_blocks
 from domain.errors import SinkUnavailableError
 from domain.events import UNCHANGED, Column, Operation, Position, SourceEvent, TableSchema, TextRow

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from adapters.config import PipelineConfig, PlatformConfig, loads_platform
-from adapters.postgres.sink_writer import PostgresSinkWriter
+from adapters.postgres.sink.writer import PostgresSinkWriter
 from domain.errors import SinkUnavailableError
 from domain.events import Column, Operation, Position, SourceEvent, TableSchema
 from domain.ports import SinkBatch

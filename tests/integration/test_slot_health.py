@@ -1,4 +1,4 @@
-"""The replication slot's health (adapters/postgres/slot_monitor.py) against real PostgreSQL:
+"""The replication slot's health (adapters/postgres/source/slot_monitor.py) against real PostgreSQL:
 the shared query behind `cdc health`, and the ingest's periodic monitor."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from adapters.config import load_pipeline, load_platform
-from adapters.postgres.slot_monitor import (
+from adapters.postgres.source.slot_monitor import (
     PostgresSlotMonitor,
     SlotState,
     check_slot,

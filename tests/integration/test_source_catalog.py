@@ -14,14 +14,14 @@ from typing import Any, TypeVar
 import psycopg
 import pytest
 
-from adapters.postgres.catalog import (
+from adapters.postgres.source.catalog import (
     describe_relation,
     ensure_publication,
     identity_problems,
     missing_generated_columns,
     snapshot_schema,
 )
-from adapters.postgres.pgoutput import PgOutputDecoder
+from adapters.postgres.source.pgoutput import PgOutputDecoder
 from domain.events import SourceEvent, TableSchema
 from services.cli.main import main
 from tests.support.pipeline import free_port, write_configs

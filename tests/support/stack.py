@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    from services.stack.connect import KafkaConnect
     from services.stack.moto import MotoServer
     from services.stack.pubsub_emulator import PubSubEmulator
     from services.stack.schema_registry import SchemaRegistryServer
@@ -81,3 +82,24 @@ def seaweedfs_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_connect(
+    tmp_path_factory: pytest.TempPathFactory,
+    tansu_broker: TansuBroker,
+    schema_registry: SchemaRegistryServer,
+) -> Iterator[KafkaConnect]:
+    """A distributed Connect worker (Debezium connectors, Avro converter defaulting to the
+    session's schema registry) on the session's Tansu broker; ``.url`` is its REST API."""
+    from services.stack import connect
+
+    worker = connect.start(
+        tmp_path_factory.mktemp("connect"),
+        bootstrap_servers=tansu_broker.bootstrap_servers,
+        registry_url=schema_registry.url,
+    )
+    try:
+        yield worker
+    finally:
+        worker.stop()

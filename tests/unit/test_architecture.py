@@ -177,6 +177,25 @@ def adapters_violations(root: Path) -> list[str]:
     ]
 
 
+def sides_violations(root: Path) -> list[str]:
+    """An adapter folder with a source and a sink side (`adapters/<system>/source/`,
+    `adapters/<system>/sink/`): neither side imports the other; what both need lives in
+    the system's folder above them (or in `domain`)."""
+    problems = []
+    for path in files_under(root, "adapters"):
+        parts = path.relative_to(root).parts
+        if len(parts) < 4 or parts[2] not in SIDES:
+            continue
+        other = SIDES[parts[2]]
+        for imp in imports_of(path, root):
+            if imp.module.split(".")[:3] == ["adapters", parts[1], other]:
+                problems.append(str(imp))
+    return problems
+
+
+SIDES = {"source": "sink", "sink": "source"}
+
+
 def services_importers(root: Path) -> list[str]:
     return [
         str(imp)
@@ -213,6 +232,33 @@ def test_domain_makes_no_io_calls() -> None:
 
 def test_adapters_never_import_services_or_generated_wire_code() -> None:
     assert adapters_violations(ROOT) == []
+
+
+def test_source_and_sink_sides_of_an_adapter_do_not_import_each_other() -> None:
+    assert any(p.parts[-2] == "source" for p in files_under(ROOT, "adapters"))
+    assert any(p.parts[-2] == "sink" for p in files_under(ROOT, "adapters"))
+    assert sides_violations(ROOT) == []
+
+
+def test_checker_flags_one_side_importing_the_other(tmp_path: Path) -> None:
+    root = _tree(
+        tmp_path,
+        {
+            "adapters/__init__.py": "",
+            "adapters/pg/__init__.py": "",
+            "adapters/pg/common.py": "",
+            "adapters/pg/source/__init__.py": "",
+            "adapters/pg/source/reader.py": "from adapters.pg.common import x\n",
+            "adapters/pg/sink/__init__.py": "",
+            "adapters/pg/sink/writer.py": "from ..source import reader\n",
+            "adapters/pg/sink/other.py": "import adapters.pg.source.reader\n",
+        },
+    )
+    problems = sides_violations(root)
+    assert sorted(p.split(":")[0] for p in problems) == [
+        "adapters/pg/sink/other.py",
+        "adapters/pg/sink/writer.py",
+    ]
 
 
 def test_only_services_tests_and_bench_import_services() -> None:
@@ -348,9 +394,9 @@ def test_checker_flags_adapter_and_services_violations(tmp_path: Path) -> None:
         ("domain/rows.py", 1, None, "domain.x"),
         ("domain/rows.py", 2, None, "x"),
         ("domain/__init__.py", 1, "events", "domain.events"),
-        ("adapters/postgres/wal_reader.py", 1, "pgoutput", "adapters.postgres.pgoutput"),
-        ("adapters/postgres/wal_reader.py", 2, "config", "adapters.config"),
-        ("adapters/postgres/wal_reader.py", 3, "services", "services"),
+        ("adapters/postgres/source/reader.py", 1, "pgoutput", "adapters.postgres.source.pgoutput"),
+        ("adapters/postgres/source/reader.py", 3, "config", "adapters.config"),
+        ("adapters/postgres/source/reader.py", 4, "services", "services"),
     ],
 )
 def test_relative_imports_resolve(
@@ -370,6 +416,10 @@ def test_relative_imports_resolve(
 PRODUCTION_ENTRY_MODULES = ("services.supervisor", "services.cli.main")
 PRODUCTION_PACKAGES = ("services.ingest", "services.sink")
 LOCAL_PLATFORM_PACKAGE = "services.stack"
+# `cdc stack` (services/cli/stack.py) is local-platform tooling registered in the same `cdc`
+# parser: it may import services.stack inside its command functions, never at module level
+# (test_importing_the_production_stages_loads_no_local_platform_module builds the parser).
+LOCAL_PLATFORM_CLI = frozenset({"services.cli.stack"})
 FIRST_PARTY = ("domain", "adapters", "services", "cdc_proto")
 
 
@@ -404,14 +454,17 @@ def first_party_imports(path: Path, root: Path) -> set[str]:
     return {m for m in with_parents if module_file(root, m) is not None}
 
 
-def import_closure(root: Path, start: list[str]) -> dict[str, str]:
-    """Every project module reachable from `start`, each with the module that imports it."""
+def import_closure(
+    root: Path, start: list[str], stop_at: frozenset[str] = frozenset()
+) -> dict[str, str]:
+    """Every project module reachable from `start`, each with the module that imports it (the
+    imports of modules in `stop_at` are not followed)."""
     seen: dict[str, str] = {m: "" for m in start}
     todo = list(start)
     while todo:
         module = todo.pop()
         path = module_file(root, module)
-        if path is None:
+        if path is None or module in stop_at:
             continue
         for dep in sorted(first_party_imports(path, root)):
             if dep not in seen:
@@ -433,7 +486,7 @@ def production_modules(root: Path) -> list[str]:
 
 def local_platform_reached(root: Path, start: list[str]) -> list[str]:
     """`a <- b <- c` chains from a production module to services.stack, if any."""
-    closure = import_closure(root, start)
+    closure = import_closure(root, start, LOCAL_PLATFORM_CLI)
     chains: list[str] = []
     for module in sorted(closure):
         if module == LOCAL_PLATFORM_PACKAGE or module.startswith(LOCAL_PLATFORM_PACKAGE + "."):
@@ -457,6 +510,7 @@ def test_importing_the_production_stages_loads_no_local_platform_module() -> Non
     code = (
         "import importlib, sys\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"
+        "importlib.import_module('services.cli.main').build_parser()\n"
         f"print(sorted(m for m in sys.modules if m.startswith({LOCAL_PLATFORM_PACKAGE!r})))\n"
     )
     result = subprocess.run(

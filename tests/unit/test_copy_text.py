@@ -1,11 +1,11 @@
-"""adapters.postgres.copy_text: COPY text built from whole columns escapes like psycopg's
+"""adapters.postgres.sink.copy_text: COPY text built from whole columns escapes like psycopg's
 write_row and writes NULL as \\N."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-from adapters.postgres.copy_text import copy_buffer, copy_escape
+from adapters.postgres.sink.copy_text import copy_buffer, copy_escape
 
 
 def test_copy_text_escapes_and_marks_null() -> None:

@@ -167,3 +167,33 @@ def test_row_collapse_resolves_unchanged_values_and_key_changes() -> None:
     ]
     state = _collapse_rows(events, (0,))
     assert state == {("1",): DELETED, ("2",): ("u", ("2", "big"), None)}
+
+
+# ---------------------------------------------------------------- batches of several lanes
+
+
+def test_a_batch_of_several_lanes_splits_back_into_its_lanes() -> None:
+    from domain.blocks import lane_blocks, lanes_of_blocks
+    from domain.ports import SinkBatch
+
+    a = [SourceEvent(Operation.CREATE, T, Position(9, i), after=(str(i), "a")) for i in range(3)]
+    b = [
+        SourceEvent(Operation.CREATE, U, Position(2, 0), after=("x", "1")),
+        SourceEvent(Operation.UPDATE, T, Position(2, 1), after=("7", "b")),
+    ]
+    events = a + b
+    blocks = build_blocks(events, [0, 0, 0, 1, 1])
+    assert lanes_of_blocks(blocks) == [0, 0, 0, 1, 1]
+    assert [len(x) for x in lane_blocks(blocks, 1)] == [1, 1]  # T's and U's change of lane b
+    assert all(set(x.records.column(6).to_pylist()) == {0} for x in lane_blocks(blocks, 1))
+    from_blocks = SinkBatch("p", "a", 1, blocks=blocks, lanes=["a", "b"])
+    from_events = SinkBatch("p", "a", 1, events, lanes=["a", "b"], lane_counts=(3, 2))
+    for batch in (from_blocks, from_events):
+        parts = batch.by_lane()
+        assert [(p.lanes, list(p.events)) for p in parts] == [(("a",), a), (("b",), b)]
+        assert batch.lane_of_events() == [0, 0, 0, 1, 1]
+    assert lanes_of_blocks(from_events.blocks) == [0, 0, 0, 1, 1]
+    with pytest.raises(BlockError, match="lane indices"):
+        build_blocks(events, [0, 1])
+    with pytest.raises(ValueError, match="lane counts"):
+        SinkBatch("p", "a", 1, events, lanes=["a", "b"], lane_counts=(3, 1))

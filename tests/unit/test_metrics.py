@@ -58,7 +58,7 @@ def test_each_stage_registry_holds_only_its_own_metrics() -> None:
 def test_nothing_lands_in_the_global_default_registry() -> None:
     for module in ("services.ingest.service", "services.sink.server", "services.metrics"):
         importlib.import_module(module)
-    importlib.import_module("adapters.postgres.slot_monitor")
+    importlib.import_module("adapters.postgres.source.slot_monitor")
     IngestMetrics("p").count_read([SourceEvent(Operation.CREATE, ORDERS, Position(1))])
     SinkMetrics("p", "s").rejected()
     assert not _cdc(sample_names(REGISTRY))

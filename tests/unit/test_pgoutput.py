@@ -1,4 +1,4 @@
-"""adapters.postgres.pgoutput: pgoutput protocol v1 messages built by hand, byte by byte.
+"""adapters.postgres.source.pgoutput: pgoutput protocol v1 messages built by hand, byte by byte.
 
 Layouts follow the PostgreSQL docs, "Logical Replication Message Formats" (protocol
 version 1, no streaming). Tuple data is built here independently of domain.rows.
@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from adapters.postgres.pgoutput import (
+from adapters.postgres.source.pgoutput import (
     PG_EPOCH_OFFSET_US,
     CommitMarker,
     LogicalMessage,

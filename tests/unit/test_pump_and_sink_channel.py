@@ -118,3 +118,144 @@ def test_a_buffering_sink_returns_the_credit_at_once_and_releases_when_durable()
         assert writer.applied == {"lane": Position(3, 1)}
 
     asyncio.run(scenario())
+
+
+# ------------------------------------------------------------ batches of several lanes
+
+
+def _multi_pump(
+    source: FakeEventSource, limit: int, router: Router | None = None
+) -> tuple[IngestService, dict[str, FakeOutlet]]:
+    service: IngestService
+    names = ["s"] if router is None else sorted(router.sink_ids)
+    outlets = {
+        n: FakeOutlet(n, lambda name, ack: service.on_ack(name, ack), False) for n in names
+    }
+    router = router or Router([RoutingRule("s")])
+    service = IngestService("p", source, router, outlets, limit)
+    return service, outlets
+
+
+def test_chunks_of_several_lanes_waiting_together_leave_in_one_batch() -> None:
+    chunks = [
+        SourceChunk("a", _events(1, 3), "a1"),
+        SourceChunk("b", _events(1, 2), "b1"),
+        SourceChunk("c", _events(7, 4), "c1"),
+        SourceChunk("a", _events(2, 1), "a2"),  # lane a is in the batch: the next one
+        SourceChunk("b", _events(2, 2), "b2"),
+        SourceChunk("d", _events(1, 1), "d1", revoked=frozenset({"c"})),  # its own batch
+    ]
+    source = FakeEventSource(chunks)
+    # All chunks are read ahead before the first batch leaves (13 events, limit 20).
+    service, outlets = _multi_pump(source, limit=20)
+    outlet = outlets["s"]
+
+    async def scenario() -> None:
+        await service._read_loop()
+        sent = outlet.sent
+        assert [(b.lanes, b.lane_counts) for b in sent] == [
+            (("a", "b", "c"), (3, 2, 4)),
+            (("a", "b"), (1, 2)),
+            (("d",), ()),
+        ]
+        first = dict(sent[0].by_lane())
+        assert first["b"] == chunks[1].events and first["c"] == chunks[2].events
+        assert sent[0].last_positions() == {
+            "a": Position(1, 2),
+            "b": Position(1, 1),
+            "c": Position(7, 3),
+        }
+        # Released per lane in order: the second batch waits for the first.
+        await outlet.release(sent[1].batch_id)
+        assert source.acked == {}
+        await outlet.release(sent[0].batch_id)
+        # Lane c was revoked before its batch was durable: nothing of it is acked.
+        assert source.acked == {"a": ["a1", "a2"], "b": ["b1", "b2"]}
+        await outlet.release(sent[2].batch_id)
+        assert source.acked["d"] == ["d1"]
+
+    asyncio.run(scenario())
+
+
+def test_a_big_chunk_is_still_split_and_joins_no_other_lane() -> None:
+    chunks = [
+        SourceChunk("a", _events(1, 5), "a1"),
+        SourceChunk("b", _events(1, 1), "b1"),
+    ]
+    service, outlets = _multi_pump(FakeEventSource(chunks), limit=2)
+
+    async def scenario() -> None:
+        await service._read_loop()
+        assert [(b.lanes, len(b.events)) for b in outlets["s"].sent] == [
+            (("a",), 2),
+            (("a",), 2),
+            (("a",), 1),
+            (("b",), 1),
+        ]
+
+    asyncio.run(scenario())
+
+
+def test_each_sink_gets_only_the_lanes_routed_to_it() -> None:
+    U = TableSchema("public", "u", T.columns)
+    only_u = [SourceEvent(Operation.CREATE, U, Position(3, 0), after=("1", "v"))]
+    chunks = [
+        SourceChunk("a", _events(1, 2), "a1"),
+        SourceChunk("b", only_u, "b1"),
+    ]
+    router = Router([RoutingRule("all"), RoutingRule("t_only", tables=["public.t"])])
+    service, outlets = _multi_pump(FakeEventSource(chunks), 10, router)
+
+    async def scenario() -> None:
+        await service._read_loop()
+        (to_all,) = outlets["all"].sent
+        (to_t,) = outlets["t_only"].sent
+        assert (to_all.lanes, to_all.lane_counts) == (("a", "b"), (2, 1))
+        assert (to_t.lanes, to_t.lane_counts, len(to_t.events)) == (("a",), (), 2)
+        assert to_all.batch_id == to_t.batch_id
+        await outlets["all"].release(to_all.batch_id)
+        assert service.source.acked == {}  # type: ignore[attr-defined]
+        await outlets["t_only"].release(to_t.batch_id)
+        assert service.source.acked == {"a": ["a1"], "b": ["b1"]}  # type: ignore[attr-defined]
+
+    asyncio.run(scenario())
+
+
+def test_a_batch_of_several_lanes_crosses_the_wire_and_is_durable_per_lane() -> None:
+    """Over gRPC to a real sink servicer: the sink stores a position per lane, skips a
+    replayed lane, and a buffering sink's durable positions per lane release the batch only
+    once every lane of it is covered."""
+
+    async def scenario() -> None:
+        writer = FakeSinkWriter(buffered=True)
+        server = grpc.aio.server()
+        sink_pb2_grpc.add_SinkServiceServicer_to_server(
+            SinkServicer(writer, "s", SinkMetrics("p", "s")), server
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        acks: list[DeliveryAck] = []
+
+        async def on_ack(name: str, ack: DeliveryAck) -> None:
+            acks.append(ack)
+
+        channel = SinkChannel("s", f"127.0.0.1:{port}", 4, on_ack)
+        a, b = _events(50, 2), _events(3, 3)
+        try:
+            channel.start()
+            await channel.send(OutboundBatch(1, "p", ("a", "b"), a + b, lane_counts=(2, 3)))
+            await channel.send(OutboundBatch(2, "p", ("a",), a))  # a replay of lane a
+            for _ in range(200):
+                if channel.unacked == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert channel.unacked == 0
+        finally:
+            await channel.stop()
+            await server.stop(None)
+        assert sorted(x.batch_id for x in acks if x.durable) == [1, 2]
+        assert writer.applied == {"a": Position(50, 1), "b": Position(3, 2)}
+        accepted = {x.batch_id: x for x in acks if not x.durable}
+        assert (accepted[1].written, accepted[2].skipped) == (5, 2)
+
+    asyncio.run(scenario())

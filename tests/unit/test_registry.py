@@ -76,9 +76,9 @@ def test_transport_sections_of_the_loader_are_the_registrys() -> None:
 
 
 def test_available_adapters() -> None:
-    assert registry.available_transports() == ("direct", "pubsub")
-    assert registry.available_sink_types() == ("postgres",)
-    assert AVAILABLE_SINK_TYPES == ("postgres",)
+    assert registry.available_transports() == ("direct", "pubsub", "kinesis")
+    assert registry.available_sink_types() == ("postgres", "iceberg")
+    assert AVAILABLE_SINK_TYPES == ("postgres", "iceberg")
     direct = registry.TRANSPORTS["direct"]
     assert direct.event_source is not None and direct.source_monitor is not None
 
@@ -100,19 +100,13 @@ def test_defaults_need_nothing() -> None:
     assert not registry.check(pipeline(), PlatformConfig())
 
 
-@pytest.mark.parametrize("mode", ["kafka", "kinesis"])
+@pytest.mark.parametrize("mode", ["kafka"])
 def test_a_transport_without_an_adapter_is_refused(mode: str) -> None:
-    platform = PlatformConfig.model_validate(
-        {"transport_mode": mode, "pubsub": {"project_id": "p"}}
-        if mode == "pubsub"
-        else {"transport_mode": mode, "kinesis": {"region": "r"}}
-        if mode == "kinesis"
-        else {"transport_mode": mode}
-    )
+    platform = PlatformConfig.model_validate({"transport_mode": mode})
     found = messages(registry.check(pipeline(), platform))
     assert list(found) == ["transport_mode"]
     assert f"'{mode}'" in found["transport_mode"]
-    assert "available: direct, pubsub" in found["transport_mode"]
+    assert "available: direct, pubsub, kinesis" in found["transport_mode"]
 
 
 def test_an_enabled_sink_without_a_writer_is_refused_a_disabled_one_is_not() -> None:
@@ -207,7 +201,10 @@ def test_containers_refuse_adapters_that_do_not_exist() -> None:
     kafka = IngestContainer(pipeline=p, platform=PlatformConfig(transport_mode="kafka"))
     with pytest.raises(TransportNotAvailableError, match="kafka"):
         kafka.event_source()
-    assert kafka.source_monitor() is None
+    # The connector's monitor works without the event source (Connect's states, /readyz).
+    from adapters.debezium.monitor import ConnectorMonitor
+
+    assert isinstance(kafka.source_monitor(), ConnectorMonitor)
 
 
 # ------------------------------------------------------------------------------ CLI
@@ -253,12 +250,14 @@ def test_cdc_validate_refuses_a_transport_without_an_adapter(
         "pipeline_id: orders\nsource:\n  database: shop\n  tables: [public.orders]\n"
     )
     platform_file = tmp_path / "platform.yaml"
-    platform_file.write_text("health_port: 8080\ntransport_mode: kinesis\nkinesis:\n  region: r\n")
-    assert load_platform(platform_file).transport_mode == "kinesis"  # valid configuration
+    platform_file.write_text(
+        "health_port: 8080\ntransport_mode: pubsub\npubsub:\n  project_id: p\n"
+    )
+    assert load_platform(platform_file).transport_mode == "pubsub"  # valid configuration
     code = main(["validate", str(pipeline_file), "--platform-config", str(platform_file)])
     err = capsys.readouterr().err
     assert code == 2
-    assert f"{platform_file}:2: transport_mode: 'kinesis'" in err
+    assert f"{platform_file}:2: transport_mode: 'pubsub'" in err
 
 
 def test_documented_refusal_is_the_real_output(
@@ -309,3 +308,82 @@ def test_cdc_run_refuses_before_starting_anything(
     assert code == 2, err
     assert f"{platform_file}:3: wal_reader.batch_timeout_seconds:" in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def _iceberg(table_name: str, **sink: Any) -> dict[str, Any]:
+    return {
+        "sink_id": "lake",
+        "sink_type": "iceberg",
+        "iceberg": {"catalog_uri": "sqlite:///c.db", "warehouse": "/w", "table_name": table_name},
+        **sink,
+    }
+
+
+def test_an_iceberg_table_name_without_placeholders_needs_exactly_one_table() -> None:
+    two = {"database": "shop", "tables": ["public.orders", "public.items"]}
+    found = messages(
+        registry.check(pipeline(source=two, sinks=[_iceberg("orders")]), PlatformConfig())
+    )
+    assert list(found) == ["sinks[0].iceberg.table_name"]
+    assert "receives 2 tables" in found["sinks[0].iceberg.table_name"]
+    assert "{schema}" in found["sinks[0].iceberg.table_name"]
+    # Placeholders, one table, or a sink limited to one table: fine.
+    assert not registry.check(
+        pipeline(source=two, sinks=[_iceberg("{schema}_{table}")]), PlatformConfig()
+    )
+    assert not registry.check(pipeline(sinks=[_iceberg("orders")]), PlatformConfig())
+    clash = {"database": "shop", "tables": ["public.orders", "sales.orders"]}
+    found = messages(
+        registry.check(pipeline(source=clash, sinks=[_iceberg("{table}")]), PlatformConfig())
+    )
+    assert "maps public.orders and sales.orders to the same" in found["sinks[0].iceberg.table_name"]
+    limited = _iceberg("orders", tables=["public.orders"])
+    assert not registry.check(pipeline(source=two, sinks=[limited]), PlatformConfig())
+
+
+def test_cdc_validate_exits_2_for_a_literal_iceberg_table_name_with_two_tables(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "pipeline_id": "p",
+                "source": {"database": "d", "tables": ["public.a", "public.b"]},
+                "sinks": [_iceberg("lake_table")],
+            }
+        )
+    )
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "sinks[0].iceberg.table_name" in err and "{table}" in err
+
+
+# --------------------------------------------------------------- provisioners (undeploy)
+
+
+def test_wal_transports_tear_down_through_the_postgres_provisioner() -> None:
+    from adapters.postgres.source.provisioner import PostgresProvisioner
+
+    platform = PlatformConfig.model_validate({"wal_reader": {"slot_name": "s1"}})
+    for name in ("direct", "pubsub", "kinesis"):
+        factory = registry.TRANSPORTS[name].provisioner
+        assert factory is not None, name
+    direct = registry.TRANSPORTS["direct"].provisioner
+    assert direct is not None
+    built = direct(pipeline(), platform)
+    assert isinstance(built, PostgresProvisioner)
+    assert built.slot_name == pipeline().effective_slot_name(platform)
+    assert built.tables == ("public.orders",)
+
+
+def test_undeploy_of_a_transport_without_provisioner_is_refused_by_name() -> None:
+    import asyncio
+
+    from services.ops import UndeployError, undeploy
+
+    if registry.TRANSPORTS["kafka"].provisioner is not None:
+        pytest.skip("the kafka transport has a provisioner on this branch")
+    platform = PlatformConfig.model_validate({"transport_mode": "kafka"})
+    with pytest.raises(UndeployError, match="transport_mode kafka has no provisioner"):
+        asyncio.run(undeploy(pipeline(), platform))

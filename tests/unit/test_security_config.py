@@ -68,7 +68,7 @@ def test_unreadable_tls_files_name_the_setting_and_the_path(tmp_path: Path) -> N
 
 
 def test_settings_holding_a_conninfo_do_not_print_it() -> None:
-    from adapters.postgres.wal_reader import WalReaderSettings
+    from adapters.postgres.source.reader import WalReaderSettings
 
     settings = WalReaderSettings(
         conninfo="host=db user=cdc password=hunter2-secret",

@@ -295,3 +295,94 @@ def test_no_ack_timeout_while_acks_keep_coming() -> None:
             await server.stop()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+# ------------------------------------------------------------- the Describe deadline
+
+
+class _SilentSink(sink_pb2_grpc.SinkServiceServicer):
+    """A sink service that accepts the call and never answers Describe (a hung peer); its
+    health check says SERVING, so only the handshake's own deadline notices."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    async def Describe(self, request: object, context: object) -> object:
+        self.asked += 1
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+def test_a_sink_that_never_answers_describe_is_reported_by_name_and_asked_again() -> None:
+    from structlog.testing import capture_logs
+
+    async def main() -> None:
+        server = grpc.aio.server()
+        silent = _SilentSink()
+        sink_pb2_grpc.add_SinkServiceServicer_to_server(silent, server)
+        await set_status(add_health(server), True, "cdc.v2.SinkService")
+        port = find_free_port()
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        channel = SinkChannel("replica", f"127.0.0.1:{port}", 10, Acks(), ack_timeout=1.0)
+        started = time.monotonic()
+        channel.start()
+        try:
+            await until(lambda: "error" in channel.health().detail, timeout=15)
+            elapsed = time.monotonic() - started
+            health = channel.health()
+            assert health.status is Status.ERROR
+            error = health.detail["error"]
+            assert f"sink replica at 127.0.0.1:{port}" in error, error
+            assert "no answer to the Describe handshake within 1 s" in error, error
+            assert "connected, but it did not answer" in error, error
+            assert 1.0 <= elapsed < 10, elapsed
+            # Asked again on a new connection, not given up.
+            await until(lambda: silent.asked >= 2, timeout=15)
+            assert channel.unacked == 0 and channel.sink_description is None
+        finally:
+            await channel.stop()
+            await server.stop(grace=None)
+
+    with capture_logs() as logs:
+        asyncio.run(asyncio.wait_for(main(), 60))
+    timeouts = [e for e in logs if e["event"] == "sink.describe_timeout"]
+    assert timeouts and timeouts[0]["sink"] == "replica" and timeouts[0]["connected"] is True
+
+
+def test_describe_deadline_when_nothing_listens_names_the_address() -> None:
+    async def main() -> None:
+        port = find_free_port()
+        channel = SinkChannel("replica", f"127.0.0.1:{port}", 10, Acks(), ack_timeout=1.0)
+        channel.start()
+        try:
+            await until(lambda: "error" in channel.health().detail, timeout=15)
+            error = channel.health().detail["error"]
+            assert f"sink replica at 127.0.0.1:{port}" in error, error
+            assert "could not connect" in error, error
+        finally:
+            await channel.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_sink_that_comes_up_after_a_describe_timeout_gets_the_batches() -> None:
+    async def main() -> None:
+        writer = FakeSinkWriter()
+        server = SinkServer(writer)
+        acks = Acks()
+        channel = SinkChannel("s", f"127.0.0.1:{server.port}", 10, acks, ack_timeout=1.0)
+        channel.start()
+        try:
+            await channel.send(batch(1))
+            await until(lambda: "error" in channel.health().detail, timeout=15)
+            assert "Describe handshake" in channel.health().detail["error"]
+            await server.start()
+            await until(lambda: acks.ids == [1], timeout=20)
+            await until(lambda: channel.health().status is Status.OK, timeout=10)
+            assert "error" not in channel.health().detail
+        finally:
+            await channel.stop()
+            await server.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))

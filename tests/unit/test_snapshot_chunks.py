@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from psycopg import sql
 
-from adapters.postgres.snapshot import TableProgress, chunk_query, key_indexes
-from adapters.postgres.watermark import WatermarkChunker, Window
+from adapters.postgres.source.snapshot import TableProgress, chunk_query, key_indexes
+from adapters.postgres.source.watermark import WatermarkChunker, Window
 from domain.events import Column, Operation, Position, SourceEvent, TableSchema
 
 ACCOUNTS = TableSchema(

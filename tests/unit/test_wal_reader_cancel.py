@@ -13,11 +13,11 @@ import asyncio
 import os
 import socket
 
-from adapters.postgres.wal_reader import PostgresWalSource
+from adapters.postgres.source.replication import wait_readable
 
 
 class _PgConn:
-    """What `_wait_readable` uses of a psycopg PGconn: its socket and consume_input()."""
+    """What `wait_readable` uses of a psycopg PGconn: its socket and consume_input()."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.socket = sock.fileno()
@@ -36,9 +36,7 @@ def test_cancel_in_the_iteration_the_socket_turns_readable_is_not_lost() -> None
         # loop iteration as the reader's own wake-up, and cancels the waiting task there.
         twin = os.dup(ours.fileno())
         try:
-            waiting = asyncio.create_task(
-                PostgresWalSource._wait_readable(None, pgconn, 30.0)  # type: ignore[arg-type]
-            )
+            waiting = asyncio.create_task(wait_readable(pgconn, 30.0))
             await asyncio.sleep(0.05)  # the task now waits on the socket
             loop.add_reader(twin, waiting.cancel)
             peer.send(b"x")

@@ -328,3 +328,18 @@ def test_the_ingest_refuses_a_sink_of_the_previous_wire_version() -> None:
             await server.stop(None)
 
     asyncio.run(scenario())
+
+
+def test_a_batch_of_several_lanes_round_trips_with_each_change_in_its_lane() -> None:
+    from domain.ports import OutboundBatch
+    from services.wire import decode_batch, encode_outbound
+
+    table = TableSchema("public", "t", (Column("id", 20, "bigint", True),))
+    a = [SourceEvent(Operation.CREATE, table, Position(8, i), after=(str(i),)) for i in range(2)]
+    b = [SourceEvent(Operation.DELETE, table, Position(1, 0), before=("5",))]
+    message = encode_outbound(OutboundBatch(4, "p", ("a", "b"), a + b, lane_counts=(2, 1)))
+    assert list(message.lanes) == ["a", "b"]
+    batch = decode_batch(message)
+    assert [(p.partition, list(p.events)) for p in batch.by_lane()] == [("a", a), ("b", b)]
+    with pytest.raises(ValueError, match="lane counts"):
+        OutboundBatch(5, "p", ("a", "b"), a + b, lane_counts=(1, 1))

@@ -159,6 +159,10 @@ then defaults.platform, then the pipeline's own `platform` fragment (later wins)
 {{- $_ := set $k "sasl_username" "${CDC_KAFKA_SASL_USERNAME}" -}}
 {{- $_ := set $k "sasl_password" "${CDC_KAFKA_SASL_PASSWORD}" -}}
 {{- end -}}
+{{- if dig "schemaRegistry" "basicAuthSecret" "" $g -}}
+{{- $_ := set $k "schema_registry_username" "${CDC_SCHEMA_REGISTRY_USERNAME}" -}}
+{{- $_ := set $k "schema_registry_password" "${CDC_SCHEMA_REGISTRY_PASSWORD}" -}}
+{{- end -}}
 {{- with dig "kafka" "awsRegion" "" $g -}}
 {{- $_ := set $k "aws_region" . -}}
 {{- end -}}

@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from adapters.postgres.catalog import split_table
+from adapters.postgres.source.catalog import split_table
 from domain.events import TableSchema, TextRow
 
 SNAPSHOT = "snapshot"

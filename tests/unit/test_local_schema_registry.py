@@ -130,3 +130,21 @@ def test_state_survives_a_restart(registry: tuple[SchemaRegistryClient, str, Pat
         assert state.version("orders-value", "latest")["id"] == schema_id
     finally:
         again.server_close()
+
+
+def test_basic_auth_is_required_when_configured(tmp_path: Path) -> None:
+    server = make_server("127.0.0.1", 0, None, basic_auth=("reg-user", "reg-secret"))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        good = SchemaRegistryClient({"url": url, "basic.auth.user.info": "reg-user:reg-secret"})
+        assert good.register_schema("orders-value", _avro(V1)) == 1
+        for config in ({"url": url}, {"url": url, "basic.auth.user.info": "reg-user:wrong"}):
+            with pytest.raises(SchemaRegistryError) as caught:
+                SchemaRegistryClient(config).get_subjects()
+            assert caught.value.http_status_code == 401
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)

@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 
-from adapters.postgres.catalog import ensure_state_table
+from adapters.postgres.source.catalog import ensure_state_table
 
 
 @dataclass(frozen=True, slots=True)

