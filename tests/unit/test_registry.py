@@ -250,14 +250,12 @@ def test_cdc_validate_refuses_a_transport_without_an_adapter(
         "pipeline_id: orders\nsource:\n  database: shop\n  tables: [public.orders]\n"
     )
     platform_file = tmp_path / "platform.yaml"
-    platform_file.write_text(
-        "health_port: 8080\ntransport_mode: pubsub\npubsub:\n  project_id: p\n"
-    )
-    assert load_platform(platform_file).transport_mode == "pubsub"  # valid configuration
+    platform_file.write_text("health_port: 8080\ntransport_mode: kafka\n")
+    assert load_platform(platform_file).transport_mode == "kafka"  # valid configuration
     code = main(["validate", str(pipeline_file), "--platform-config", str(platform_file)])
     err = capsys.readouterr().err
     assert code == 2
-    assert f"{platform_file}:2: transport_mode: 'pubsub'" in err
+    assert f"{platform_file}:2: transport_mode: 'kafka'" in err
 
 
 def test_documented_refusal_is_the_real_output(
