@@ -18,7 +18,7 @@ import psycopg
 import pytest
 import yaml
 
-from adapters.postgres.catalog import parse_lsn
+from adapters.postgres.source.catalog import parse_lsn
 from services.net import find_free_port as free_port
 from tests.support.pipeline import (
     PipelineFiles,
