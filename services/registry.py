@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -40,12 +40,27 @@ from adapters.config import (
     WebhookSinkConfig,
 )
 from adapters.config.errors import Loc
+from adapters.postgres.sink.dead_letter_store import PostgresSinkDeadLetters
 from adapters.postgres.sink.writer import PostgresSinkWriter
+from adapters.postgres.source.dead_letters import PostgresErrorRouter
 from adapters.postgres.source.provisioner import PostgresProvisioner
 from adapters.postgres.source.reader import PostgresWalSource, WalReaderSettings
 from adapters.postgres.source.slot_monitor import PostgresSlotMonitor
-from domain.ports import AckCallback, EventSource, Outlet, Provisioner, SinkWriter, SourceMonitor
+from domain.ports import (
+    AckCallback,
+    DeadLetterStore,
+    ErrorRouter,
+    EventSource,
+    Outlet,
+    Provisioner,
+    SinkWriter,
+    SourceMonitor,
+)
 from services import pubsub_transport
+
+if TYPE_CHECKING:  # httpx is the `webhook` extra: imported when a webhook sink is built
+    from adapters.webhook.sink import WebhookSinkWriter
+    from domain.events import TableSchema
 
 SourceFactory = Callable[[PipelineConfig, PlatformConfig], EventSource]
 MonitorFactory = Callable[[PipelineConfig, PlatformConfig], SourceMonitor]
@@ -54,6 +69,13 @@ MonitorFactory = Callable[[PipelineConfig, PlatformConfig], SourceMonitor]
 OutletFactory = Callable[[PipelineConfig, PlatformConfig, AckCallback], Outlet]
 ProvisionerFactory = Callable[[PipelineConfig, PlatformConfig], Provisioner]
 WriterFactory = Callable[[PipelineConfig, SinkConfig, PlatformConfig], SinkWriter]
+# The transport's dead letters: where sinks without their own put the changes they cannot
+# deliver (ErrorRouter), and where `cdc dlq` lists and replays them (DeadLetterStore).
+# One object may be both.
+RouterFactory = Callable[[PipelineConfig, PlatformConfig], ErrorRouter]
+StoreFactory = Callable[[PipelineConfig, PlatformConfig], DeadLetterStore]
+# A sink that keeps dead letters beside its data (transactionally).
+SinkStoreFactory = Callable[[PipelineConfig, SinkConfig, PlatformConfig], DeadLetterStore]
 
 # Shared settings that only some adapters read (dotted paths; ``topic_prefix`` is in
 # pipeline.yaml, the others in platform.yaml). Each one set in a file must be read by the
@@ -62,7 +84,12 @@ WriterFactory = Callable[[PipelineConfig, SinkConfig, PlatformConfig], SinkWrite
 # rest of wal_reader.*, ...) is read whatever the adapters are.
 ADAPTER_SETTINGS: Mapping[str, str] = {
     "topic_prefix": "the names of the transport's topics / streams",
-    "dlq": "the transport's dead-letter topics / streams",
+    "dlq.enabled": "dead-lettering the changes a sink cannot deliver (false: the sink stops)",
+    "dlq.max_retries": "the attempts at storing a dead letter before the batch is held back",
+    "dlq.topic_suffix": "the names of the transport's dead-letter topics / streams",
+    "dlq.include_headers": "error details as headers of dead-letter messages",
+    "dlq.flush_interval_seconds": "how often dead-letter messages are flushed",
+    "dlq.postgres_dsn": "the PostgreSQL that keeps transport_mode direct's dead letters",
     "retry": "the backoff of retried writes",
     "max_buffered_messages": "how many events the transport's consumer buffers",
     "schema_monitor_interval_seconds": "polling the Schema Registry for schema changes",
@@ -74,6 +101,7 @@ ADAPTER_SETTINGS: Mapping[str, str] = {
 # What the available adapters do instead, for the refusal message.
 _INSTEAD: Mapping[str, str] = {
     "dlq": "the postgres sink writes events it cannot apply to <target_schema>._cdc_dead_letters",
+    "dlq.postgres_dsn": "only transport_mode direct keeps dead letters in PostgreSQL",
     "max_buffered_messages": "the ingest holds at most ingest.max_in_flight_batches batches of"
     " ingest.batch_max_events events per sink: tune those",
     "schema_monitor_interval_seconds": "transport_mode direct sees schema changes in the WAL"
@@ -108,6 +136,10 @@ class TransportAdapter:
     # What `cdc undeploy` tears down (and a deploy step creates); None: nothing to remove.
     # For kafka, `cdc run` / `cdc deploy` also run its provision() before the stages start.
     provisioner: ProvisionerFactory | None = None
+    # Its dead letters (docs/operations.md "Dead letters"); None: not implemented yet, and a
+    # sink that needs them (SinkAdapter.uses_error_router) is refused with this transport.
+    error_router: RouterFactory | None = None
+    dead_letter_store: StoreFactory | None = None
 
     @property
     def available(self) -> bool:
@@ -129,6 +161,10 @@ class SinkAdapter:
     writer: WriterFactory | None = None
     # Checks of a sink's settings against the pipeline (locs relative to sinks[i]).
     validate: Callable[[PipelineConfig, SinkConfig], list[tuple[Loc, str]]] | None = None
+    # Dead letters kept beside the sink's data; otherwise, with uses_error_router, the
+    # transport's error router keeps them.
+    dead_letter_store: SinkStoreFactory | None = None
+    uses_error_router: bool = False
 
     @property
     def available(self) -> bool:
@@ -254,6 +290,82 @@ def build_postgres_writer(
     )
 
 
+def build_direct_dead_letters(
+    pipeline: PipelineConfig, platform: PlatformConfig
+) -> PostgresErrorRouter:
+    """transport_mode direct: a table in the source database's cdc_platform schema, or in
+    the database of dlq.postgres_dsn."""
+    return PostgresErrorRouter(
+        platform.dlq.postgres_dsn or source_conninfo(pipeline), pipeline.pipeline_id
+    )
+
+
+def build_postgres_sink_dead_letters(
+    pipeline: PipelineConfig, sink: SinkConfig, platform: PlatformConfig
+) -> PostgresSinkDeadLetters:
+    assert sink.postgres is not None
+    conninfo = source_conninfo(pipeline)
+
+    async def describe(qualified: str) -> TableSchema:
+        import psycopg
+
+        from adapters.postgres.source.catalog import snapshot_schema
+
+        async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+            return await snapshot_schema(conn, qualified)
+
+    return PostgresSinkDeadLetters(
+        sink.postgres.conninfo(), sink.postgres.target_schema, pipeline.pipeline_id, describe
+    )
+
+
+def build_webhook_writer(
+    pipeline: PipelineConfig, sink: SinkConfig, platform: PlatformConfig
+) -> WebhookSinkWriter:
+    assert sink.webhook is not None
+    from services.lifecycle import StartupError
+
+    try:
+        from adapters.webhook.sink import WebhookSinkWriter
+    except ModuleNotFoundError as exc:
+        raise StartupError(
+            f"sink '{sink.sink_id}': the webhook sink needs {exc.name}: pip install"
+            " 'cdc-platform[webhook]'"
+        ) from None
+    transport = TRANSPORTS[platform.transport_mode]
+    router = None if transport.error_router is None else transport.error_router(pipeline, platform)
+    return WebhookSinkWriter(
+        sink.webhook,
+        pipeline.pipeline_id,
+        sink.sink_id,
+        router=router,
+        retry=platform.retry,
+        dlq_enabled=platform.dlq.enabled,
+        dlq_max_retries=platform.dlq.max_retries,
+    )
+
+
+def dead_letter_stores(
+    pipeline: PipelineConfig, platform: PlatformConfig, sink_id: str | None = None
+) -> list[tuple[list[str], DeadLetterStore]]:
+    """Where the dead letters of the pipeline's sinks are kept: (sink ids, store) per store.
+    A sink keeping its own comes with its store; the others share the transport's."""
+    transport = TRANSPORTS[platform.transport_mode]
+    own: list[tuple[list[str], DeadLetterStore]] = []
+    shared: list[str] = []
+    for sink in pipeline.sinks:
+        if sink_id is not None and sink.sink_id != sink_id:
+            continue
+        adapter = SINKS[sink.sink_type]
+        if adapter.dead_letter_store is not None:
+            own.append(([sink.sink_id], adapter.dead_letter_store(pipeline, sink, platform)))
+        elif adapter.uses_error_router:
+            shared.append(sink.sink_id)
+    if shared and transport.dead_letter_store is not None:
+        own.append((shared, transport.dead_letter_store(pipeline, platform)))
+    return own
+
+
 def build_kafka_provisioner(pipeline: PipelineConfig, platform: PlatformConfig) -> Provisioner:
     from adapters.kafka.provisioner import KafkaProvisioner
 
@@ -276,6 +388,20 @@ _CLOUD_READS = frozenset(
         "dlq",
         "retry",
         "max_buffered_messages",
+        "wal_reader.batch_size",
+        "wal_reader.batch_timeout_seconds",
+    }
+)
+
+# What the Pub/Sub adapters (services/pubsub_transport.py) read.
+_PUBSUB_READS = frozenset(
+    {
+        "topic_prefix",
+        "dlq.enabled",
+        "dlq.max_retries",
+        "dlq.topic_suffix",
+        "dlq.include_headers",
+        "retry",
         "wal_reader.batch_size",
         "wal_reader.batch_timeout_seconds",
     }
@@ -329,10 +455,20 @@ TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
             "direct",
             "the ingest reads the PostgreSQL WAL and streams to the sinks over gRPC",
             sections={"wal_reader": WalReaderConfig},
-            fixed={"stop_on_incompatible_schema": False},
+            reads=frozenset({"dlq.postgres_dsn"}),
+            fixed={
+                "stop_on_incompatible_schema": False,
+                # Dead letters are rows of a table: no topics, headers or flush timer.
+                "dlq.enabled": True,
+                "dlq.topic_suffix": "dlq",
+                "dlq.include_headers": True,
+                "dlq.flush_interval_seconds": 0.0,
+            },
             event_source=build_wal_source,
             source_monitor=build_slot_monitor,
             provisioner=build_postgres_provisioner,
+            error_router=build_direct_dead_letters,
+            dead_letter_store=build_direct_dead_letters,
         ),
         TransportAdapter(
             "kafka",
@@ -356,8 +492,10 @@ TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
             "pubsub",
             "the WAL captured to Google Pub/Sub",
             sections={"pubsub": PubSubConfig, "wal_reader": WalReaderConfig},
-            # Flow control is pubsub.max_outstanding_messages, not max_buffered_messages.
-            reads=_CLOUD_READS - {"max_buffered_messages"},
+            # Flow control is pubsub.max_outstanding_messages, not max_buffered_messages;
+            # dead letters are published one by one at once (no flush interval).
+            reads=_PUBSUB_READS,
+            fixed={"dlq.flush_interval_seconds": 0.0},
             event_source=pubsub_transport.build_source,
             source_monitor=pubsub_transport.build_monitor,
             capture_outlet=pubsub_transport.build_outlet,
@@ -387,8 +525,16 @@ SINKS: Mapping[SinkType, SinkAdapter] = {
             PostgresSinkConfig,
             reads=frozenset({"retry"}),
             writer=build_postgres_writer,
+            dead_letter_store=build_postgres_sink_dead_letters,
         ),
-        SinkAdapter("webhook", "batches of events POSTed as JSON", WebhookSinkConfig),
+        SinkAdapter(
+            "webhook",
+            "batches of events POSTed as signed JSON (Standard Webhooks)",
+            WebhookSinkConfig,
+            reads=frozenset({"retry", "dlq.enabled", "dlq.max_retries"}),
+            writer=build_webhook_writer,
+            uses_error_router=True,
+        ),
         SinkAdapter(
             "iceberg",
             "Apache Iceberg tables (append, or upsert with position deletes)",
@@ -447,6 +593,17 @@ def _names(names: Iterable[str]) -> str:
     return ", ".join(names) or "none"
 
 
+# Read only when named exactly (a section-wide read such as "dlq" does not cover them).
+_EXACT_ONLY = frozenset({"dlq.postgres_dsn"})
+
+
+def _reads(reads: frozenset[str], path: str) -> bool:
+    """Whether an adapter reading `reads` reads `path` (a section name covers its keys)."""
+    if path in reads:
+        return True
+    return path not in _EXACT_ONLY and path.partition(".")[0] in reads
+
+
 def check(pipeline: PipelineConfig, platform: PlatformConfig) -> Problems:
     """Refuse what no adapter of this release would do: a transport or an enabled sink type
     without an adapter, and a setting that neither the transport nor an enabled sink reads
@@ -468,6 +625,19 @@ def check(pipeline: PipelineConfig, platform: PlatformConfig) -> Problems:
         if not sink.enabled:
             continue
         sinks.append(adapter)
+        if (
+            adapter.available
+            and adapter.uses_error_router
+            and transport.available
+            and transport.error_router is None
+        ):
+            found.pipeline.append(
+                (
+                    ("sinks", index, "sink_type"),
+                    f"'{sink.sink_type}' (sink '{sink.sink_id}') needs the transport's dead"
+                    f" letters, which transport_mode {transport.name} does not have yet",
+                )
+            )
         if not adapter.available:
             found.pipeline.append(
                 (
@@ -486,16 +656,16 @@ def check(pipeline: PipelineConfig, platform: PlatformConfig) -> Problems:
         is_set, value = _is_set(doc, path)
         if not is_set:
             continue
-        if path in transport.reads or any(path in s.reads for s in sinks):
+        if _reads(transport.reads, path) or any(_reads(s.reads, path) for s in sinks):
             continue
         loc: Loc = tuple(path.split("."))
         fixed = transport.fixed.get(path, _UNSET)
         if fixed is not _UNSET and value == fixed:
             continue  # says what happens anyway
-        readers = [f"transport_mode {t.name}" for t in TRANSPORTS.values() if path in t.reads]
-        readers += [f"sink_type {s.name}" for s in SINKS.values() if path in s.reads]
+        readers = [f"transport_mode {t.name}" for t in TRANSPORTS.values() if _reads(t.reads, path)]
+        readers += [f"sink_type {s.name}" for s in SINKS.values() if _reads(s.reads, path)]
         what = ADAPTER_SETTINGS[path]
-        instead = _INSTEAD.get(path)
+        instead = _INSTEAD.get(path) or _INSTEAD.get(path.partition(".")[0])
         message = (
             f"not used by transport_mode {transport.name} with sink type(s)"
             f" {_names(sorted({s.name for s in sinks}))}: it configures {what}, read only by"

@@ -210,6 +210,9 @@ class DlqConfig(ConfigModel):
     max_retries: NonNegativeInt = 3
     include_headers: bool = True
     flush_interval_seconds: NonNegativeFloat = 0.0
+    # transport_mode direct: the PostgreSQL holding the dead-letter table (default: the
+    # source database, schema cdc_platform).
+    postgres_dsn: str | None = Field(default=None, repr=False)
 
 
 class RetryConfig(ConfigModel):
