@@ -438,3 +438,42 @@ def test_failed_connector_is_reported_with_connects_error_text(
     assert body["components"]["connector"]["trace"] == text
     assert first in body["components"]["connector"]["error"]
     asyncio.run(undeploy(pipeline, platform))
+
+
+def test_heartbeat_table_mode_creates_the_table_and_the_connector_writes_it(
+    pg: PgTestContext,
+    tansu_broker: Any,
+    schema_registry: Any,
+    kafka_connect: Any,
+    tmp_path: Path,
+) -> None:
+    database = pg.new_database("beat")
+    dsn = pg.dsn(database)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    pipeline, platform, _ = configs(
+        tmp_path,
+        host=pg.host,
+        port=pg.port,
+        database=database,
+        tables=["public.t"],
+        bootstrap=tansu_broker.bootstrap_servers,
+        registry=schema_registry.url,
+        connect=kafka_connect.url,
+    )
+    pipeline = pipeline.model_copy(
+        update={"source": pipeline.source.model_copy(update={"heartbeat_mode": "table"})}
+    )
+    pipeline.source._pipeline_id = pipeline.pipeline_id
+    asyncio.run(KafkaProvisioner(pipeline, platform).provision())
+    slot = pipeline.effective_slot_name(platform)
+
+    def beat() -> bool:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT 1 FROM cdc_platform.heartbeat WHERE slot_name = %s", (slot,)
+            ).fetchone()
+        return row is not None
+
+    wait_for(beat, 60, "the connector's heartbeat.action.query to write its row")
+    asyncio.run(undeploy(pipeline, platform))
