@@ -13,6 +13,7 @@ from services.capture.publisher import LanePublisher, RetrySettings
 from services.lifecycle import StartupError
 
 if TYPE_CHECKING:
+    from adapters.pubsub.dead_letters import PubSubDeadLetters
     from adapters.pubsub.monitor import PubSubMonitor
     from adapters.pubsub.naming import PipelineNames
     from adapters.pubsub.provisioner import PubSubProvisioner
@@ -162,3 +163,14 @@ def build_capture_provisioner(
     pipeline: PipelineConfig, platform: PlatformConfig, wal: Provisioner
 ) -> CaptureProvisioner:
     return CaptureProvisioner(wal, build_provisioner(pipeline, platform))
+
+
+def build_dead_letters(pipeline: PipelineConfig, platform: PlatformConfig) -> PubSubDeadLetters:
+    """The DLQ topic as the error router of sinks that need one, and `cdc dlq`'s store."""
+    _require_library(platform)
+    from adapters.pubsub.dead_letters import PubSubDeadLetters
+
+    n = names(pipeline, platform)
+    return PubSubDeadLetters(
+        pipeline.pipeline_id, n.dlq_topic_path, n.dlq_subscription_path, ArrowBatchCodec()
+    )

@@ -499,6 +499,9 @@ TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
             event_source=pubsub_transport.build_source,
             source_monitor=pubsub_transport.build_monitor,
             capture_outlet=pubsub_transport.build_outlet,
+            # the DLQ topic: the error router of a webhook sink, the store of `cdc dlq`
+            error_router=pubsub_transport.build_dead_letters,
+            dead_letter_store=pubsub_transport.build_dead_letters,
             # the capture's slot and publication, then the topics and subscriptions
             provisioner=_pubsub_provisioner,
         ),

@@ -113,3 +113,87 @@ def test_monitor_local_estimate_follows_the_messages_in_flight(emulator: Any) ->
         asyncio.run(scenario())
     finally:
         provisioner.teardown_report()
+
+
+def test_dead_letters_on_the_dlq_topic_are_listed_fetched_and_removed(
+    emulator: Any, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The ErrorRouter (a webhook sink's) publishes to the DLQ topic; `cdc dlq` lists, fetches
+    and removes through the keeping subscription; a message the ingest could not read is
+    not a change and is not listed (it stays)."""
+    from google.cloud import pubsub_v1
+
+    from adapters.pubsub.dead_letters import PubSubDeadLetters
+    from adapters.pubsub.naming import PipelineNames
+    from adapters.pubsub.provisioner import PubSubProvisioner, SubscriptionSettings
+    from domain.ports import DeadLetter
+    from services.capture.payload import ArrowBatchCodec
+    from services.cli.main import main
+
+    pipeline_id = f"dl{uuid.uuid4().hex[:6]}"
+    names = PipelineNames.of("it", "cdc", pipeline_id, "dlq")
+    provisioner = PubSubProvisioner(names, SubscriptionSettings())
+    asyncio.run(provisioner.provision())
+    store = PubSubDeadLetters(
+        pipeline_id, names.dlq_topic_path, names.dlq_subscription_path, ArrowBatchCodec()
+    )
+    events = [
+        SourceEvent(Operation.CREATE, T, Position(100 + i, i), after=(str(i),)) for i in range(3)
+    ]
+    publisher = pubsub_v1.PublisherClient()
+    try:
+        asyncio.run(
+            store.dead_letter(
+                [
+                    DeadLetter(ev, f"HTTP 400 for {i}", "sink", pipeline_id=pipeline_id,
+                               sink_id="hook" if i < 2 else "other", lane=f"k{i}",
+                               error_class="http_400", attempts=3)
+                    for i, ev in enumerate(events)
+                ]
+            )
+        )
+        publisher.publish(names.dlq_topic_path, b"not a batch", cdc_stage="ingest").result(10)
+
+        async def scenario() -> None:
+            listed = await store.list()
+            assert [(d.sink_id, d.lane, d.event.position) for d in listed] == [
+                ("hook", "k0", Position(100, 0)),
+                ("hook", "k1", Position(101, 1)),
+                ("other", "k2", Position(102, 2)),
+            ]
+            assert listed[0].error == "HTTP 400 for 0" and listed[0].attempts == 3
+            assert listed[0].location == names.dlq_topic_path
+            assert [d.lane for d in await store.list(sink_id="hook")] == ["k0", "k1"]
+            assert len(await store.list(limit=1)) == 1
+            fetched = await store.fetch([listed[1].id])
+            assert [d.id for d in fetched] == [listed[1].id]
+            assert await store.remove([listed[0].id]) == 1
+            assert [d.id for d in await store.list()] == [listed[1].id, listed[2].id]
+            await store.close()
+
+        asyncio.run(scenario())
+
+        # `cdc dlq list` finds the same store through the registry
+        (tmp_path / "pipeline.yaml").write_text(
+            f"pipeline_id: {pipeline_id}\nsource:\n  database: shop\n  tables: [public.t]\n"
+            "sinks:\n  - sink_id: hook\n    sink_type: webhook\n"
+            "    webhook: {url: 'http://127.0.0.1:9/x'}\n"
+        )
+        (tmp_path / "platform.yaml").write_text(
+            "transport_mode: pubsub\npubsub: {project_id: it}\n"
+        )
+        capsys.readouterr()
+        code = main(["dlq", "list", str(tmp_path / "pipeline.yaml"), "--platform-config",
+                     str(tmp_path / "platform.yaml")])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert "2 dead letter(s)" in out and "HTTP 400 for 1" in out
+        # the ingest's unreadable message is still there for inspection
+        subscriber = pubsub_v1.SubscriberClient()
+        left = subscriber.pull(request={"subscription": names.dlq_subscription_path,
+                                        "max_messages": 10}, timeout=10)
+        assert b"not a batch" in [m.message.data for m in left.received_messages]
+        subscriber.close()
+    finally:
+        publisher.stop()
+        provisioner.teardown_report()
