@@ -438,6 +438,55 @@ def after_position(block: ChangeBlock, applied: Position | None) -> ChangeBlock:
     return ChangeBlock(block.schema, rb.filter(later), block.encoding)
 
 
+def after_positions(block: ChangeBlock, applied: Sequence[Position | None]) -> ChangeBlock:
+    """The changes of `block` past the applied position of their lane (`applied[i]` for
+    lane index i; None: nothing of that lane applied yet)."""
+    if len(applied) == 1:
+        return after_position(block, applied[0])
+    if not len(block) or all(a is None for a in applied):
+        return block
+    rb = block.records
+    lanes, major, minor = rb.column(6), rb.column(2), rb.column(3)
+    keep = pa.repeat(pa.scalar(False), len(block))
+    for i, a in enumerate(applied):
+        in_lane = pc.equal(lanes, pa.scalar(i, pa.uint16()))
+        if a is not None:
+            in_lane = pc.and_(
+                in_lane,
+                pc.or_(
+                    pc.greater(major, pa.scalar(a.major, pa.uint64())),
+                    pc.and_(
+                        pc.equal(major, pa.scalar(a.major, pa.uint64())),
+                        pc.greater(minor, pa.scalar(a.minor, pa.uint64())),
+                    ),
+                ),
+            )
+        keep = pc.or_(keep, in_lane)
+    if pc.all(keep).as_py():
+        return block
+    return ChangeBlock(block.schema, rb.filter(keep), block.encoding)
+
+
+def last_positions(block: ChangeBlock) -> dict[int, Position]:
+    """The highest position of each lane (by index) in `block`."""
+    rb = block.records
+    if not rb.num_rows:
+        return {}
+    lanes = rb.column(6)
+    present = pc.unique(lanes).to_pylist()
+    if len(present) == 1:
+        top = last_position(block)
+        assert top is not None
+        return {int(present[0]): top}
+    out: dict[int, Position] = {}
+    for i in present:
+        picked = rb.filter(pc.equal(lanes, pa.scalar(i, pa.uint16())))
+        top = last_position(ChangeBlock(block.schema, picked, block.encoding))
+        assert top is not None
+        out[int(i)] = top
+    return out
+
+
 def last_position(block: ChangeBlock) -> Position | None:
     """The highest position in `block` (None when empty)."""
     rb = block.records

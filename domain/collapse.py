@@ -135,18 +135,24 @@ def collapse_block(
     if not m:
         return rb
     keys = [rb.column(META_COLUMNS + i) for i in key_idx]
-    if len(keys) == 1:
-        if pc.count_distinct(keys[0]).as_py() == m:
-            return rb
-    elif (
-        pc.count_distinct(
-            pc.binary_join_element_wise(*[pc.cast(k, pa.string()) for k in keys], "\x00")
-        ).as_py()
-        == m
-    ):
-        return rb
-    names = [f"k{j}" for j in range(len(keys))]
-    table = pa.table([*keys, pa.array(range(m), pa.int64())], names=[*names, "i"])
-    last = table.group_by(names, use_threads=False).aggregate([("i", "max")])
+    key = keys[0] if len(keys) == 1 else join_keys(keys)
+    picked = last_per_key(key)
+    return rb if picked is None else rb.take(picked)
+
+
+def join_keys(columns: Sequence[pa.Array]) -> pa.Array:
+    """A key of several columns as one array (their text joined by NUL)."""
+    return pc.binary_join_element_wise(*[pc.cast(c, pa.string()) for c in columns], "\x00")
+
+
+def last_per_key(keys: pa.Array) -> pa.Array | None:
+    """The place of each key's last change among `keys` (one per change, in change order),
+    in the order of those last changes; None when no key repeats (every change is its
+    key's last). The columnar form of collapse-by-key, for any sink that upserts."""
+    m = len(keys)
+    if pc.count_distinct(keys).as_py() == m:
+        return None
+    table = pa.table({"k": keys, "i": pa.array(range(m), pa.int64())})
+    last = table.group_by("k", use_threads=False).aggregate([("i", "max")])
     picked = last.column("i_max").combine_chunks()
-    return rb.take(pc.take(picked, pc.sort_indices(picked)))
+    return pc.take(picked, pc.sort_indices(picked))

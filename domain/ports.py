@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 from domain.blocks import (
@@ -252,10 +253,19 @@ class OutboundBatch:
 
 @dataclass(slots=True)
 class DeadLetter:
+    """A change a stage could not deliver, with why. `lane` is the batch's lane (the event's
+    position is ordered within it); `error_class` the exception's or response's kind,
+    `attempts` how often delivery was tried."""
+
     event: SourceEvent
     error: str
     stage: str
     attributes: dict[str, str] = field(default_factory=dict)
+    pipeline_id: str = ""
+    sink_id: str = ""
+    lane: str = ""
+    error_class: str = ""
+    attempts: int = 1
 
 
 class EventSource(Protocol):
@@ -302,9 +312,43 @@ class SourceMonitor(Protocol):
 
 
 class ErrorRouter(Protocol):
-    """Stores events that cannot be processed; returns only once they are durable."""
+    """Stores events that cannot be processed; returns only once they are durable (raises
+    otherwise: the caller must then hold the position back, never drop the events)."""
 
     async def dead_letter(self, letters: Sequence[DeadLetter]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDeadLetter:
+    """A dead letter as its store keeps it: `id` is the store's own (for fetch / remove);
+    `location` says where it is kept (a table, a topic), for operators."""
+
+    id: str
+    pipeline_id: str
+    sink_id: str
+    lane: str
+    event: SourceEvent
+    error_class: str
+    error: str
+    attempts: int
+    created_at: datetime | None
+    location: str
+
+
+class DeadLetterStore(Protocol):
+    """Where dead letters can be listed, fetched for replay and removed once replayed
+    (`cdc dlq`). Implemented by each transport's error router and by sinks that keep dead
+    letters beside their data."""
+
+    async def list(
+        self, sink_id: str | None = None, limit: int | None = None
+    ) -> Sequence[StoredDeadLetter]: ...
+
+    async def fetch(self, ids: Sequence[str]) -> Sequence[StoredDeadLetter]: ...
+
+    async def remove(self, ids: Sequence[str]) -> int: ...
+
+    async def close(self) -> None: ...
 
 
 class SinkWriter(Protocol):

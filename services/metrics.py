@@ -245,6 +245,12 @@ class IngestMetrics:
             ["pipeline"],
             registry=r,
         )
+        self.millis_behind = Gauge(
+            "cdc_source_millis_behind_latest",
+            "transport_mode kinesis: MillisBehindLatest of each shard as its reader last saw it",
+            ["pipeline", "shard"],
+            registry=r,
+        )
         self.slot_retained = Gauge(
             "cdc_source_slot_retained_wal_bytes",
             "WAL bytes the slot keeps on the server (current position minus restart_lsn)",
@@ -298,6 +304,14 @@ class IngestMetrics:
             self.slot_lag.labels(self.pipeline).set(detail["lag_bytes"])
         if isinstance(detail.get("retained_wal_bytes"), int):
             self.slot_retained.labels(self.pipeline).set(detail["retained_wal_bytes"])
+        shards = detail.get("shards")
+        if isinstance(shards, Mapping):  # the Kinesis monitor's reading
+            for shard, reading in shards.items():
+                if not isinstance(reading, Mapping):
+                    continue
+                behind = reading.get("millis_behind_latest")
+                if isinstance(behind, int):
+                    self.millis_behind.labels(self.pipeline, shard).set(behind)
 
     def _labelled(self, per_name: Mapping[str, int]) -> dict[str, int]:
         out: dict[str, int] = {}

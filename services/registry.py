@@ -40,11 +40,27 @@ from adapters.config import (
     WebhookSinkConfig,
 )
 from adapters.config.errors import Loc
+from adapters.postgres.sink.dead_letter_store import PostgresSinkDeadLetters
 from adapters.postgres.sink.writer import PostgresSinkWriter
+from adapters.postgres.source.dead_letters import PostgresErrorRouter
 from adapters.postgres.source.provisioner import PostgresProvisioner
 from adapters.postgres.source.reader import PostgresWalSource, WalReaderSettings
 from adapters.postgres.source.slot_monitor import PostgresSlotMonitor
-from domain.ports import EventSource, Provisioner, SinkWriter, SourceMonitor
+from domain.ports import (
+    AckCallback,
+    DeadLetterStore,
+    ErrorRouter,
+    EventSource,
+    Outlet,
+    Provisioner,
+    SinkWriter,
+    SourceMonitor,
+)
+from services import pubsub_transport
+
+if TYPE_CHECKING:  # httpx is the `webhook` extra: imported when a webhook sink is built
+    from adapters.webhook.sink import WebhookSinkWriter
+    from domain.events import TableSchema
 
 if TYPE_CHECKING:  # the kafka extra is imported only when the kafka transport is built
     from adapters.debezium.monitor import ConnectorMonitor
@@ -52,10 +68,20 @@ if TYPE_CHECKING:  # the kafka extra is imported only when the kafka transport i
 
 SourceFactory = Callable[[PipelineConfig, PlatformConfig], EventSource]
 MonitorFactory = Callable[[PipelineConfig, PlatformConfig], SourceMonitor]
+# The capture stage of a transport fed by our WAL reader (services/capture): its publisher,
+# called with the callback that receives each batch's DeliveryAck.
+OutletFactory = Callable[[PipelineConfig, PlatformConfig, AckCallback], Outlet]
 ProvisionerFactory = Callable[[PipelineConfig, PlatformConfig], Provisioner]
 WriterFactory = Callable[[PipelineConfig, SinkConfig, PlatformConfig], SinkWriter]
 # Values of an adapter's own settings it does not support, as (loc, message) per file.
 ValueCheck = Callable[[PipelineConfig, PlatformConfig], "Problems"]
+# The transport's dead letters: where sinks without their own put the changes they cannot
+# deliver (ErrorRouter), and where `cdc dlq` lists and replays them (DeadLetterStore).
+# One object may be both.
+RouterFactory = Callable[[PipelineConfig, PlatformConfig], ErrorRouter]
+StoreFactory = Callable[[PipelineConfig, PlatformConfig], DeadLetterStore]
+# A sink that keeps dead letters beside its data (transactionally).
+SinkStoreFactory = Callable[[PipelineConfig, SinkConfig, PlatformConfig], DeadLetterStore]
 
 # Shared settings that only some adapters read (dotted paths; ``topic_prefix`` is in
 # pipeline.yaml, the others in platform.yaml). Each one set in a file must be read by the
@@ -64,7 +90,12 @@ ValueCheck = Callable[[PipelineConfig, PlatformConfig], "Problems"]
 # rest of wal_reader.*, ...) is read whatever the adapters are.
 ADAPTER_SETTINGS: Mapping[str, str] = {
     "topic_prefix": "the names of the transport's topics / streams",
-    "dlq": "the transport's dead-letter topics / streams",
+    "dlq.enabled": "dead-lettering the changes a sink cannot deliver (false: the sink stops)",
+    "dlq.max_retries": "the attempts at storing a dead letter before the batch is held back",
+    "dlq.topic_suffix": "the names of the transport's dead-letter topics / streams",
+    "dlq.include_headers": "error details as headers of dead-letter messages",
+    "dlq.flush_interval_seconds": "how often dead-letter messages are flushed",
+    "dlq.postgres_dsn": "the PostgreSQL that keeps transport_mode direct's dead letters",
     "retry": "the backoff of retried writes",
     "max_buffered_messages": "how many events the transport's consumer buffers",
     "schema_monitor_interval_seconds": "polling the Schema Registry for schema changes",
@@ -76,6 +107,7 @@ ADAPTER_SETTINGS: Mapping[str, str] = {
 # What the available adapters do instead, for the refusal message.
 _INSTEAD: Mapping[str, str] = {
     "dlq": "the postgres sink writes events it cannot apply to <target_schema>._cdc_dead_letters",
+    "dlq.postgres_dsn": "only transport_mode direct keeps dead letters in PostgreSQL",
     "max_buffered_messages": "the ingest holds at most ingest.max_in_flight_batches batches of"
     " ingest.batch_max_events events per sink: tune those",
     "schema_monitor_interval_seconds": "transport_mode direct sees schema changes in the WAL"
@@ -105,15 +137,25 @@ class TransportAdapter:
     fixed: Mapping[str, object] = field(default_factory=dict)
     event_source: SourceFactory | None = None
     source_monitor: MonitorFactory | None = None  # None: nothing to watch
+    # Transports fed by `cdc capture` (the WAL reader publishing to the broker).
+    capture_outlet: OutletFactory | None = None
     # What `cdc undeploy` tears down (and a deploy step creates); None: nothing to remove.
     # For kafka, `cdc run` / `cdc deploy` also run its provision() before the stages start.
     provisioner: ProvisionerFactory | None = None
     # Refuses values of its settings it does not support (run by check()).
     check_values: ValueCheck | None = None
+    # Its dead letters (docs/operations.md "Dead letters"); None: not implemented yet, and a
+    # sink that needs them (SinkAdapter.uses_error_router) is refused with this transport.
+    error_router: RouterFactory | None = None
+    dead_letter_store: StoreFactory | None = None
 
     @property
     def available(self) -> bool:
         return self.event_source is not None
+
+    @property
+    def has_capture(self) -> bool:
+        return self.capture_outlet is not None
 
 
 @dataclass(frozen=True)
@@ -127,6 +169,10 @@ class SinkAdapter:
     writer: WriterFactory | None = None
     # Checks of a sink's settings against the pipeline (locs relative to sinks[i]).
     validate: Callable[[PipelineConfig, SinkConfig], list[tuple[Loc, str]]] | None = None
+    # Dead letters kept beside the sink's data; otherwise, with uses_error_router, the
+    # transport's error router keeps them.
+    dead_letter_store: SinkStoreFactory | None = None
+    uses_error_router: bool = False
 
     @property
     def available(self) -> bool:
@@ -145,11 +191,16 @@ def source_conninfo(pipeline: PipelineConfig) -> str:
     )
 
 
-def build_wal_source(pipeline: PipelineConfig, platform: PlatformConfig) -> PostgresWalSource:
+def build_wal_source(
+    pipeline: PipelineConfig, platform: PlatformConfig, *, capture: bool = False
+) -> PostgresWalSource:
     """The direct transport: the ingest reads the slot itself. Its chunks are the ingest's
-    batches (``ingest.batch_max_events`` / ``batch_max_delay_ms``)."""
+    batches (``ingest.batch_max_events`` / ``batch_max_delay_ms``). For the capture stage of
+    pubsub / kinesis (``capture``) a partly filled chunk waits at most
+    ``wal_reader.batch_timeout_seconds`` for more changes."""
     s = pipeline.source
     wal = platform.wal_reader
+    delay = wal.batch_timeout_seconds if capture else platform.ingest.batch_max_delay_ms / 1000
     return PostgresWalSource(
         WalReaderSettings(
             conninfo=source_conninfo(pipeline),
@@ -160,7 +211,7 @@ def build_wal_source(pipeline: PipelineConfig, platform: PlatformConfig) -> Post
             snapshot_mode=s.snapshot_mode,
             status_interval_seconds=wal.status_interval_seconds,
             max_chunk_events=platform.ingest.batch_max_events,
-            max_chunk_delay_seconds=platform.ingest.batch_max_delay_ms / 1000,
+            max_chunk_delay_seconds=delay,
             heartbeat_mode=s.heartbeat_mode,
             heartbeat_interval_seconds=s.heartbeat_interval_seconds,
             snapshot_chunk_size=s.snapshot_chunk_size,
@@ -336,6 +387,82 @@ def check_kafka_values(pipeline: PipelineConfig, platform: PlatformConfig) -> Pr
     return found
 
 
+def build_direct_dead_letters(
+    pipeline: PipelineConfig, platform: PlatformConfig
+) -> PostgresErrorRouter:
+    """transport_mode direct: a table in the source database's cdc_platform schema, or in
+    the database of dlq.postgres_dsn."""
+    return PostgresErrorRouter(
+        platform.dlq.postgres_dsn or source_conninfo(pipeline), pipeline.pipeline_id
+    )
+
+
+def build_postgres_sink_dead_letters(
+    pipeline: PipelineConfig, sink: SinkConfig, platform: PlatformConfig
+) -> PostgresSinkDeadLetters:
+    assert sink.postgres is not None
+    conninfo = source_conninfo(pipeline)
+
+    async def describe(qualified: str) -> TableSchema:
+        import psycopg
+
+        from adapters.postgres.source.catalog import snapshot_schema
+
+        async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+            return await snapshot_schema(conn, qualified)
+
+    return PostgresSinkDeadLetters(
+        sink.postgres.conninfo(), sink.postgres.target_schema, pipeline.pipeline_id, describe
+    )
+
+
+def build_webhook_writer(
+    pipeline: PipelineConfig, sink: SinkConfig, platform: PlatformConfig
+) -> WebhookSinkWriter:
+    assert sink.webhook is not None
+    from services.lifecycle import StartupError
+
+    try:
+        from adapters.webhook.sink import WebhookSinkWriter
+    except ModuleNotFoundError as exc:
+        raise StartupError(
+            f"sink '{sink.sink_id}': the webhook sink needs {exc.name}: pip install"
+            " 'cdc-platform[webhook]'"
+        ) from None
+    transport = TRANSPORTS[platform.transport_mode]
+    router = None if transport.error_router is None else transport.error_router(pipeline, platform)
+    return WebhookSinkWriter(
+        sink.webhook,
+        pipeline.pipeline_id,
+        sink.sink_id,
+        router=router,
+        retry=platform.retry,
+        dlq_enabled=platform.dlq.enabled,
+        dlq_max_retries=platform.dlq.max_retries,
+    )
+
+
+def dead_letter_stores(
+    pipeline: PipelineConfig, platform: PlatformConfig, sink_id: str | None = None
+) -> list[tuple[list[str], DeadLetterStore]]:
+    """Where the dead letters of the pipeline's sinks are kept: (sink ids, store) per store.
+    A sink keeping its own comes with its store; the others share the transport's."""
+    transport = TRANSPORTS[platform.transport_mode]
+    own: list[tuple[list[str], DeadLetterStore]] = []
+    shared: list[str] = []
+    for sink in pipeline.sinks:
+        if sink_id is not None and sink.sink_id != sink_id:
+            continue
+        adapter = SINKS[sink.sink_type]
+        if adapter.dead_letter_store is not None:
+            own.append(([sink.sink_id], adapter.dead_letter_store(pipeline, sink, platform)))
+        elif adapter.uses_error_router:
+            shared.append(sink.sink_id)
+    if shared and transport.dead_letter_store is not None:
+        own.append((shared, transport.dead_letter_store(pipeline, platform)))
+    return own
+
+
 def build_kafka_provisioner(pipeline: PipelineConfig, platform: PlatformConfig) -> Provisioner:
     from adapters.kafka.provisioner import KafkaProvisioner
 
@@ -355,6 +482,61 @@ _CLOUD_READS = frozenset(
     }
 )
 
+# What the Pub/Sub adapters (services/pubsub_transport.py) read.
+_PUBSUB_READS = frozenset(
+    {
+        "topic_prefix",
+        "dlq.enabled",
+        "dlq.max_retries",
+        "dlq.topic_suffix",
+        "dlq.include_headers",
+        "retry",
+        "wal_reader.batch_size",
+        "wal_reader.batch_timeout_seconds",
+    }
+)
+
+# What the Kinesis adapters (services/kinesis.py) read: topic_prefix (stream names), dlq
+# (enabled, topic_suffix: the DLQ streams), retry (the backoff of failed puts and reads;
+# max_attempts is not read: a put is retried until it succeeds), max_buffered_messages (the
+# records the source buffers), wal_reader.batch_size / batch_timeout_seconds (the capture).
+_KINESIS_READS = _CLOUD_READS
+
+
+def _kinesis_source(pipeline: PipelineConfig, platform: PlatformConfig) -> EventSource:
+    from services.kinesis import build_kinesis_source  # boto3 only when chosen
+
+    return build_kinesis_source(pipeline, platform)
+
+
+def _kinesis_monitor(pipeline: PipelineConfig, platform: PlatformConfig) -> SourceMonitor:
+    from services.kinesis import build_kinesis_monitor
+
+    return build_kinesis_monitor(pipeline, platform)
+
+
+def _kinesis_publisher(
+    pipeline: PipelineConfig, platform: PlatformConfig, on_ack: AckCallback
+) -> Outlet:
+    from services.kinesis import build_kinesis_publisher
+
+    return build_kinesis_publisher(pipeline, platform, on_ack)
+
+
+def _pubsub_provisioner(pipeline: PipelineConfig, platform: PlatformConfig) -> Provisioner:
+    return pubsub_transport.build_capture_provisioner(
+        pipeline, platform, build_postgres_provisioner(pipeline, platform)
+    )
+
+
+def _kinesis_provisioner(pipeline: PipelineConfig, platform: PlatformConfig) -> Provisioner:
+    from services.kinesis import build_kinesis_provisioner
+
+    return build_kinesis_provisioner(
+        pipeline, platform, build_postgres_provisioner(pipeline, platform)
+    )
+
+
 TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
     t.name: t
     for t in (
@@ -362,10 +544,20 @@ TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
             "direct",
             "the ingest reads the PostgreSQL WAL and streams to the sinks over gRPC",
             sections={"wal_reader": WalReaderConfig},
-            fixed={"stop_on_incompatible_schema": False},
+            reads=frozenset({"dlq.postgres_dsn"}),
+            fixed={
+                "stop_on_incompatible_schema": False,
+                # Dead letters are rows of a table: no topics, headers or flush timer.
+                "dlq.enabled": True,
+                "dlq.topic_suffix": "dlq",
+                "dlq.include_headers": True,
+                "dlq.flush_interval_seconds": 0.0,
+            },
             event_source=build_wal_source,
             source_monitor=build_slot_monitor,
             provisioner=build_postgres_provisioner,
+            error_router=build_direct_dead_letters,
+            dead_letter_store=build_direct_dead_letters,
         ),
         TransportAdapter(
             "kafka",
@@ -390,15 +582,29 @@ TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
             "pubsub",
             "the WAL captured to Google Pub/Sub",
             sections={"pubsub": PubSubConfig, "wal_reader": WalReaderConfig},
-            reads=_CLOUD_READS,
-            provisioner=build_postgres_provisioner,  # the capture's slot and publication
+            # Flow control is pubsub.max_outstanding_messages, not max_buffered_messages;
+            # dead letters are published one by one at once (no flush interval).
+            reads=_PUBSUB_READS,
+            fixed={"dlq.flush_interval_seconds": 0.0},
+            event_source=pubsub_transport.build_source,
+            source_monitor=pubsub_transport.build_monitor,
+            capture_outlet=pubsub_transport.build_outlet,
+            # the DLQ topic: the error router of a webhook sink, the store of `cdc dlq`
+            error_router=pubsub_transport.build_dead_letters,
+            dead_letter_store=pubsub_transport.build_dead_letters,
+            # the capture's slot and publication, then the topics and subscriptions
+            provisioner=_pubsub_provisioner,
         ),
         TransportAdapter(
             "kinesis",
             "the WAL captured to Amazon Kinesis",
             sections={"kinesis": KinesisConfig, "wal_reader": WalReaderConfig},
-            reads=_CLOUD_READS,
-            provisioner=build_postgres_provisioner,  # the capture's slot and publication
+            reads=_KINESIS_READS,
+            event_source=_kinesis_source,
+            source_monitor=_kinesis_monitor,
+            capture_outlet=_kinesis_publisher,
+            # the capture's slot and publication, then the streams and the lease table
+            provisioner=_kinesis_provisioner,
         ),
     )
 }
@@ -412,8 +618,16 @@ SINKS: Mapping[SinkType, SinkAdapter] = {
             PostgresSinkConfig,
             reads=frozenset({"retry"}),
             writer=build_postgres_writer,
+            dead_letter_store=build_postgres_sink_dead_letters,
         ),
-        SinkAdapter("webhook", "batches of events POSTed as JSON", WebhookSinkConfig),
+        SinkAdapter(
+            "webhook",
+            "batches of events POSTed as signed JSON (Standard Webhooks)",
+            WebhookSinkConfig,
+            reads=frozenset({"retry", "dlq.enabled", "dlq.max_retries"}),
+            writer=build_webhook_writer,
+            uses_error_router=True,
+        ),
         SinkAdapter(
             "iceberg",
             "Apache Iceberg tables (append, or upsert with position deletes)",
@@ -472,6 +686,17 @@ def _names(names: Iterable[str]) -> str:
     return ", ".join(names) or "none"
 
 
+# Read only when named exactly (a section-wide read such as "dlq" does not cover them).
+_EXACT_ONLY = frozenset({"dlq.postgres_dsn"})
+
+
+def _reads(reads: frozenset[str], path: str) -> bool:
+    """Whether an adapter reading `reads` reads `path` (a section name covers its keys)."""
+    if path in reads:
+        return True
+    return path not in _EXACT_ONLY and path.partition(".")[0] in reads
+
+
 def check(pipeline: PipelineConfig, platform: PlatformConfig) -> Problems:
     """Refuse what no adapter of this release would do: a transport or an enabled sink type
     without an adapter, and a setting that neither the transport nor an enabled sink reads
@@ -497,6 +722,19 @@ def check(pipeline: PipelineConfig, platform: PlatformConfig) -> Problems:
         if not sink.enabled:
             continue
         sinks.append(adapter)
+        if (
+            adapter.available
+            and adapter.uses_error_router
+            and transport.available
+            and transport.error_router is None
+        ):
+            found.pipeline.append(
+                (
+                    ("sinks", index, "sink_type"),
+                    f"'{sink.sink_type}' (sink '{sink.sink_id}') needs the transport's dead"
+                    f" letters, which transport_mode {transport.name} does not have yet",
+                )
+            )
         if not adapter.available:
             found.pipeline.append(
                 (
@@ -515,16 +753,16 @@ def check(pipeline: PipelineConfig, platform: PlatformConfig) -> Problems:
         is_set, value = _is_set(doc, path)
         if not is_set:
             continue
-        if path in transport.reads or any(path in s.reads for s in sinks):
+        if _reads(transport.reads, path) or any(_reads(s.reads, path) for s in sinks):
             continue
         loc: Loc = tuple(path.split("."))
         fixed = transport.fixed.get(path, _UNSET)
         if fixed is not _UNSET and value == fixed:
             continue  # says what happens anyway
-        readers = [f"transport_mode {t.name}" for t in TRANSPORTS.values() if path in t.reads]
-        readers += [f"sink_type {s.name}" for s in SINKS.values() if path in s.reads]
+        readers = [f"transport_mode {t.name}" for t in TRANSPORTS.values() if _reads(t.reads, path)]
+        readers += [f"sink_type {s.name}" for s in SINKS.values() if _reads(s.reads, path)]
         what = ADAPTER_SETTINGS[path]
-        instead = _INSTEAD.get(path)
+        instead = _INSTEAD.get(path) or _INSTEAD.get(path.partition(".")[0])
         message = (
             f"not used by transport_mode {transport.name} with sink type(s)"
             f" {_names(sorted({s.name for s in sinks}))}: it configures {what}, read only by"

@@ -1,4 +1,6 @@
-"""`cdc run`: the ingest stage and one sink stage per enabled sink, as supervised children.
+"""`cdc run`: the ingest stage and one sink stage per enabled sink, as supervised children,
+plus the capture stage (`cdc capture`: WAL -> broker) for transports fed by our WAL reader
+(pubsub, kinesis).
 
 A child that dies is restarted with backoff while the others carry on, unless it failed at
 startup (exit code 2: a port in use, a setting this release cannot run) or keeps failing the
@@ -92,6 +94,7 @@ class Supervisor:
         platform_path: str | None,
         sink_ids: list[str],
         sink_host: str = "127.0.0.1",
+        capture: bool = False,
     ) -> None:
         common = [pipeline_path] + (["--platform-config", platform_path] if platform_path else [])
         self.sinks: list[Child] = []
@@ -108,6 +111,12 @@ class Supervisor:
             "ingest",
             [*cdc_command(), "ingest", *common, *endpoints, "--grpc-port", str(find_free_port())],
         )
+        self.capture: Child | None = None
+        if capture:
+            self.capture = Child(
+                "capture",
+                [*cdc_command(), "capture", *common, "--http-port", str(find_free_port())],
+            )
         self._stopping = False
         self._failed = 0
         self.shutdown_timeout = 25.0
@@ -131,7 +140,7 @@ class Supervisor:
 
     @property
     def children(self) -> list[Child]:
-        return [*self.sinks, self.ingest]
+        return [*self.sinks, self.ingest, *([self.capture] if self.capture else [])]
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -203,6 +212,13 @@ class Supervisor:
         killed, or the startup / crash-loop failure that stopped the run."""
         started = time.monotonic()
         deadline = started + self.shutdown_timeout
+        capture_code = None
+        if self.capture is not None:
+            # First: it stops reading the WAL and confirms what the broker acknowledged.
+            self.capture.signal_stop()
+            capture_code = self.capture.wait_until(
+                deadline - 2 * lifecycle.sink_stop_seconds(self.shutdown_timeout)
+            )
         self.ingest.signal_stop()
         ingest_code = self.ingest.wait_until(
             deadline - lifecycle.sink_stop_seconds(self.shutdown_timeout)
@@ -219,11 +235,13 @@ class Supervisor:
             log.error("run.failed", code=self._failed, stop_seconds=seconds)
             return self._failed
         killed = [c.name for c in self.children if c.killed]
-        if killed or ingest_code == lifecycle.EXIT_DRAIN_INCOMPLETE:
+        incomplete = lifecycle.EXIT_DRAIN_INCOMPLETE in (ingest_code, capture_code)
+        if killed or incomplete:
             log.error(
                 "run.stopped_incomplete",
                 killed=killed,
                 ingest_code=ingest_code,
+                capture_code=capture_code,
                 stop_seconds=seconds,
                 budget_seconds=self.shutdown_timeout,
                 note="unacked batches are redelivered on the next start; nothing is lost",

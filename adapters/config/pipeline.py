@@ -305,17 +305,36 @@ class WebhookSinkConfig(ConfigModel):
     max_retries: NonNegativeInt = 5
     hmac_secret: str | None = Field(default=None, repr=False)
     retry_on_status: list[int] = Field(default_factory=lambda: [429, 500, 502, 503, 504])
+    # Requests at once; two requests never carry changes of the same key (order per key).
+    max_in_flight_requests: PositiveInt = 2
+    # How long a request that is not full waits for more changes while the stream is busy.
+    linger_ms: NonNegativeInt = 20
+    bearer_token: str | None = Field(default=None, repr=False)
 
     @model_validator(mode="after")
     def _check_statuses(self) -> Self:
-        raise_if(
-            [
-                (("retry_on_status", i), f"{status} is not an HTTP status code (100..599)")
-                for i, status in enumerate(self.retry_on_status)
-                if not 100 <= status <= 599
-            ]
-        )
+        problems: list[tuple[Loc, str]] = [
+            (("retry_on_status", i), f"{status} is not an HTTP status code (100..599)")
+            for i, status in enumerate(self.retry_on_status)
+            if not 100 <= status <= 599
+        ]
+        for i, secret in enumerate((self.hmac_secret or "").split()):
+            if secret.startswith("whsec_") and not _is_base64(secret[len("whsec_") :]):
+                problems.append(
+                    (("hmac_secret",), f"secret {i + 1}: 'whsec_' must be followed by base64")
+                )
+        raise_if(problems)
         return self
+
+
+def _is_base64(text: str) -> bool:
+    import base64
+    import binascii
+
+    try:
+        return bool(base64.b64decode(text, validate=True))
+    except (binascii.Error, ValueError):
+        return False
 
 
 class IcebergMaintenanceConfig(ConfigModel):

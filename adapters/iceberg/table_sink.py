@@ -39,8 +39,8 @@ from domain.blocks import (
     build_blocks,
     events_of,
 )
-from domain.collapse import DELETED, KeyCollapse, simple_block
-from domain.errors import PermanentError
+from domain.collapse import DELETED, KeyCollapse, last_per_key, simple_block
+from domain.errors import PermanentError, SinkUnavailableError
 from domain.events import UNCHANGED, Operation, Position, SourceEvent, TableSchema
 
 log = structlog.get_logger(__name__)
@@ -281,8 +281,10 @@ class TableSink:
                 self.table = self.catalog.load_table(self.identifier)
                 self.index = None
                 time.sleep(0.05 * (attempt + 1))
-        raise cols.UnsafeSchemaChangeError(  # pragma: no cover - needs 5 lost races in a row
-            f"iceberg table {self.name}: commit kept conflicting: {last_error}"
+        # Still buffered: the write is refused and the ingest resends it later.
+        raise SinkUnavailableError(
+            f"iceberg table {self.name}: {COMMIT_ATTEMPTS} commits in a row lost to another"
+            f" writer's ({last_error})"
         )
 
     def _commit_once(self, extra_positions: dict[str, Position]) -> int:
@@ -357,17 +359,9 @@ class TableSink:
             if not typed:
                 return None, []
             data = pa.concat_tables(typed, promote_options="permissive")
-            keys = key_array(data, self.key_names)
-            order = pa.array(range(data.num_rows), pa.int64())
-            last = (
-                pa.table({"k": keys, "i": order})
-                .group_by("k", use_threads=False)
-                .aggregate([("i", "max")])
-                .column("i_max")
-                .combine_chunks()
-            )
-            if len(last) != data.num_rows:  # keep each key's last change, in change order
-                data = data.take(pc.take(last, pc.sort_indices(last)))
+            last = last_per_key(key_array(data, self.key_names))
+            if last is not None:  # keep each key's last change, in change order
+                data = data.take(last)
         else:
             data, unchanged, truncated = self._collapse_rows(blocks, key_idx)
         keys = key_array(data, self.key_names)

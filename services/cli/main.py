@@ -125,12 +125,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     sinks = [s.sink_id for s in pipeline.enabled_sinks]
     sink_host = security.connect_host(security.listen_host(platform))
     # The transport's resources (Kafka: topics and the Debezium connector) before the stages.
+    from services import registry
     from services.cli.deploy import provision_or_report
 
     if provision_or_report(pipeline, platform) != 0:
         lock.release()
         return 1
-    supervisor = Supervisor(args.pipeline, args.platform_config, sinks, sink_host)
+    capture = registry.TRANSPORTS[platform.transport_mode].has_capture
+    supervisor = Supervisor(args.pipeline, args.platform_config, sinks, sink_host, capture)
     supervisor.configure_lifecycle(platform.shutdown_timeout_seconds, lock.fd)
     try:
         return supervisor.run()
@@ -276,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--no-wait", action="store_true", help="queue it and return")
     backfill.add_argument("--timeout", type=float, default=3600.0, help="seconds to follow it")
     backfill.set_defaults(func=cmd_backfill)
+    from services.cli import capture
+
+    capture.add_parser(sub, with_configs, _load, _refuse_unsupported)
     status = with_configs(sub.add_parser("status", help="live view of a running pipeline"))
     status.add_argument("--once", action="store_true", help="print one view and exit")
     status.add_argument("--json", action="store_true", help="JSON instead of tables")
@@ -290,12 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a sink's HTTP base URL, instead of the one the ingest lists (port-forwards)",
     )
     status.set_defaults(func=cmd_status)
-    from services.cli import consume, lakehouse
+    from services.cli import consume, dlq, lakehouse
     from services.cli import stack as stack_cli
 
     consume.add_parser(sub)
     lakehouse.add_parser(sub, with_configs)
     stack_cli.register(sub)
+    dlq.register(sub, with_configs)
     return parser
 
 

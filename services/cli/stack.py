@@ -34,6 +34,12 @@ def register(sub: Any) -> None:
         metavar="PARTS",
         help="also start: s3 (SeaweedFS), pubsub (Pub/Sub emulator), kinesis (moto)",
     )
+    up.add_argument(
+        "--kafka-storage",
+        choices=("memory", "s3"),
+        default="memory",
+        help="where Tansu keeps topics: memory (lost on down) or s3 (SeaweedFS; adds s3)",
+    )
     up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for health")
     up.set_defaults(func=cmd_up)
     status = with_dir(actions.add_parser("status", help="is every part up? (exit 1 if not)"))
@@ -81,13 +87,14 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     directory = args.dir.absolute()
     try:
-        extras = local_stack.parse_extras(args.extras)
+        extras = local_stack.parse_extras(args.extras, args.kafka_storage)
         print(f"starting the local stack in {directory} ...", flush=True)
         result = local_stack.up(
             directory,
             extras,
             timeout=args.timeout,
             progress=lambda line: print(f"  {line}", flush=True),
+            kafka_storage=args.kafka_storage,
         )
     except local_stack.StackError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -129,7 +129,18 @@ class SinkServicer(sink_pb2_grpc.SinkServiceServicer):
                 if self._buffered and decoded.empty():
                     # A writer that buffers: make what it accepted durable while the stream
                     # is idle, and say up to where (batch_id 0: not about one batch).
-                    yield await self._flushed()
+                    try:
+                        flushed = await self._flushed()
+                    except CdcError as exc:
+                        # Not durable: the ingest keeps every unacked batch and resends it.
+                        log.error("sink.flush_failed", error=str(exc))
+                        if isinstance(exc, SinkHaltedError) and self.on_halt is not None:
+                            self.on_halt(str(exc))
+                        self.metrics.rejected()
+                        rejected = f"not written: flush failed: {exc}"
+                        yield _rejected(0, str(exc))
+                        continue
+                    yield flushed
             await reader  # done; a broken request stream propagates
         finally:
             if not reader.done():

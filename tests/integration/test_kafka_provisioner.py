@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -28,15 +30,21 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer
 from confluent_kafka.serialization import MessageField, SerializationContext
+from prometheus_client import CollectorRegistry
 
 from adapters.config import PipelineConfig, PlatformConfig, loads_pipeline, loads_platform
 from adapters.debezium.connect_client import ConnectClient
 from adapters.debezium.monitor import ConnectorMonitor
 from adapters.kafka.provisioner import KafkaProvisioner, ProvisionError
 from domain.health import Status
+from domain.routing import Router
 from services.cli.main import main as cdc_main
+from services.health_http import HealthState, serve_health
+from services.ingest.service import IngestService
+from services.net import find_free_port
 from services.ops import undeploy
 from services.stack.postgres import PostgresServer
+from tests.support.fakes import FakeEventSource
 from tests.support.postgres import PgTestContext
 
 pytestmark = pytest.mark.integration
@@ -392,8 +400,8 @@ def test_failed_connector_is_reported_with_connects_error_text(
     status = asyncio.run(ConnectClient(platform.connector).status(f"cdc-{pipeline.pipeline_id}"))
     assert status is not None and status.failed, status
     text = status.error()
-    first = text.splitlines()[0]
-    assert first in str(failure.value)
+    first = text.splitlines()[0].strip()
+    assert first in str(failure.value), (first, str(failure.value))
     health = asyncio.run(ConnectorMonitor(pipeline, platform).health())
     assert health.status is Status.ERROR
     assert health.detail["trace"] == text
@@ -402,4 +410,70 @@ def test_failed_connector_is_reported_with_connects_error_text(
     report = json.loads(capsys.readouterr().out)
     assert report["components"]["connector"]["trace"] == text
     assert topic_partitions(tansu_broker.bootstrap_servers, topic) == 1  # still there
+
+    # /readyz of an ingest whose monitor is the connector's: 503 with Connect's text. The
+    # event source here is the in-memory stand-in (tests/support/fakes.py): this checks the
+    # monitor -> IngestService.health -> /readyz path, whatever consumer reads the topics.
+    service = IngestService(
+        pipeline.pipeline_id,
+        FakeEventSource(),
+        Router([]),
+        {},
+        100,
+        monitor=ConnectorMonitor(pipeline, platform),
+    )
+    state = HealthState()
+    state.update(asyncio.run(service.health()))
+    port = find_free_port()
+    server = serve_health(state, port, "127.0.0.1", registry=CollectorRegistry())
+    try:
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10)
+        assert answer.value.code == 503
+        body = json.loads(answer.value.read())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert body["ready"] is False
+    assert body["components"]["connector"]["trace"] == text
+    assert first in body["components"]["connector"]["error"]
+    asyncio.run(undeploy(pipeline, platform))
+
+
+def test_heartbeat_table_mode_creates_the_table_and_the_connector_writes_it(
+    pg: PgTestContext,
+    tansu_broker: Any,
+    schema_registry: Any,
+    kafka_connect: Any,
+    tmp_path: Path,
+) -> None:
+    database = pg.new_database("beat")
+    dsn = pg.dsn(database)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    pipeline, platform, _ = configs(
+        tmp_path,
+        host=pg.host,
+        port=pg.port,
+        database=database,
+        tables=["public.t"],
+        bootstrap=tansu_broker.bootstrap_servers,
+        registry=schema_registry.url,
+        connect=kafka_connect.url,
+    )
+    pipeline = pipeline.model_copy(
+        update={"source": pipeline.source.model_copy(update={"heartbeat_mode": "table"})}
+    )
+    pipeline.source._pipeline_id = pipeline.pipeline_id
+    asyncio.run(KafkaProvisioner(pipeline, platform).provision())
+    slot = pipeline.effective_slot_name(platform)
+
+    def beat() -> bool:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT 1 FROM cdc_platform.heartbeat WHERE slot_name = %s", (slot,)
+            ).fetchone()
+        return row is not None
+
+    wait_for(beat, 60, "the connector's heartbeat.action.query to write its row")
     asyncio.run(undeploy(pipeline, platform))

@@ -1214,3 +1214,68 @@ def test_plain_batches_take_the_columnar_path_and_store_what_the_row_path_stores
         )
     assert stored[0] == stored[1]
     assert stored[0][0] == [(1, 11, "new\nline"), (3, 31, "")]
+
+
+def test_a_batch_of_several_lanes_is_one_transaction_with_a_position_per_lane(
+    target: Target,
+) -> None:
+    """Plain changes of three lanes (keys never cross lanes) go in one columnar transaction
+    that saves each lane's position; a replay of some lanes next to new changes of another
+    skips exactly the replayed ones. A batch whose blocks need the row path (a truncate)
+    is written lane by lane."""
+    dsn, conn = target
+    a, b, c = Stream(major=5000), Stream(major=7), Stream(major=300)
+    lane_a = [a.ins(ITEMS, "1", "10", "a"), a.upd(ITEMS, "1", "11", "a2")]
+    lane_b = [b.ins(ITEMS, "2", "20", "b"), b.delete(ITEMS, "2"), b.ins(ITEMS, "4", "40", "b")]
+    lane_c = [c.ins(ITEMS, "3", "30", "c")]
+
+    def multi(parts: Sequence[tuple[str, Sequence[SourceEvent]]], batch_id: int) -> SinkBatch:
+        events = [ev for _, evs in parts for ev in evs]
+        counts = [len(evs) for _, evs in parts]
+        lanes = [lane for lane, _ in parts]
+        blocks = build_blocks(events, [i for i, n in enumerate(counts) for _ in range(n)])
+        return SinkBatch(PIPELINE, lanes[0], batch_id, blocks=blocks, lanes=lanes)
+
+    async def scenario() -> tuple[WriteResult, WriteResult, WriteResult, int]:
+        async with open_writer(dsn) as writer:
+            first = await writer.write(multi([("a", lane_a), ("b", lane_b), ("c", lane_c)], 1))
+            more_c = [c.tx().upd(ITEMS, "3", "31", "c2")]
+            again = await writer.write(multi([("a", lane_a), ("c", more_c)], 2))
+            mixed = [b.tx().truncate(ITEMS), b.ins(ITEMS, "9", "90", "b")]
+            rowwise = await writer.write(
+                multi([("b", mixed), ("c", [c.ins(ITEMS, "5", "50", "c")])], 3)
+            )
+            return first, again, rowwise, writer.columnar_batches
+
+    first, again, rowwise, columnar = run(scenario())
+    assert (first.written, first.skipped) == (6, 0)
+    assert (again.written, again.skipped) == (1, 2)
+    assert (rowwise.written, rowwise.skipped) == (3, 0)
+    assert columnar == 3  # two batches of several lanes at once, then lane c's own part
+    assert rows(conn, "SELECT id, qty FROM sink.items ORDER BY id") == [(5, 50), (9, 90)]
+    assert applied_position(conn, "a") == (5000, 1)
+    assert applied_position(conn, "b") == (107, 1)
+    assert applied_position(conn, "c") == (400, 1)
+
+
+def test_a_bad_value_in_one_lane_of_a_batch_dead_letters_only_that_change(
+    target: Target,
+) -> None:
+    dsn, conn = target
+    a, b = Stream(major=10), Stream(major=20)
+    good = [a.ins(ITEMS, "1", "10", "a"), a.ins(ITEMS, "2", "20", "a")]
+    bad = [b.ins(ITEMS, "3", "not a number", "b"), b.ins(ITEMS, "4", "40", "b")]
+    events = good + bad
+    blocks = build_blocks(events, [0, 0, 1, 1])
+    given = SinkBatch(PIPELINE, "a", 1, blocks=blocks, lanes=["a", "b"])
+
+    async def scenario() -> WriteResult:
+        async with open_writer(dsn) as writer:
+            return await writer.write(given)
+
+    result = run(scenario())
+    assert (result.written, result.dead_lettered) == (3, 1)
+    assert rows(conn, "SELECT id FROM sink.items ORDER BY id") == [(1,), (2,), (4,)]
+    assert rows(conn, "SELECT partition FROM sink._cdc_dead_letters") == [("b",)]
+    assert applied_position(conn, "a") == (10, 1)
+    assert applied_position(conn, "b") == (20, 1)

@@ -395,3 +395,48 @@ def test_a_killed_part_comes_back_on_the_same_port(tmp_path: Path) -> None:
         assert schema_registry.registry_healthy(second.url)
     finally:
         second.stop()
+
+
+@pytest.mark.slow
+def test_tansu_on_seaweedfs_keeps_topics_across_a_restart(tmp_path: Path) -> None:
+    from confluent_kafka import Consumer, Producer
+
+    from services.stack import seaweedfs, tansu
+
+    s3 = seaweedfs.start(tmp_path / "s3", buckets=["tansu-data"])
+    broker = None
+    try:
+        broker = tansu.start(tmp_path / "tansu", storage="s3://tansu-data/", s3=s3)
+        producer = Producer({"bootstrap.servers": broker.bootstrap_servers})
+        producer.produce("durable.check", key=b"k", value=b"kept")
+        assert producer.flush(10) == 0
+        broker.process.kill()
+        broker = tansu.start(
+            tmp_path / "tansu", storage="s3://tansu-data/", s3=s3, port=broker.port
+        )
+        consumer = Consumer(
+            {
+                "bootstrap.servers": broker.bootstrap_servers,
+                "group.id": "durable",
+                "auto.offset.reset": "earliest",
+                "session.timeout.ms": 6000,
+            }
+        )
+        consumer.subscribe(["durable.check"])
+        message = None
+        deadline = time.monotonic() + 30
+        while message is None and time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+        consumer.close()
+        assert message is not None and message.value() == b"kept"
+    finally:
+        if broker is not None:
+            broker.stop()
+        s3.stop()
+
+
+def test_tansu_s3_storage_needs_the_server(tmp_path: Path) -> None:
+    from services.stack import tansu
+
+    with pytest.raises(LaunchError, match="needs the S3 server"):
+        tansu.start(tmp_path, storage="s3://x/")

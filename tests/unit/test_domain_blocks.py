@@ -197,3 +197,16 @@ def test_a_batch_of_several_lanes_splits_back_into_its_lanes() -> None:
         build_blocks(events, [0, 1])
     with pytest.raises(ValueError, match="lane counts"):
         SinkBatch("p", "a", 1, events, lanes=["a", "b"], lane_counts=(3, 1))
+
+
+def test_last_per_key_is_the_columnar_collapse_every_upserting_sink_shares() -> None:
+    import pyarrow as pa
+
+    from domain.collapse import join_keys, last_per_key
+
+    assert last_per_key(pa.array(["a", "b", "c"])) is None
+    picked = last_per_key(pa.array(["a", "b", "a", "c", "b"]))
+    assert picked is not None and picked.to_pylist() == [2, 3, 4]
+    composite = join_keys([pa.array([1, 1, 2]), pa.array(["x", "x", "x"])])
+    picked = last_per_key(composite)
+    assert picked is not None and picked.to_pylist() == [1, 2]

@@ -1,9 +1,9 @@
 """The applied position per lane, stored in the target database with the rows it covers.
 
 `<target_schema>._cdc_offsets` holds one row per (pipeline, sink, lane) (the column is
-still called `partition`). A write locks the row of its lane, skips what is at or below
-the stored position (a replay), and saves the new position in the same transaction as the
-rows: the sink's exactly-once effect.
+still called `partition`). A write locks the rows of its lanes, skips what is at or below
+each lane's stored position (a replay), and saves the new positions in the same
+transaction as the rows: the sink's exactly-once effect.
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ class Offsets:
         cur = await conn.execute(
             self._lock_statement(*placeholders), (self._pipeline_id, self._sink_id, lane)
         )
-        return position_of(await cur.fetchone())
+        row = await cur.fetchone()
+        return position_of(row[1:] if row is not None else None)
 
     async def save(self, conn: psycopg.AsyncConnection[Any], lane: str, position: Position) -> None:
         await conn.execute(
@@ -101,56 +102,69 @@ class Offsets:
     async def positioned_transaction(
         self,
         conn: psycopg.AsyncConnection[Any],
-        lane: str,
-        apply: Callable[[Position | None], Awaitable[Position | None]],
+        lanes: Sequence[str],
+        apply: Callable[[dict[str, Position | None]], Awaitable[dict[str, Position]]],
     ) -> None:
-        """One transaction around the offsets row of `lane`: BEGIN goes with the row's
-        lock and the applied position is read; `apply(applied)` writes what is newer and
-        returns the last position it wrote (None: nothing); that position is saved with the
-        COMMIT (simple-query statements sent together, few round trips). Any error rolls
-        the whole transaction back."""
+        """One transaction around the offsets rows of `lanes`: BEGIN goes with the rows'
+        locks (taken in lane order, so writers of overlapping lanes cannot deadlock) and the
+        applied positions are read; `apply(applied)` writes what is newer and returns the
+        last position it wrote per lane (empty: nothing); those are saved with the COMMIT
+        (simple-query statements sent together, few round trips). Any error rolls the whole
+        transaction back."""
+        ordered = sorted(set(lanes))
         try:
-            cur = await conn.execute(self._begin_lock_sql(lane), prepare=False)
+            cur = await conn.execute(self._begin_lock_sql(ordered), prepare=False)
             cur.nextset()  # the first result is BEGIN's
-            applied = position_of(await cur.fetchone())
+            applied: dict[str, Position | None] = {
+                str(row[0]): position_of(row[1:]) for row in await cur.fetchall()
+            }
             last = await apply(applied)
-            if last is not None:
-                await conn.execute(self._save_commit_sql(lane, last), prepare=False)
-                applied = last
+            if last:
+                await conn.execute(self._save_commit_sql(last), prepare=False)
+                applied.update(last)
             else:
                 await conn.execute("COMMIT", prepare=False)
         except BaseException:
             await rollback(conn)
             raise
-        self.remember(lane, applied)
+        for lane, position in applied.items():
+            self.remember(lane, position)
 
     def _lock_statement(self, *values: sql.Composable) -> sql.Composed:
+        return self._lock_rows([sql.SQL("({}, {}, {}, now())").format(*values)])
+
+    def _lock_rows(self, rows: Sequence[sql.Composable]) -> sql.Composed:
         return sql.SQL(
             "INSERT INTO {} AS o (pipeline_id, sink_id, partition, updated_at)"
-            " VALUES ({}, {}, {}, now())"
+            " VALUES {}"
             " ON CONFLICT (pipeline_id, sink_id, partition)"
             " DO UPDATE SET updated_at = o.updated_at"
-            " RETURNING major, minor"
-        ).format(self._table, *values)
+            " RETURNING partition, major, minor"
+        ).format(self._table, sql.SQL(", ").join(rows))
 
-    def _begin_lock_sql(self, lane: str) -> sql.Composed:
+    def _begin_lock_sql(self, lanes: Sequence[str]) -> sql.Composed:
         """BEGIN, then the lock statement with its values inlined (one simple query)."""
-        return sql.SQL("BEGIN; {}").format(
-            self._lock_statement(
-                sql.Literal(self._pipeline_id), sql.Literal(self._sink_id), sql.Literal(lane)
-            )
-        )
+        pipeline, sink = sql.Literal(self._pipeline_id), sql.Literal(self._sink_id)
+        rows = [
+            sql.SQL("({}, {}, {}, now())").format(pipeline, sink, sql.Literal(lane))
+            for lane in lanes
+        ]
+        return sql.SQL("BEGIN; {}").format(self._lock_rows(rows))
 
-    def _save_commit_sql(self, lane: str, position: Position) -> sql.Composed:
-        """`save`'s UPDATE with its values inlined, then COMMIT."""
-        return sql.SQL(
-            "UPDATE {} SET major = {}, minor = {}, updated_at = now()"
-            " WHERE pipeline_id = {} AND sink_id = {} AND partition = {}; COMMIT"
-        ).format(
-            self._table,
-            sql.Literal(position.major),
-            sql.Literal(position.minor),
-            sql.Literal(self._pipeline_id),
-            sql.Literal(self._sink_id),
-            sql.Literal(lane),
-        )
+    def _save_commit_sql(self, positions: dict[str, Position]) -> sql.Composed:
+        """`save`'s UPDATE per lane with its values inlined, then COMMIT."""
+        updates = [
+            sql.SQL(
+                "UPDATE {} SET major = {}, minor = {}, updated_at = now()"
+                " WHERE pipeline_id = {} AND sink_id = {} AND partition = {}"
+            ).format(
+                self._table,
+                sql.Literal(position.major),
+                sql.Literal(position.minor),
+                sql.Literal(self._pipeline_id),
+                sql.Literal(self._sink_id),
+                sql.Literal(lane),
+            )
+            for lane, position in sorted(positions.items())
+        ]
+        return sql.SQL("{}; COMMIT").format(sql.SQL("; ").join(updates))

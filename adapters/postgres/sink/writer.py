@@ -90,7 +90,7 @@ from adapters.postgres.sink.errors import describe, is_data_error, is_transient
 from adapters.postgres.sink.offsets import OFFSETS_TABLE, Offsets
 from adapters.postgres.sink.plans import Plans
 from adapters.postgres.sink.tables import COLUMNS_TABLE, TargetTables
-from domain.blocks import ChangeBlock, after_position, last_position
+from domain.blocks import ChangeBlock, after_positions, last_positions
 from domain.collapse import collapse_block, simple_block
 from domain.errors import PermanentError, SinkUnavailableError
 from domain.events import Position, SourceEvent, TableSchema
@@ -250,14 +250,20 @@ class PostgresSinkWriter:
         return dict(self._offsets.applied)
 
     async def write(self, batch: SinkBatch) -> WriteResult:
-        """Durable on return. A batch of several lanes is written lane by lane, each lane's
-        changes with its position in a transaction of their own (positions are ordered
-        within a lane only): a crash in between leaves the written lanes skipped on the
-        replay."""
+        """Durable on return. A batch of several lanes goes in one transaction with the
+        position of each lane when the columnar path applies; otherwise lane by lane, each
+        lane's changes with its position in a transaction of their own (positions are
+        ordered within a lane only): a crash in between leaves the written lanes skipped on
+        the replay."""
         total = WriteResult()
         if not len(batch):
             return total
         async with self._lock:
+            size = max(1, self._settings.batch_size)
+            if len(batch.lanes) > 1 and batch.has_blocks and len(batch) <= size:
+                together = await self._write_with_retry(batch, None)
+                if together is not None:
+                    return together
             for part in batch.by_lane():
                 result = await self._write_lane(part)
                 total.written += result.written
@@ -269,12 +275,15 @@ class PostgresSinkWriter:
         size = max(1, self._settings.batch_size)
         if batch.has_blocks and len(batch) <= size:
             # The columnar path (falls back to the rows inside when it does not apply).
-            return await self._write_with_retry(batch, None)
+            result = await self._write_with_retry(batch, None)
+            assert result is not None  # one lane: the row path takes over inside
+            return result
         total = WriteResult()
         events = batch.events
         for start in range(0, len(events), size):
             part = events[start : start + size]
             result = await self._write_with_retry(batch, part)
+            assert result is not None
             total.written += result.written
             total.skipped += result.skipped
             total.dead_lettered += result.dead_lettered
@@ -282,9 +291,10 @@ class PostgresSinkWriter:
 
     async def _write_with_retry(
         self, batch: SinkBatch, events: Sequence[SourceEvent] | None
-    ) -> WriteResult:
+    ) -> WriteResult | None:
         """`events`: a part of the batch's changes; None: the whole batch, from its blocks
-        where the columnar path applies."""
+        where the columnar path applies. None: a batch of several lanes the columnar path
+        cannot write at once (nothing written); the caller writes it lane by lane."""
         policy = self._retry
         backoff = policy.initial_wait_seconds
         attempt = 0
@@ -349,7 +359,8 @@ class PostgresSinkWriter:
         pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]],
         batch: SinkBatch,
         events: Sequence[SourceEvent] | None,
-    ) -> WriteResult:
+    ) -> WriteResult | None:
+        several = len(batch.lanes) > 1
         async with pool.connection() as conn:
             await self._tables.meta(conn)
             if events is None:
@@ -363,7 +374,11 @@ class PostgresSinkWriter:
                     except Exception as exc:
                         if not is_data_error(exc):
                             raise
+                        if several:  # rolled back; each lane isolates its own events
+                            return None
                         return await self._isolate_after_rejection(conn, batch, exc)
+                if several:
+                    return None
                 events = batch.events
             newest = _newest_schemas(events, await self._offsets.hint(conn, batch.partition))
             schemas = _distinct_schemas(events)
@@ -415,10 +430,10 @@ class PostgresSinkWriter:
         """Plans for writing `blocks` column-wise, or None when a block needs the row path
         (append mode, a table without a usable plan, truncates, unchanged values, key
         changes, changes that cannot be applied)."""
-        hint = await self._offsets.hint(conn, batch.partition)
+        hints = [await self._offsets.hint(conn, lane) for lane in batch.lanes]
         newest: dict[str, int] = {}
         for block in blocks:
-            if len(after_position(block, hint)):
+            if len(after_positions(block, hints)):
                 newest[block.schema.qualified_name] = id(block.schema)
         schemas = list({id(b.schema): b.schema for b in blocks}.values())
         plans = await self._tables.prepare(conn, schemas, frozenset(newest.values()))
@@ -435,16 +450,20 @@ class PostgresSinkWriter:
         blocks: Sequence[ChangeBlock],
         plans: Plans,
     ) -> WriteResult:
-        """`_apply_batch` for blocks: per block, the last change per key is computed on whole
-        columns (domain.collapse) and COPYed as one buffer built from whole columns."""
+        """`_apply_batch` for blocks, of one lane or several (one transaction, the position
+        of each lane): per block, the last change per key is computed on whole columns
+        (domain.collapse; keys do not cross lanes) and COPYed as one buffer built from whole
+        columns."""
         written = 0
+        lanes = batch.lanes
 
-        async def apply(applied: Position | None) -> Position | None:
+        async def apply(applied: dict[str, Position | None]) -> dict[str, Position]:
             nonlocal written
             tx = TxState()
-            last: Position | None = None
+            thresholds = [applied.get(lane) for lane in lanes]
+            last: dict[str, Position] = {}
             for block in blocks:
-                block = after_position(block, applied)
+                block = after_positions(block, thresholds)
                 if not len(block):
                     continue
                 written += len(block)
@@ -452,13 +471,13 @@ class PostgresSinkWriter:
                 rows = collapse_block(block, plan.key_idx, checked=True)
                 assert rows is not None
                 await flush_columns(conn, plan, rows, tx)
-                top = last_position(block)
-                if top is not None and (last is None or top > last):
-                    last = top
-            assert last is not None or not written
+                for index, top in last_positions(block).items():
+                    lane = lanes[index]
+                    if lane not in last or top > last[lane]:
+                        last[lane] = top
             return last
 
-        await self._offsets.positioned_transaction(conn, batch.partition, apply)
+        await self._offsets.positioned_transaction(conn, lanes, apply)
         self.columnar_batches += 1
         return WriteResult(written=written, skipped=len(batch) - written)
 
@@ -473,14 +492,16 @@ class PostgresSinkWriter:
         few round trips besides its COPY and merge statements."""
         todo: list[SourceEvent] = []
 
-        async def apply(applied: Position | None) -> Position | None:
-            todo.extend(_after(events, applied))
-            if not todo:
-                return None
-            await apply_events(conn, todo, plans, batch.partition, TxState())
-            return max(ev.position for ev in todo)
+        lane = batch.partition
 
-        await self._offsets.positioned_transaction(conn, batch.partition, apply)
+        async def apply(applied: dict[str, Position | None]) -> dict[str, Position]:
+            todo.extend(_after(events, applied.get(lane)))
+            if not todo:
+                return {}
+            await apply_events(conn, todo, plans, lane, TxState())
+            return {lane: max(ev.position for ev in todo)}
+
+        await self._offsets.positioned_transaction(conn, [lane], apply)
         return WriteResult(written=len(todo), skipped=len(events) - len(todo))
 
     async def _apply_isolating(

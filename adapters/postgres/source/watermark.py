@@ -13,9 +13,18 @@ of the chunk lands after every change older than the chunk and before every newe
 an old snapshot copy never overwrites a newer change.
 
 One subtlety: a transaction whose commit record precedes the low watermark may not yet be
-visible to a snapshot taken right after it (commit record first, then the ProcArray).
-Before reading, we wait until the transactions that were running when the low watermark
-was written have left the snapshot.
+visible to a snapshot taken right after it: a backend writes its commit record, waits for
+the WAL flush, and only then leaves the ProcArray (its changes become visible), and only
+after that releases the lock on its own transaction id. Its changes come before the low
+watermark in the stream, so the chunk must see them. Before reading, we therefore wait
+until every transaction that held its transaction id lock when the low watermark had been
+written has released it; the chunk's snapshot, taken afterwards, sees all of them.
+
+The set of those transactions comes from `pg_locks`, not from a snapshot's in-progress list
+(`pg_snapshot_xip`): that list leaves out transaction ids at or above the snapshot's xmax
+(the newest completed id + 1), so the newest transaction, committing at that very moment,
+was missed; the chunk was read without its changes, and a row it deleted came back at the
+high watermark (a flaky `test_backfill_during_update_storm_repairs_the_sink`).
 """
 
 from __future__ import annotations
@@ -109,28 +118,43 @@ class WatermarkChunker:
         window = Window(uuid.uuid4().hex[:12], schema, progress, key_indexes(schema))
         self.window = window
         await conn.execute(self._emit, (WATERMARK_PREFIX, self.content(window, "low")))
-        running = await _in_progress(conn)
-        deadline = time.monotonic() + _VISIBILITY_WAIT_SECONDS
-        while True:
-            async with conn.transaction():
-                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                still = await _in_progress(conn) & running
-                if not still or time.monotonic() > deadline:
-                    if still:
-                        log.warning(
-                            "backfill.visibility_wait_expired",
-                            table=schema.qualified_name,
-                            xids=sorted(still)[:10],
-                        )
-                    window.rows = await read_chunk(conn, schema, progress.last_key, self.chunk_size)
-                    break
-            await asyncio.sleep(0.005)
+        await wait_for_running(conn, schema.qualified_name)
+        async with conn.transaction():
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            window.rows = await read_chunk(conn, schema, progress.last_key, self.chunk_size)
         await conn.execute(self._emit, (WATERMARK_PREFIX, self.content(window, "high")))
         return window
 
 
-async def _in_progress(conn: psycopg.AsyncConnection[Any]) -> set[str]:
-    rows = await (
-        await conn.execute("SELECT pg_snapshot_xip(pg_current_snapshot())::text")
-    ).fetchall()
-    return {r[0] for r in rows}
+# Every transaction with a transaction id holds an exclusive lock on it until after it has
+# become visible (or aborted): whatever its id, unlike a snapshot's in-progress list.
+_RUNNING_XIDS = (
+    "SELECT transactionid::text FROM pg_locks"
+    " WHERE locktype = 'transactionid' AND mode = 'ExclusiveLock' AND granted"
+)
+
+
+async def running_xids(conn: psycopg.AsyncConnection[Any]) -> set[str]:
+    """The ids of the transactions that have not ended yet (committed ones included until
+    they are visible)."""
+    return {r[0] for r in await (await conn.execute(_RUNNING_XIDS)).fetchall()}
+
+
+async def wait_for_running(
+    conn: psycopg.AsyncConnection[Any], table: str, limit: float = _VISIBILITY_WAIT_SECONDS
+) -> None:
+    """Wait (outside a transaction, at most `limit` seconds) until the transactions running
+    now have ended, so that a snapshot taken afterwards sees every one of them."""
+    running = await running_xids(conn)
+    deadline = time.monotonic() + limit
+    while running:
+        running &= await running_xids(conn)
+        if not running:
+            return
+        if time.monotonic() > deadline:
+            # Long open transactions, which almost surely have not committed yet (a commit
+            # takes moments to become visible; not so behind a synchronous standby that
+            # does not answer): what they change then comes after the low watermark.
+            log.warning("backfill.visibility_wait_expired", table=table, xids=sorted(running)[:10])
+            return
+        await asyncio.sleep(0.005)

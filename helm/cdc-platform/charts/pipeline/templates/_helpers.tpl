@@ -33,6 +33,12 @@ app.kubernetes.io/component: ingest
 {{ include "pipeline.pipelineLabels" . }}
 {{- end -}}
 
+{{- define "pipeline.captureSelectorLabels" -}}
+app.kubernetes.io/name: cdc-capture
+app.kubernetes.io/component: capture
+{{ include "pipeline.pipelineLabels" . }}
+{{- end -}}
+
 {{/* dict root name sinkId */}}
 {{- define "pipeline.sinkSelectorLabels" -}}
 app.kubernetes.io/name: cdc-sink
@@ -152,6 +158,10 @@ then defaults.platform, then the pipeline's own `platform` fragment (later wins)
 {{- if include "pipeline.usesSaslPassword" $root -}}
 {{- $_ := set $k "sasl_username" "${CDC_KAFKA_SASL_USERNAME}" -}}
 {{- $_ := set $k "sasl_password" "${CDC_KAFKA_SASL_PASSWORD}" -}}
+{{- end -}}
+{{- if dig "schemaRegistry" "basicAuthSecret" "" $g -}}
+{{- $_ := set $k "schema_registry_username" "${CDC_SCHEMA_REGISTRY_USERNAME}" -}}
+{{- $_ := set $k "schema_registry_password" "${CDC_SCHEMA_REGISTRY_PASSWORD}" -}}
 {{- end -}}
 {{- with dig "kafka" "awsRegion" "" $g -}}
 {{- $_ := set $k "aws_region" . -}}

@@ -1,0 +1,1 @@
+"""The capture stage (`cdc capture`): the WAL reader -> the ingest pump -> a publisher Outlet."""
