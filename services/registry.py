@@ -366,6 +366,19 @@ def build_kafka_monitor(pipeline: PipelineConfig, platform: PlatformConfig) -> C
     return ConnectorMonitor(pipeline, platform, inner=inner)
 
 
+def build_kafka_dead_letters(pipeline: PipelineConfig, platform: PlatformConfig) -> ErrorRouter:
+    """The DLQ topics, for the changes a sink without dead letters of its own rejects."""
+    from adapters.kafka import clients
+    from adapters.kafka.dead_letters import KafkaErrorRouter
+
+    return KafkaErrorRouter(
+        clients.producer_settings(platform.kafka),
+        platform.dlq.topic_suffix,
+        pipeline.topic_prefix,
+        platform.dlq.include_headers,
+    )
+
+
 def check_kafka_values(pipeline: PipelineConfig, platform: PlatformConfig) -> Problems:
     found = Problems()
     if platform.kafka.deser_pool_size > 1:
@@ -577,6 +590,7 @@ TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
             source_monitor=build_kafka_monitor,
             provisioner=build_kafka_provisioner,
             check_values=check_kafka_values,
+            error_router=build_kafka_dead_letters,
         ),
         TransportAdapter(
             "pubsub",

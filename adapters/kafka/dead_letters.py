@@ -9,10 +9,12 @@ dead-letter write holds the commit back instead of losing the message.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,7 @@ import structlog
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from adapters.kafka.clients import dead_letter_topic
+from domain.ports import DeadLetter
 
 log = structlog.get_logger(__name__)
 
@@ -44,6 +47,19 @@ class Poison:
 
 class DeadLetterWriteError(RuntimeError):
     pass
+
+
+def headers(poison: Poison) -> list[tuple[str, str | bytes | None]]:
+    """The headers of a dead letter: where it came from, why, which sink, when."""
+    return [
+        (H_TOPIC, poison.topic.encode()),
+        (H_PARTITION, str(poison.partition).encode()),
+        (H_OFFSET, str(poison.offset).encode()),
+        (H_ERROR_CLASS, poison.error_class.encode()),
+        (H_ERROR_MESSAGE, poison.error_message[:_MAX_MESSAGE].encode()),
+        (H_SINK, poison.sink_id.encode()),
+        (H_TIME, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()).encode()),
+    ]
 
 
 class DeadLetterProducer:
@@ -74,17 +90,7 @@ class DeadLetterProducer:
         return dead_letter_topic(topic, self.suffix)
 
     def headers(self, poison: Poison) -> list[tuple[str, str | bytes | None]]:
-        if not self.include_headers:
-            return []
-        return [
-            (H_TOPIC, poison.topic.encode()),
-            (H_PARTITION, str(poison.partition).encode()),
-            (H_OFFSET, str(poison.offset).encode()),
-            (H_ERROR_CLASS, poison.error_class.encode()),
-            (H_ERROR_MESSAGE, poison.error_message[:_MAX_MESSAGE].encode()),
-            (H_SINK, poison.sink_id.encode()),
-            (H_TIME, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()).encode()),
-        ]
+        return headers(poison) if self.include_headers else []
 
     def _send_once(self, poison: Poison) -> None:
         outcome: list[KafkaError | None] = []
@@ -153,3 +159,111 @@ class DeadLetterProducer:
 
     def close(self) -> None:
         self._producer.flush(5)
+
+
+def letter_json(letter: DeadLetter) -> bytes:
+    """The value of a change a sink rejected: the change itself as JSON (the sink has the
+    decoded change, not the original Avro message)."""
+    ev = letter.event
+    columns = ev.table.column_names
+
+    def row(values: Any) -> Any:
+        if values is None:
+            return None
+        return {c: (None if v is None else str(v)) for c, v in zip(columns, values, strict=True)}
+
+    return json.dumps(
+        {
+            "table": ev.table.qualified_name,
+            "op": ev.operation.value,
+            "position": [ev.position.major, ev.position.minor],
+            "key": ev.key,
+            "before": row(ev.before),
+            "after": row(ev.after),
+            "commit_time_us": ev.commit_time_us,
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+class KafkaErrorRouter:
+    """The kafka transport's `ErrorRouter` (domain/ports.py): where a sink without dead
+    letters of its own (the webhook sink) puts the changes it rejects permanently. Each goes
+    to the dead-letter topic of its data topic (the lane ``<topic>:<partition>`` names both)
+    as JSON (`letter_json`), with the same headers as a poison message, the sink's id
+    included. `dead_letter` returns once the broker confirmed every letter and raises
+    otherwise: the sink then does not acknowledge the batch, so the offset is held back."""
+
+    def __init__(
+        self,
+        settings: Mapping[str, Any],
+        suffix: str,
+        topic_prefix: str,
+        include_headers: bool = True,
+        delivery_timeout: float = 15.0,
+    ) -> None:
+        self.settings = dict(settings)
+        self.suffix = suffix
+        self.topic_prefix = topic_prefix
+        self.include_headers = include_headers
+        self.delivery_timeout = delivery_timeout
+        self._producer: Producer | None = None
+
+    def _poison(self, letter: DeadLetter) -> Poison:
+        topic, sep, partition = letter.lane.rpartition(":")
+        if not sep or not partition.isdigit():
+            topic, partition = f"{self.topic_prefix}.{letter.event.table.qualified_name}", "-1"
+        return Poison(
+            topic,
+            int(partition),
+            letter.event.position.major,
+            None,
+            letter_json(letter),
+            letter.error_class or letter.stage,
+            letter.error,
+            letter.sink_id,
+        )
+
+    def _send(self, letters: Sequence[DeadLetter]) -> None:
+        if self._producer is None:
+            self._producer = Producer(
+                {**self.settings, "message.timeout.ms": int(self.delivery_timeout * 1000)}
+            )
+        producer = self._producer
+        failures: list[str] = []
+
+        def delivered(err: KafkaError | None, _msg: Any) -> None:
+            if err is not None:
+                failures.append(str(err))
+
+        for letter in letters:
+            poison = self._poison(letter)
+            producer.produce(
+                dead_letter_topic(poison.topic, self.suffix),
+                value=poison.value,
+                headers=headers(poison) if self.include_headers else [],
+                on_delivery=delivered,
+            )
+        left = producer.flush(self.delivery_timeout + 5)
+        if left:
+            raise DeadLetterWriteError(f"{left} dead letter(s) not confirmed by the broker")
+        if failures:
+            raise DeadLetterWriteError(f"dead-letter write failed: {failures[0]}")
+        for letter in letters:
+            log.warning(
+                "kafka.dead_lettered",
+                sink_id=letter.sink_id,
+                lane=letter.lane,
+                offset=letter.event.position.major,
+                error_class=letter.error_class or letter.stage,
+                error=letter.error[:300],
+            )
+
+    async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+        if letters:
+            await asyncio.to_thread(self._send, letters)
+
+    async def close(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await asyncio.to_thread(producer.flush, 5)

@@ -427,3 +427,53 @@ def test_periodic_commits_and_the_final_commit_on_stop(topic: Topic) -> None:
             await source.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_change_a_sink_rejects_goes_to_the_dead_letter_topic_with_the_sink_id(
+    topic: Topic,
+) -> None:
+    """The kafka transport's ErrorRouter (what the webhook sink uses): the change as JSON on
+    its data topic's DLQ topic, with the headers and the sink's id; raises (so the sink holds
+    the offset back) when the broker does not confirm it."""
+    import json
+
+    from adapters.kafka.dead_letters import DeadLetterWriteError, KafkaErrorRouter
+    from domain.events import Column, Operation, Position, SourceEvent, TableSchema
+    from domain.ports import DeadLetter
+
+    table = TableSchema(
+        "public",
+        "items",
+        (Column("id", 0, "bigint", True, "int64"), Column("name", 0, "text", False, "string")),
+    )
+    event = SourceEvent(Operation.CREATE, table, Position(41, 0), after=("7", "seven"))
+    letter = DeadLetter(
+        event,
+        "HTTP 422: unprocessable",
+        "sink",
+        sink_id="hook",
+        lane=lane_of(topic.name, 0),
+        error_class="HTTP 422",
+    )
+    router = KafkaErrorRouter({"bootstrap.servers": topic.bootstrap}, "dlq", "cdc")
+    asyncio.run(router.dead_letter([letter]))
+    asyncio.run(router.close())
+    (stored,) = read_topic(topic.bootstrap, f"{topic.name}.dlq", 1)
+    headers = {k: v.decode() for k, v in stored.headers()}
+    assert headers["cdc.sink.id"] == "hook"
+    assert headers["cdc.source.topic"] == topic.name
+    assert headers["cdc.source.offset"] == "41"
+    assert headers["cdc.error.class"] == "HTTP 422"
+    body = json.loads(stored.value())
+    assert body["after"] == {"id": "7", "name": "seven"} and body["key"] == {"id": "7"}
+
+    from services.net import find_free_port
+
+    down = KafkaErrorRouter(
+        {"bootstrap.servers": f"127.0.0.1:{find_free_port()}"},
+        "dlq",
+        "cdc",
+        delivery_timeout=1.0,
+    )
+    with pytest.raises(DeadLetterWriteError, match="dead-letter write failed"):
+        asyncio.run(down.dead_letter([letter]))
