@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -165,6 +166,7 @@ def main() -> int:
         registry.stop()
         broker.stop()
         server.stop()
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

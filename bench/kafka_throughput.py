@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -207,6 +208,7 @@ def main() -> int:
         server.stop()
         registry.stop()
         broker.stop()
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
