@@ -302,17 +302,24 @@ class Pipeline:
     sink: subprocess.Popen[bytes]
     sink_log: Path
     health_port: int
+    # transport pubsub / kinesis: `cdc capture` (WAL -> broker) in front of the ingest
+    capture: subprocess.Popen[bytes] | None = None
+    capture_log: Path | None = None
 
     def procs(self) -> dict[str, tuple[subprocess.Popen[bytes], Path]]:
-        return {"ingest": (self.ingest, self.ingest_log), "sink": (self.sink, self.sink_log)}
+        out = {"ingest": (self.ingest, self.ingest_log), "sink": (self.sink, self.sink_log)}
+        if self.capture is not None and self.capture_log is not None:
+            out["capture"] = (self.capture, self.capture_log)
+        return out
 
     def stop(self) -> None:
+        _stop(self.capture)
         _stop(self.ingest)
         _stop(self.sink)
 
 
 def _write_configs(
-    ws: Workspace, tag: str, source: str, sink: str, slot: str
+    ws: Workspace, tag: str, source: str, sink: str, slot: str, transport: str = "direct"
 ) -> tuple[Path, Path, int]:
     health_port = find_free_port()
     pipeline: dict[str, Any] = {
@@ -347,6 +354,12 @@ def _write_configs(
         "health_port": health_port,
         "ingest": {"grpc_port": find_free_port()},
     }
+    if transport == "pubsub":  # bench/pubsub.py: against the emulator (PUBSUB_EMULATOR_HOST)
+        lanes = int(os.environ.get("BENCH_PUBSUB_LANES", "8"))
+        pipeline["pipeline_id"] = f"bench-{tag}-l{lanes}".replace("_", "-")
+        platform["transport_mode"] = "pubsub"
+        platform["pubsub"] = {"project_id": "bench", "lanes": lanes}
+        platform["wal_reader"] = {"batch_size": 500, "batch_timeout_seconds": 0.02}
     # Experiments only (e.g. batch sizes); a measured run uses the defaults.
     if os.environ.get("BENCH_BATCH_MAX_EVENTS"):
         platform["ingest"]["batch_max_events"] = int(os.environ["BENCH_BATCH_MAX_EVENTS"])
@@ -367,9 +380,13 @@ def _start_pipeline(
     slot: str,
     discard_result: Path | None,
     latency: bool,
+    transport: str = "direct",
 ) -> Pipeline:
-    """`cdc sink` (or the discard sink) and `cdc ingest` as separate processes."""
-    pipeline_path, platform_path, health_port = _write_configs(ws, tag, source, sink, slot)
+    """`cdc sink` (or the discard sink) and `cdc ingest` as separate processes (and
+    `cdc capture` for transport pubsub)."""
+    pipeline_path, platform_path, health_port = _write_configs(
+        ws, tag, source, sink, slot, transport
+    )
     configs = [str(pipeline_path), "--platform-config", str(platform_path)]
     sink_port = find_free_port()
     sink_log = ws.workdir / f"{tag}-sink.log"
@@ -384,7 +401,13 @@ def _start_pipeline(
     ingest_argv = [sys.executable, "-m", "services.cli.main", "ingest", *configs]
     ingest_argv += ["--sink-endpoint", f"replica=127.0.0.1:{sink_port}"]
     ingest_proc = _spawn(ingest_argv, ingest_log, ws.product_root)
-    return Pipeline(ingest_proc, ingest_log, sink_proc, sink_log, health_port)
+    pipe = Pipeline(ingest_proc, ingest_log, sink_proc, sink_log, health_port)
+    if transport != "direct":
+        pipe.capture_log = ws.workdir / f"{tag}-capture.log"
+        capture_argv = [sys.executable, "-m", "services.cli.main", "capture", *configs]
+        capture_argv += ["--http-port", str(find_free_port())]
+        pipe.capture = _spawn(capture_argv, pipe.capture_log, ws.product_root)
+    return pipe
 
 
 def _ready(port: int) -> bool:
@@ -424,6 +447,7 @@ def ours(
     steady: workload.SteadySpec | None,
     discard: bool,
     profile_dir: Path | None = None,
+    transport: str = "direct",
 ) -> Measurement:
     """direct transport -> `cdc ingest` -> gRPC -> `cdc sink` (PostgreSQL) or the discard sink.
 
@@ -432,13 +456,19 @@ def ours(
     mode = "steady" if steady is not None else "backlog"
     tag = f"ours_{'discard' if discard else 'pg'}_{mode}"
     name = "ours -> discard sink" if discard else "ours -> PostgreSQL sink"
+    if transport != "direct":
+        tag, name = f"{tag}_{transport}", f"{name} via {transport}"
     source, sink, slot, _pub = ws.fresh(tag)
     src_dsn, dst_dsn = ws.server.dsn(source), ws.server.dsn(sink)
     result = ws.workdir / f"{tag}.json" if discard else None
     changes = workload.backlog(src_dsn, spec) if spec is not None else 0
     sampler = ws.sampler()
-    pipe = _start_pipeline(ws, tag, source, sink, slot, result, latency=steady is not None)
+    pipe = _start_pipeline(
+        ws, tag, source, sink, slot, result, latency=steady is not None, transport=transport
+    )
     sampler.watch("ingest", pipe.ingest.pid)
+    if pipe.capture is not None:
+        sampler.watch("capture", pipe.capture.pid)
     sampler.watch("discard sink" if discard else "sink", pipe.sink.pid)
     spies = []
     if profile_dir is not None:

@@ -56,10 +56,15 @@ from domain.ports import (
     SinkWriter,
     SourceMonitor,
 )
+from services import pubsub_transport
 
 if TYPE_CHECKING:  # httpx is the `webhook` extra: imported when a webhook sink is built
     from adapters.webhook.sink import WebhookSinkWriter
     from domain.events import TableSchema
+
+if TYPE_CHECKING:  # the kafka extra is imported only when the kafka transport is built
+    from adapters.debezium.monitor import ConnectorMonitor
+    from adapters.kafka.consumer import KafkaEventSource
 
 SourceFactory = Callable[[PipelineConfig, PlatformConfig], EventSource]
 MonitorFactory = Callable[[PipelineConfig, PlatformConfig], SourceMonitor]
@@ -68,6 +73,8 @@ MonitorFactory = Callable[[PipelineConfig, PlatformConfig], SourceMonitor]
 OutletFactory = Callable[[PipelineConfig, PlatformConfig, AckCallback], Outlet]
 ProvisionerFactory = Callable[[PipelineConfig, PlatformConfig], Provisioner]
 WriterFactory = Callable[[PipelineConfig, SinkConfig, PlatformConfig], SinkWriter]
+# Values of an adapter's own settings it does not support, as (loc, message) per file.
+ValueCheck = Callable[[PipelineConfig, PlatformConfig], "Problems"]
 # The transport's dead letters: where sinks without their own put the changes they cannot
 # deliver (ErrorRouter), and where `cdc dlq` lists and replays them (DeadLetterStore).
 # One object may be both.
@@ -135,6 +142,8 @@ class TransportAdapter:
     # What `cdc undeploy` tears down (and a deploy step creates); None: nothing to remove.
     # For kafka, `cdc run` / `cdc deploy` also run its provision() before the stages start.
     provisioner: ProvisionerFactory | None = None
+    # Refuses values of its settings it does not support (run by check()).
+    check_values: ValueCheck | None = None
     # Its dead letters (docs/operations.md "Dead letters"); None: not implemented yet, and a
     # sink that needs them (SinkAdapter.uses_error_router) is refused with this transport.
     error_router: RouterFactory | None = None
@@ -191,9 +200,7 @@ def build_wal_source(
     ``wal_reader.batch_timeout_seconds`` for more changes."""
     s = pipeline.source
     wal = platform.wal_reader
-    delay = (
-        wal.batch_timeout_seconds if capture else platform.ingest.batch_max_delay_ms / 1000
-    )
+    delay = wal.batch_timeout_seconds if capture else platform.ingest.batch_max_delay_ms / 1000
     return PostgresWalSource(
         WalReaderSettings(
             conninfo=source_conninfo(pipeline),
@@ -289,6 +296,110 @@ def build_postgres_writer(
     )
 
 
+def _kafka_source(pipeline: PipelineConfig, platform: PlatformConfig) -> KafkaEventSource:
+    """The pipeline's one consumer (the source monitor reads its lag)."""
+    found = _KAFKA_SOURCES.get(id(pipeline))
+    if found is not None:
+        return found
+    from functools import partial
+
+    from adapters.kafka import clients
+    from adapters.kafka.consumer import KafkaEventSource, KafkaSourceSettings
+    from adapters.kafka.dead_letters import DeadLetterProducer
+    from adapters.kafka.security import registry_auth
+
+    kafka, dlq, retry = platform.kafka, platform.dlq, platform.retry
+    consumer = clients.consumer_settings(kafka, pipeline.effective_group_id(platform))
+    # The prefetch per partition librdkafka keeps: the consumer's buffer.
+    consumer["queued.min.messages"] = platform.max_buffered_messages
+    source = KafkaEventSource(
+        KafkaSourceSettings(
+            consumer=consumer,
+            topics=clients.data_topics(pipeline),
+            registry_url=str(kafka.schema_registry_url),
+            registry_auth=registry_auth(kafka),
+            source_database=pipeline.source.database,
+            poll_batch_size=kafka.poll_batch_size,
+            commit_interval_seconds=kafka.commit_interval_seconds,
+            stop_on_incompatible_schema=platform.stop_on_incompatible_schema,
+            dead_letters=partial(
+                DeadLetterProducer,
+                clients.producer_settings(kafka),
+                dlq.topic_suffix,
+                dlq.include_headers,
+                retry.initial_wait_seconds,
+                retry.max_wait_seconds,
+                error_after=dlq.max_retries,
+            )
+            if dlq.enabled
+            else None,
+            retry_initial_seconds=retry.initial_wait_seconds,
+            retry_max_seconds=retry.max_wait_seconds,
+        )
+    )
+    _KAFKA_SOURCES[id(pipeline)] = source
+    return source
+
+
+_KAFKA_SOURCES: dict[int, KafkaEventSource] = {}
+
+
+def build_kafka_source(pipeline: PipelineConfig, platform: PlatformConfig) -> KafkaEventSource:
+    return _kafka_source(pipeline, platform)
+
+
+def build_kafka_monitor(pipeline: PipelineConfig, platform: PlatformConfig) -> ConnectorMonitor:
+    """The connector's states (Kafka Connect) around the consumer's monitor (schema
+    versions, lag)."""
+    from adapters.debezium.monitor import ConnectorMonitor
+    from adapters.kafka import clients
+    from adapters.kafka.monitor import KafkaSourceMonitor
+    from adapters.kafka.security import registry_auth
+
+    inner = KafkaSourceMonitor(
+        _kafka_source(pipeline, platform),
+        clients.data_topics(pipeline),
+        str(platform.kafka.schema_registry_url),
+        registry_auth(platform.kafka),
+        interval_seconds=platform.schema_monitor_interval_seconds,
+    )
+    return ConnectorMonitor(pipeline, platform, inner=inner)
+
+
+def build_kafka_dead_letters(pipeline: PipelineConfig, platform: PlatformConfig) -> ErrorRouter:
+    """The DLQ topics, for the changes a sink without dead letters of its own rejects."""
+    from adapters.kafka import clients
+    from adapters.kafka.dead_letters import KafkaErrorRouter
+
+    return KafkaErrorRouter(
+        clients.producer_settings(platform.kafka),
+        platform.dlq.topic_suffix,
+        pipeline.topic_prefix,
+        platform.dlq.include_headers,
+    )
+
+
+def check_kafka_values(pipeline: PipelineConfig, platform: PlatformConfig) -> Problems:
+    found = Problems()
+    if platform.kafka.deser_pool_size > 1:
+        found.platform.append(
+            (
+                ("kafka", "deser_pool_size"),
+                "only 1 is supported: Avro is decoded on the consumer's thread (a thread pool"
+                " gains nothing under the GIL, measured in docs/benchmarks.md); remove it",
+            )
+        )
+    if platform.dlq.flush_interval_seconds > 0:
+        found.platform.append(
+            (
+                ("dlq", "flush_interval_seconds"),
+                "only 0 is supported: a dead-letter write is confirmed by the broker before"
+                " the offset can move past the message; remove it",
+            )
+        )
+    return found
+
+
 def build_direct_dead_letters(
     pipeline: PipelineConfig, platform: PlatformConfig
 ) -> PostgresErrorRouter:
@@ -371,14 +482,6 @@ def build_kafka_provisioner(pipeline: PipelineConfig, platform: PlatformConfig) 
     return KafkaProvisioner(pipeline, platform)
 
 
-def build_connector_monitor(
-    pipeline: PipelineConfig, platform: PlatformConfig
-) -> SourceMonitor:
-    from adapters.debezium.monitor import ConnectorMonitor
-
-    return ConnectorMonitor(pipeline, platform)
-
-
 # ------------------------------------------------------------------------- the registry
 
 _CLOUD_READS = frozenset(
@@ -387,6 +490,20 @@ _CLOUD_READS = frozenset(
         "dlq",
         "retry",
         "max_buffered_messages",
+        "wal_reader.batch_size",
+        "wal_reader.batch_timeout_seconds",
+    }
+)
+
+# What the Pub/Sub adapters (services/pubsub_transport.py) read.
+_PUBSUB_READS = frozenset(
+    {
+        "topic_prefix",
+        "dlq.enabled",
+        "dlq.max_retries",
+        "dlq.topic_suffix",
+        "dlq.include_headers",
+        "retry",
         "wal_reader.batch_size",
         "wal_reader.batch_timeout_seconds",
     }
@@ -417,6 +534,12 @@ def _kinesis_publisher(
     from services.kinesis import build_kinesis_publisher
 
     return build_kinesis_publisher(pipeline, platform, on_ack)
+
+
+def _pubsub_provisioner(pipeline: PipelineConfig, platform: PlatformConfig) -> Provisioner:
+    return pubsub_transport.build_capture_provisioner(
+        pipeline, platform, build_postgres_provisioner(pipeline, platform)
+    )
 
 
 def _kinesis_provisioner(pipeline: PipelineConfig, platform: PlatformConfig) -> Provisioner:
@@ -463,16 +586,28 @@ TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
                     "stop_on_incompatible_schema",
                 }
             ),
-            # The consumer EventSource is not registered yet: the transport stays refused.
-            source_monitor=build_connector_monitor,
+            event_source=build_kafka_source,
+            source_monitor=build_kafka_monitor,
             provisioner=build_kafka_provisioner,
+            check_values=check_kafka_values,
+            error_router=build_kafka_dead_letters,
         ),
         TransportAdapter(
             "pubsub",
             "the WAL captured to Google Pub/Sub",
             sections={"pubsub": PubSubConfig, "wal_reader": WalReaderConfig},
-            reads=_CLOUD_READS,
-            provisioner=build_postgres_provisioner,  # the capture's slot and publication
+            # Flow control is pubsub.max_outstanding_messages, not max_buffered_messages;
+            # dead letters are published one by one at once (no flush interval).
+            reads=_PUBSUB_READS,
+            fixed={"dlq.flush_interval_seconds": 0.0},
+            event_source=pubsub_transport.build_source,
+            source_monitor=pubsub_transport.build_monitor,
+            capture_outlet=pubsub_transport.build_outlet,
+            # the DLQ topic: the error router of a webhook sink, the store of `cdc dlq`
+            error_router=pubsub_transport.build_dead_letters,
+            dead_letter_store=pubsub_transport.build_dead_letters,
+            # the capture's slot and publication, then the topics and subscriptions
+            provisioner=_pubsub_provisioner,
         ),
         TransportAdapter(
             "kinesis",
@@ -591,6 +726,10 @@ def check(pipeline: PipelineConfig, platform: PlatformConfig) -> Problems:
                 " only)",
             )
         )
+    if transport.check_values is not None:
+        values = transport.check_values(pipeline, platform)
+        found.platform.extend(values.platform)
+        found.pipeline.extend(values.pipeline)
     sinks = []
     for index, sink in enumerate(pipeline.sinks):
         adapter = SINKS[sink.sink_type]

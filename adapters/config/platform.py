@@ -246,6 +246,12 @@ class PubSubConfig(ConfigModel):
     ordering_enabled: bool = True
     ack_deadline_seconds: int = Field(default=60, ge=10, le=600)
     max_outstanding_messages: PositiveInt = 1000
+    # Ordering keys the capture stage spreads changes over (by key hash): the parallelism.
+    lanes: int = Field(default=8, ge=1, le=1024)
+    # The publisher client's batching (google.cloud.pubsub_v1.types.BatchSettings).
+    publish_max_messages: int = Field(default=100, ge=1, le=1000)
+    publish_max_bytes: int = Field(default=1_000_000, ge=1000, le=10_000_000)
+    publish_max_latency_seconds: NonNegativeFloat = 0.01
 
 
 class KinesisConfig(ConfigModel):

@@ -295,9 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="a sink's HTTP base URL, instead of the one the ingest lists (port-forwards)",
     )
     status.set_defaults(func=cmd_status)
-    from services.cli import dlq, lakehouse
+    from services.cli import consume, dlq, lakehouse
     from services.cli import stack as stack_cli
 
+    consume.add_parser(sub)
     lakehouse.add_parser(sub, with_configs)
     stack_cli.register(sub)
     dlq.register(sub, with_configs)

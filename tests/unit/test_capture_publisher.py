@@ -226,3 +226,17 @@ def test_a_message_that_is_not_a_batch_is_a_payload_error() -> None:
         codec.decode(b"\xff\x00 not protobuf")
     data = codec.encode("p1", "k0", [change(5, 1)])
     assert [e.position for e in codec.decode(data)] == [Position(5, 0)]
+
+
+def test_decoded_messages_share_their_table_shape() -> None:
+    """So that the ingest builds one block per table for a chunk of many messages."""
+    from domain.blocks import build_blocks
+
+    codec = ArrowBatchCodec()
+    events = [
+        ev
+        for lsn in range(5)
+        for ev in codec.decode(codec.encode("p1", "k0", [change(100 + lsn, lsn)]))
+    ]
+    assert len({id(ev.table) for ev in events}) == 1
+    assert len(build_blocks(events)) == 1

@@ -18,7 +18,7 @@ from adapters.config import PipelineConfig, PlatformConfig, SinkConfig, load_pip
 from adapters.config.platform import TRANSPORT_SECTIONS
 from services import registry
 from services.cli.main import main
-from services.ingest.container import IngestContainer, TransportNotAvailableError
+from services.ingest.container import IngestContainer
 from services.sink.container import AVAILABLE_SINK_TYPES, SinkContainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,8 +80,8 @@ def test_transport_sections_of_the_loader_are_the_registrys() -> None:
     assert {k: set(v) for k, v in TRANSPORT_SECTIONS.items()} == owners
 
 
-def test_only_direct_kinesis_postgres_webhook_and_iceberg_are_available() -> None:
-    assert registry.available_transports() == ("direct", "kinesis")
+def test_available_adapters() -> None:
+    assert registry.available_transports() == ("direct", "kafka", "pubsub", "kinesis")
     assert registry.available_sink_types() == ("postgres", "webhook", "iceberg")
     assert AVAILABLE_SINK_TYPES == ("postgres", "webhook", "iceberg")
     direct = registry.TRANSPORTS["direct"]
@@ -109,16 +109,23 @@ def test_defaults_need_nothing() -> None:
     assert not registry.check(pipeline(), PlatformConfig())
 
 
-@pytest.mark.parametrize("mode", ["kafka", "pubsub"])
-def test_a_transport_without_an_adapter_is_refused(mode: str) -> None:
-    platform = PlatformConfig.model_validate(
-        {"transport_mode": mode, "pubsub": {"project_id": "p"}}
-        if mode == "pubsub"
-        else {"transport_mode": mode}
+@pytest.mark.parametrize("mode", ["kafka"])
+def test_a_transport_without_an_adapter_is_refused(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every transport has an adapter now: take one away to check the refusal."""
+    import dataclasses
+
+    monkeypatch.setitem(
+        registry.TRANSPORTS,  # type: ignore[arg-type]
+        mode,
+        dataclasses.replace(registry.TRANSPORTS[mode], event_source=None),  # type: ignore[index]
     )
+    platform = PlatformConfig.model_validate({"transport_mode": mode})
     found = messages(registry.check(pipeline(), platform))
     assert list(found) == ["transport_mode"]
-    assert f"'{mode}'" in found["transport_mode"] and "available: direct" in found["transport_mode"]
+    assert f"'{mode}'" in found["transport_mode"]
+    assert "available: direct, pubsub, kinesis" in found["transport_mode"]
 
 
 def _without_writer(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
@@ -214,16 +221,28 @@ def test_retry_without_an_enabled_sink_that_reads_it_is_refused() -> None:
     assert "sink_type postgres" in found["retry"]
 
 
-def test_the_guides_platform_config_parses_and_is_refused_only_for_its_transport() -> None:
-    """Every field of the deployment guide's platform.yaml stays accepted configuration; what
-    `cdc validate` refuses is the kafka transport this release has no adapter for."""
+def test_the_guides_platform_config_parses_and_is_accepted() -> None:
+    """Every field of the deployment guide's platform.yaml (transport_mode kafka) is accepted
+    configuration that the kafka transport reads."""
     if not GUIDE.exists():
         pytest.skip("the deployment guide is not next to this checkout")
     text = GUIDE.read_text()
     block = text.split("### Platform Config", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
     platform = PlatformConfig.model_validate(yaml.safe_load(block))
     assert platform.transport_mode == "kafka" and platform.max_buffered_messages == 1000
-    assert list(messages(registry.check(pipeline(), platform))) == ["transport_mode"]
+    assert not registry.check(pipeline(), platform)
+
+
+def test_kafka_refuses_values_it_does_not_support() -> None:
+    platform = PlatformConfig.model_validate(
+        {
+            "transport_mode": "kafka",
+            "kafka": {"deser_pool_size": 4},
+            "dlq": {"flush_interval_seconds": 1.0},
+        }
+    )
+    found = messages(registry.check(pipeline(), platform))
+    assert set(found) == {"kafka.deser_pool_size", "dlq.flush_interval_seconds"}
 
 
 # ----------------------------------------------------------------------- containers
@@ -247,15 +266,16 @@ def test_containers_build_the_webhook_writer_with_the_direct_dead_letter_table()
     assert type(writer._router).__name__ == "PostgresErrorRouter"
 
 
-def test_containers_refuse_adapters_that_do_not_exist() -> None:
-    p = pipeline(sinks=[ICEBERG])
-    kafka = IngestContainer(pipeline=p, platform=PlatformConfig(transport_mode="kafka"))
-    with pytest.raises(TransportNotAvailableError, match="kafka"):
-        kafka.event_source()
-    # The connector's monitor works without the event source (Connect's states, /readyz).
+def test_the_kafka_container_builds_one_consumer_for_source_and_monitor() -> None:
     from adapters.debezium.monitor import ConnectorMonitor
 
-    assert isinstance(kafka.source_monitor(), ConnectorMonitor)
+    ingest = IngestContainer(pipeline=pipeline(), platform=PlatformConfig(transport_mode="kafka"))
+    source = ingest.event_source()
+    assert type(source).__name__ == "KafkaEventSource"
+    monitor = ingest.source_monitor()
+    # The connector's states (Connect) around the consumer's lag and schema versions.
+    assert isinstance(monitor, ConnectorMonitor)
+    assert monitor.inner is not None and monitor.inner.source is source  # type: ignore[attr-defined]
 
 
 # ------------------------------------------------------------------------------ CLI
@@ -295,21 +315,27 @@ def test_cdc_validate_names_each_refused_setting_with_its_line(
 
 
 def test_cdc_validate_refuses_a_transport_without_an_adapter(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Every transport has an adapter now: take kafka's away to check the refusal."""
+    import dataclasses
+
+    monkeypatch.setitem(
+        registry.TRANSPORTS,  # type: ignore[arg-type]
+        "kafka",
+        dataclasses.replace(registry.TRANSPORTS["kafka"], event_source=None),  # type: ignore[index]
+    )
     pipeline_file = tmp_path / "pipeline.yaml"
     pipeline_file.write_text(
         "pipeline_id: orders\nsource:\n  database: shop\n  tables: [public.orders]\n"
     )
     platform_file = tmp_path / "platform.yaml"
-    platform_file.write_text(
-        "health_port: 8080\ntransport_mode: pubsub\npubsub:\n  project_id: p\n"
-    )
-    assert load_platform(platform_file).transport_mode == "pubsub"  # valid configuration
+    platform_file.write_text("health_port: 8080\ntransport_mode: kafka\n")
+    assert load_platform(platform_file).transport_mode == "kafka"  # valid configuration
     code = main(["validate", str(pipeline_file), "--platform-config", str(platform_file)])
     err = capsys.readouterr().err
     assert code == 2
-    assert f"{platform_file}:2: transport_mode: 'pubsub'" in err
+    assert f"{platform_file}:2: transport_mode: 'kafka'" in err
 
 
 def test_documented_refusal_is_the_real_output(
@@ -452,11 +478,24 @@ def test_a_webhook_sink_needs_the_transports_dead_letters() -> None:
         name for name, t in registry.TRANSPORTS.items() if t.available and not t.error_router
     ]
     for mode in without:  # refused until that transport registers its error router
+        section = {"kinesis": {"region": "r"}, "pubsub": {"project_id": "p"}}.get(mode)
         platform = PlatformConfig.model_validate(
-            {"transport_mode": mode, mode: {"region": "r"}}
-            if mode == "kinesis"
-            else {"transport_mode": mode}
+            {"transport_mode": mode, **({mode: section} if section else {})}
         )
         found = messages(registry.check(pipeline(sinks=[WEBHOOK]), platform))
         assert "needs the transport's dead letters" in found["sinks[0].sink_type"], found
     assert not registry.check(pipeline(sinks=[WEBHOOK]), PlatformConfig())  # direct has them
+
+
+def test_pubsub_refuses_the_settings_it_does_not_read() -> None:
+    def pubsub(**extra: Any) -> PlatformConfig:
+        return PlatformConfig.model_validate(
+            {"transport_mode": "pubsub", "pubsub": {"project_id": "p"}, **extra}
+        )
+
+    assert not registry.check(pipeline(topic_prefix="x"), pubsub(dlq={"topic_suffix": "dead"}))
+    assert not registry.check(pipeline(), pubsub(dlq={"flush_interval_seconds": 0.0}))
+    found = messages(registry.check(pipeline(), pubsub(dlq={"flush_interval_seconds": 5})))
+    assert list(found) == ["dlq.flush_interval_seconds"]
+    found = messages(registry.check(pipeline(), pubsub(max_buffered_messages=10)))
+    assert list(found) == ["max_buffered_messages"]

@@ -105,3 +105,31 @@ def test_lock_is_exclusive_and_names_the_holder(
         first.release()
     assert lifecycle.running_here("p1") is None
     lifecycle.PipelineLock("p1").acquire().release()
+
+
+def test_the_capture_stage_is_a_child_stopped_first(tmp_path: Path) -> None:
+    """transport pubsub / kinesis: `cdc capture` runs as a child too, and on stop it is
+    signalled before the ingest (it confirms what the broker acknowledged first)."""
+    plain = Supervisor("pipeline.yaml", None, ["s1"])
+    assert plain.capture is None and len(plain.children) == 2
+    supervisor = Supervisor("pipeline.yaml", None, ["s1"], capture=True)
+    assert supervisor.capture is not None
+    argv = supervisor.capture.argv
+    assert argv[argv.index("capture") + 1] == "pipeline.yaml" and "--http-port" in argv
+    order = tmp_path / "order"
+    record = (
+        "import signal, sys, time\n"
+        "def stop(*_):\n"
+        f"    open({str(order)!r}, 'a').write(sys.argv[1] + '\\n'); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "time.sleep(60)\n"
+    )
+    supervisor.sinks = [Child("sink:s1", [sys.executable, "-c", record, "sink"])]
+    supervisor.ingest = Child("ingest", [sys.executable, "-c", record, "ingest"])
+    supervisor.capture = Child("capture", [sys.executable, "-c", record, "capture"])
+    supervisor.configure_lifecycle(shutdown_timeout=6.0, lock_fd=None)
+    for child in supervisor.children:
+        child.start(supervisor._keep_fds, supervisor._env)
+    time.sleep(0.5)
+    assert supervisor._stop_children() == lifecycle.EXIT_OK
+    assert order.read_text().split() == ["capture", "ingest", "sink"]
