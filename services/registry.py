@@ -386,14 +386,16 @@ def build_kafka_dead_letter_store(
     pipeline: PipelineConfig, platform: PlatformConfig
 ) -> DeadLetterStore:
     """`cdc dlq` over the DLQ topics; replayed letters are marked on a compacted topic."""
-    from adapters.kafka import clients
+    from adapters.kafka import clients, topics
     from adapters.kafka.admin import TopicAdmin
     from adapters.kafka.dead_letter_store import KafkaDeadLetters
 
+    suffix = platform.dlq.topic_suffix
     return KafkaDeadLetters(
         pipeline.pipeline_id,
         pipeline.topic_prefix,
-        platform.dlq.topic_suffix,
+        suffix,
+        [topics.dlq_topic(t, suffix) for t in topics.data_topics(pipeline)],
         clients.consumer_settings(platform.kafka, f"cdc-dlq-reader.{pipeline.pipeline_id}"),
         clients.producer_settings(platform.kafka),
         lambda: TopicAdmin(platform.kafka),

@@ -1,4 +1,5 @@
-"""`cdc dlq` over a kafka pipeline's dead-letter topics (``<topic_prefix>.*.<dlq.topic_suffix>``).
+"""`cdc dlq` over a kafka pipeline's dead-letter topics: ``<data topic>.<dlq.topic_suffix>``
+for each table of the pipeline (a pattern would also match a table named like the suffix).
 
 A letter's id is ``<dlq topic>:<partition>:<offset>`` (Kafka topic names cannot hold ``:``).
 Listing reads every such topic from its first to its last offset (no consumer group offsets
@@ -77,6 +78,7 @@ class KafkaDeadLetters:
         pipeline_id: str,
         topic_prefix: str,
         suffix: str,
+        dlq_topics: Sequence[str],
         consumer_settings: Mapping[str, Any],
         producer_settings: Mapping[str, Any],
         admin: Callable[[], TopicAdmin],
@@ -86,6 +88,7 @@ class KafkaDeadLetters:
         self.pipeline_id = pipeline_id
         self.topic_prefix = topic_prefix
         self.suffix = suffix
+        self.dlq_topics = list(dlq_topics)
         self.consumer_settings = dict(consumer_settings)
         self.producer_settings = dict(producer_settings)
         self._admin_factory = admin
@@ -124,10 +127,7 @@ class KafkaDeadLetters:
         return self._admin
 
     def _dlq_topics(self, present: set[str]) -> builtins.list[str]:
-        head, tail = f"{self.topic_prefix}.", f".{self.suffix}"
-        return sorted(
-            t for t in present if t.startswith(head) and t.endswith(tail) and t != self.markers
-        )
+        return sorted(t for t in self.dlq_topics if t in present)
 
     def _read(self, topics: Sequence[str]) -> builtins.list[Any]:
         """Every record of `topics` from the first offset to the end (as of now)."""
