@@ -377,9 +377,7 @@ class PostgresSinkWriter:
                 if several:
                     return None
                 events = batch.events
-            newest = _newest_schemas(events, await self._offsets.hint(conn, batch.partition))
-            schemas = _distinct_schemas(events)
-            plans = await self._tables.prepare(conn, schemas, newest)
+            plans = await self._row_plans(conn, batch, events)
             if all(invalid(ev, plans[id(ev.table)]) is None for ev in events):
                 return await self._apply_or_isolate(
                     conn, batch, self._apply_batch(conn, batch, events, plans), events=events
@@ -430,9 +428,17 @@ class PostgresSinkWriter:
         )
         # The target may have changed under us (dropped, altered): look again.
         self._tables.forget()
-        newest = _newest_schemas(events, await self._offsets.hint(conn, batch.partition))
-        plans = await self._tables.prepare(conn, _distinct_schemas(events), newest)
+        plans = await self._row_plans(conn, batch, events)
         return await self._apply_isolating(conn, batch, events, plans)
+
+    async def _row_plans(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        batch: SinkBatch,
+        events: Sequence[SourceEvent],
+    ) -> Plans:
+        newest = _newest_schemas(events, await self._offsets.hint(conn, batch.partition))
+        return await self._tables.prepare(conn, _distinct_schemas(events), newest)
 
     # -- the columnar path -----------------------------------------------------------------
 
