@@ -13,7 +13,8 @@ its position back).
 Records cannot be deleted from a stream, so a removed (replayed) dead letter is marked by an
 item `<pipeline>/#dlq-removed/<dlq stream>/<sequence number>` in the lease table
 (`kinesis.checkpoint_table_name`); listing is the DLQ streams' records minus the marked ones.
-Its id in `cdc dlq` is `<dlq stream>/<sequence number>`. The source's poison records
+Its id in `cdc dlq` is `<dlq stream>/<sequence number>`; one change of one sink stored
+twice (dead-lettered again) is listed once, as its newest record. The source's poison records
 (`stage` kinesis-source: data that is not a batch of changes) are not changes and are not
 listed. A dead letter stays as long as the stream's retention (the provisioner sets 7 days
 on DLQ streams it creates).
@@ -58,6 +59,8 @@ class KinesisDeadLetters:
         self._codec = codec
         self._kinesis = kinesis_client
         self._dynamodb = dynamodb_client
+        # listed id -> ids of older records of the same dead letter (set by _scan)
+        self._older: dict[str, builtins.list[str]] = {}
 
     @property
     def pipeline_id(self) -> str:
@@ -173,7 +176,8 @@ class KinesisDeadLetters:
     async def remove(self, ids: Sequence[str]) -> int:
         """Mark the listed ones removed; returns how many were there (not removed before)."""
         present = {d.id for d in await self.fetch(ids)}
-        await asyncio.to_thread(self._mark, sorted(present))
+        older = [o for i in present for o in self._older.get(i, [])]
+        await asyncio.to_thread(self._mark, sorted(present) + older)
         return len(present)
 
     async def close(self) -> None:
@@ -216,14 +220,31 @@ class KinesisDeadLetters:
             kwargs["ExclusiveStartKey"] = last
 
     def _scan(self) -> builtins.list[StoredDeadLetter]:
+        """The letters not marked removed; one change of one sink dead-lettered again (a
+        batch resent after a restart, a replay refused again) is listed once, as its newest
+        record, and removing it marks the older ones too."""
         removed = self._removed()
-        out: builtins.list[StoredDeadLetter] = []
+        newest: dict[tuple[str, ...], StoredDeadLetter] = {}
+        self._older = {}
         for stream in self.dlq_streams():
             for record in self._records(stream):
                 letter = self._stored(stream, record)
-                if letter is not None and letter.id not in removed:
-                    out.append(letter)
-        return out
+                if letter is None or letter.id in removed:
+                    continue
+                same = (
+                    letter.sink_id,
+                    letter.lane,
+                    letter.event.table.qualified_name,
+                    str(letter.event.position),
+                )
+                earlier = newest.get(same)
+                if earlier is not None:
+                    kept = self._older.pop(earlier.id, [])
+                    if _arrival(letter) < _arrival(earlier):
+                        letter, earlier = earlier, letter
+                    self._older[letter.id] = [*kept, earlier.id]
+                newest[same] = letter
+        return list(newest.values())
 
     def _records(self, stream: str) -> builtins.list[dict[str, Any]]:
         """Every record the stream still holds (all shards, oldest first), at most MAX_SCAN."""

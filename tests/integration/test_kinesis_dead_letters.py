@@ -272,6 +272,24 @@ def test_a_refused_webhook_change_is_dead_lettered_listed_and_replayed(
             assert letter["event_id"] in poisoned_ids
             assert letter["location"] == settings.dlq_stream(settings.streams["public.items"])
 
+            # Still refused: it stays, listed once (its newest record, a new id).
+            again = cdc(
+                "dlq",
+                "replay",
+                str(pipeline_file),
+                "--platform-config",
+                str(platform_file),
+                "--id",
+                letter["id"],
+            )
+            assert again.returncode == 1, again.stdout + again.stderr
+            assert "replayed 0 dead letter(s); 1 not delivered" in again.stdout
+            kept = cdc(
+                "dlq", "list", str(pipeline_file), "--platform-config", str(platform_file), "--json"
+            )
+            [newer] = [json.loads(line) for line in kept.stdout.splitlines()]
+            assert newer["id"] != letter["id"] and newer["event_id"] == letter["event_id"]
+
             faults.poisoned_keys.clear()  # the receiver is fixed
             before = len(receiver.events)
             replay = cdc(
