@@ -321,7 +321,9 @@ class ErrorRouter(Protocol):
 @dataclass(frozen=True, slots=True)
 class StoredDeadLetter:
     """A dead letter as its store keeps it: `id` is the store's own (for fetch / remove);
-    `location` says where it is kept (a table, a topic), for operators."""
+    `location` says where it is kept (a table, a topic), for operators. `replayable` is
+    false for a letter whose change could not be decoded (a message the source could not
+    read): `event` then holds only what is known (the table) and `cdc dlq replay` leaves it."""
 
     id: str
     pipeline_id: str
@@ -333,6 +335,7 @@ class StoredDeadLetter:
     attempts: int
     created_at: datetime | None
     location: str
+    replayable: bool = True
 
 
 class DeadLetterStore(Protocol):

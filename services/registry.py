@@ -57,6 +57,7 @@ from domain.ports import (
     SourceMonitor,
 )
 from services import pubsub_transport
+from services.capture.payload import ArrowBatchCodec
 
 if TYPE_CHECKING:  # httpx is the `webhook` extra: imported when a webhook sink is built
     from adapters.webhook.sink import WebhookSinkWriter
@@ -377,6 +378,30 @@ def build_kafka_dead_letters(pipeline: PipelineConfig, platform: PlatformConfig)
         platform.dlq.topic_suffix,
         pipeline.topic_prefix,
         platform.dlq.include_headers,
+        codec=ArrowBatchCodec(),
+        pipeline_id=pipeline.pipeline_id,
+    )
+
+
+def build_kafka_dead_letter_store(
+    pipeline: PipelineConfig, platform: PlatformConfig
+) -> DeadLetterStore:
+    """`cdc dlq` over the DLQ topics; replayed letters are marked on a compacted topic."""
+    from adapters.kafka import clients, topics
+    from adapters.kafka.admin import TopicAdmin
+    from adapters.kafka.dead_letter_store import KafkaDeadLetters
+
+    suffix = platform.dlq.topic_suffix
+    return KafkaDeadLetters(
+        pipeline.pipeline_id,
+        pipeline.topic_prefix,
+        suffix,
+        [topics.dlq_topic(t, suffix) for t in topics.data_topics(pipeline)],
+        clients.consumer_settings(platform.kafka, f"cdc-dlq-reader.{pipeline.pipeline_id}"),
+        clients.producer_settings(platform.kafka),
+        lambda: TopicAdmin(platform.kafka),
+        ArrowBatchCodec(),
+        platform.kafka.topic_replication_factor,
     )
 
 
@@ -589,6 +614,7 @@ TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
             provisioner=build_kafka_provisioner,
             check_values=check_kafka_values,
             error_router=build_kafka_dead_letters,
+            dead_letter_store=build_kafka_dead_letter_store,
         ),
         TransportAdapter(
             "pubsub",

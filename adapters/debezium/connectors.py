@@ -69,6 +69,9 @@ def _common(pipeline: PipelineConfig, platform: PlatformConfig) -> dict[str, str
         "retriable.restart.connector.wait.ms": str(
             round(platform.connector.errors_retry_wait_seconds * 1000)
         ),
+        # Debezium waits this long for more changes before passing a batch on (its 500 ms
+        # default was most of the end-to-end latency, docs/benchmarks.md).
+        "poll.interval.ms": str(max(1, round(platform.connector.poll_interval_seconds * 1000))),
         "topic.creation.default.partitions": str(kafka.topic_num_partitions),
         "topic.creation.default.replication.factor": str(kafka.topic_replication_factor),
         **security.converter_settings(kafka),

@@ -22,6 +22,7 @@ import structlog
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from adapters.kafka.clients import dead_letter_topic
+from domain.capture import ChangeCodec
 from domain.ports import DeadLetter
 
 log = structlog.get_logger(__name__)
@@ -30,6 +31,9 @@ log = structlog.get_logger(__name__)
 H_TOPIC, H_PARTITION, H_OFFSET = "cdc.source.topic", "cdc.source.partition", "cdc.source.offset"
 H_ERROR_CLASS, H_ERROR_MESSAGE = "cdc.error.class", "cdc.error.message"
 H_SINK, H_TIME = "cdc.sink.id", "cdc.time"
+# Of a change a sink rejected (KafkaErrorRouter): what `cdc dlq replay` needs to deliver it
+# again. H_CHANGE is the change as a cdc.v2 EventBatch of one event (types and position kept).
+H_PIPELINE, H_LANE, H_ATTEMPTS, H_CHANGE = "cdc.pipeline", "cdc.lane", "cdc.attempts", "cdc.change"
 _MAX_MESSAGE = 2000
 
 
@@ -191,7 +195,9 @@ class KafkaErrorRouter:
     letters of its own (the webhook sink) puts the changes it rejects permanently. Each goes
     to the dead-letter topic of its data topic (the lane ``<topic>:<partition>`` names both)
     as JSON (`letter_json`), with the same headers as a poison message, the sink's id
-    included. `dead_letter` returns once the broker confirmed every letter and raises
+    included, and (given a `codec`) the change itself in cdc.v2 form plus its pipeline, lane
+    and attempts, so `cdc dlq replay` can deliver it again (adapters/kafka/dead_letter_store.py).
+    `dead_letter` returns once the broker confirmed every letter and raises
     otherwise: the sink then does not acknowledge the batch, so the offset is held back."""
 
     def __init__(
@@ -201,7 +207,11 @@ class KafkaErrorRouter:
         topic_prefix: str,
         include_headers: bool = True,
         delivery_timeout: float = 15.0,
+        codec: ChangeCodec | None = None,
+        pipeline_id: str = "",
     ) -> None:
+        self.codec = codec
+        self.pipeline_id = pipeline_id
         self.settings = dict(settings)
         self.suffix = suffix
         self.topic_prefix = topic_prefix
@@ -241,7 +251,7 @@ class KafkaErrorRouter:
             producer.produce(
                 dead_letter_topic(poison.topic, self.suffix),
                 value=poison.value,
-                headers=headers(poison) if self.include_headers else [],
+                headers=self._headers(letter, poison),
                 on_delivery=delivered,
             )
         left = producer.flush(self.delivery_timeout + 5)
@@ -258,6 +268,20 @@ class KafkaErrorRouter:
                 error_class=letter.error_class or letter.stage,
                 error=letter.error[:300],
             )
+
+    def _headers(self, letter: DeadLetter, poison: Poison) -> list[tuple[str, str | bytes | None]]:
+        if not self.include_headers:
+            return []
+        out = headers(poison)
+        if self.codec is not None:
+            pipeline_id = letter.pipeline_id or self.pipeline_id
+            out += [
+                (H_PIPELINE, pipeline_id.encode()),
+                (H_LANE, letter.lane.encode()),
+                (H_ATTEMPTS, str(letter.attempts).encode()),
+                (H_CHANGE, self.codec.encode(pipeline_id, letter.lane, [letter.event])),
+            ]
+        return out
 
     async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
         if letters:

@@ -65,7 +65,7 @@ def letter_json(letter: StoredDeadLetter) -> dict[str, Any]:
         "sink_id": letter.sink_id,
         "table": event.table.qualified_name,
         "key": doc["key"],
-        "op": event.operation.value,
+        "op": event.operation.value if letter.replayable else None,
         "position": str(event.position),
         "lane": letter.lane,
         "event_id": doc["id"],
@@ -74,6 +74,7 @@ def letter_json(letter: StoredDeadLetter) -> dict[str, Any]:
         "attempts": letter.attempts,
         "created_at": None if letter.created_at is None else letter.created_at.isoformat(),
         "location": letter.location,
+        "replayable": letter.replayable,
         "before": doc["before"],
         "after": doc["after"],
     }
@@ -117,7 +118,7 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
         key = json.dumps(doc["key"], default=str)
         error = letter.error.replace("\n", " ")[:80]
         print(
-            f"{letter.id:>8}  {letter.sink_id:<12} {doc['table']:<24} {doc['op']:<2}"
+            f"{letter.id:>8}  {letter.sink_id:<12} {doc['table']:<24} {doc['op'] or '?':<2}"
             f" {key:<24} {error}"
         )
     print(f"{len(letters)} dead letter(s)")
@@ -168,6 +169,15 @@ async def _replay(
     for _, store in stores:
         try:
             letters = list(await store.fetch(ids) if ids else await store.list(sink_id))
+            undecoded = [x for x in letters if not x.replayable]
+            if undecoded:
+                notes.append(
+                    f"{len(undecoded)} dead letter(s) hold no decodable change (e.g."
+                    f" {undecoded[0].id}): they cannot be replayed and stay"
+                )
+                if ids:  # asked for by id: not delivered
+                    failed += len(undecoded)
+            letters = [x for x in letters if x.replayable]
             known = {s.sink_id for s in pipeline.sinks}
             for gone in sorted({x.sink_id for x in letters} - known):
                 notes.append(f"sink '{gone}' is not in the pipeline: its dead letters stay")
@@ -214,9 +224,10 @@ async def _replay_sink(
                 await store.remove([letter.id])
                 replayed += 1
             else:
-                # Dead-lettered again: the transport's store updated this letter; a sink's
-                # own table got a new one, so the old one goes.
-                if own_store:
+                # Dead-lettered again: the transport's store updated this letter, unless it
+                # only appends (Kafka: `updates_in_place` false); a sink's own table got a
+                # new one. Where a new one was written, the old one goes.
+                if own_store or not getattr(store, "updates_in_place", True):
                     await store.remove([letter.id])
                 failed += 1
     finally:

@@ -59,6 +59,7 @@ def assert_common(conf: dict[str, str], prefix: str = "cdc") -> None:
         assert conf[f"{side}.converter.basic.auth.user.info"] == "sr:srpw"
     assert conf["errors.max.retries"] == "30"  # bounded: a lasting failure becomes FAILED
     assert conf["retriable.restart.connector.wait.ms"] == "10000"
+    assert conf["poll.interval.ms"] == "100"  # not Debezium's 500 (latency, benchmarks.md)
     assert conf["topic.creation.default.partitions"] == "3"
     assert conf["topic.creation.default.replication.factor"] == "2"
     assert all(isinstance(v, str) for v in conf.values())  # Connect wants strings
@@ -83,6 +84,13 @@ def test_postgres_connector() -> None:
     assert "heartbeat.action.query" not in conf
     assert "schema.history.internal.kafka.topic" not in conf  # postgres keeps no history
     assert connectors.connector_name(pipeline) == "cdc-orders-cdc"
+
+
+def test_poll_interval_is_a_connector_setting() -> None:
+    platform = PLATFORM.replace("connector:", "connector:\n  poll_interval_seconds: 0.05", 1)
+    assert platform != PLATFORM
+    pipeline, plat = load(postgres_source(), platform)
+    assert connectors.connector_config(pipeline, plat)["poll.interval.ms"] == "50"
 
 
 def test_include_list_matches_only_the_exact_tables() -> None:
