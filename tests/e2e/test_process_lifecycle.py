@@ -231,33 +231,6 @@ def test_ingest_without_a_sink_endpoint_exits_2_naming_it(pg: Any, tmp_path: Pat
     assert "--sink-endpoint" in line["error"] and "replica" in line["error"], line
 
 
-def test_a_name_without_an_adapter_is_refused_naming_the_setting(
-    pg: Any, tmp_path: Path
-) -> None:
-    # Every sink type has a writer now (postgres, webhook, iceberg); a transport without
-    # an adapter in this release stands in for "a name without an adapter".
-    from services import registry
-
-    missing = [t for t in ("kafka", "pubsub") if t not in registry.available_transports()]
-    if not missing:
-        pytest.skip("every transport and sink type has an adapter here: no name to refuse")
-    transport = missing[0]
-    _source, _replica, files = new_pipeline(pg, tmp_path)
-    platform = yaml.safe_load(files.platform.read_text())
-    platform["transport_mode"] = transport
-    platform.pop("wal_reader", None)  # read only by the WAL transports
-    if transport == "pubsub":
-        platform["pubsub"] = {"project_id": "p"}
-    files.platform.write_text(yaml.safe_dump(platform))
-    validate = _cdc(files, "validate")
-    assert validate.returncode == 2, validate.stdout + validate.stderr
-    assert "transport_mode" in validate.stderr and transport in validate.stderr
-    assert "has no adapter in this release" in validate.stderr, validate.stderr
-    run = _cdc(files, "run")
-    assert run.returncode == 2, run.stderr
-    assert "transport_mode" in run.stderr and "Traceback" not in run.stderr, run.stderr
-
-
 # ------------------------------------------------------- shutdown budget and stale health
 
 

@@ -349,7 +349,9 @@ def test_scheduled_maintenance_compacts_and_expires_tables_created_at_runtime(
 ) -> None:
     maint = {
         "enabled": True,
-        "compaction_interval_seconds": 0.5,
+        # Long enough that the four commits below land before the first run, also on a
+        # loaded machine (0.5 s let maintenance compact between them in a CI run).
+        "compaction_interval_seconds": 3.0,
         "expire_snapshots_older_than_seconds": 0.1,
         "retain_last_snapshots": 1,
     }
@@ -365,7 +367,7 @@ def test_scheduled_maintenance_compacts_and_expires_tables_created_at_runtime(
     assert maintenance.file_counts(table) == (4, 3)
 
     async def settle() -> None:
-        for _ in range(100):
+        for _ in range(300):
             await asyncio.sleep(0.1)
             t = w.tables["public.orders"].table
             t.refresh()

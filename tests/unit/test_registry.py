@@ -456,13 +456,16 @@ def test_wal_transports_tear_down_through_the_postgres_provisioner() -> None:
     assert built.tables == ("public.orders",)
 
 
-def test_undeploy_of_a_transport_without_provisioner_is_refused_by_name() -> None:
+def test_undeploy_of_a_transport_without_provisioner_is_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import asyncio
+    import dataclasses
 
     from services.ops import UndeployError, undeploy
 
-    if registry.TRANSPORTS["kafka"].provisioner is not None:
-        pytest.skip("the kafka transport has a provisioner on this branch")
+    without = dataclasses.replace(registry.TRANSPORTS["kafka"], provisioner=None)
+    monkeypatch.setitem(registry.TRANSPORTS, "kafka", without)  # type: ignore[arg-type]
     platform = PlatformConfig.model_validate({"transport_mode": "kafka"})
     with pytest.raises(UndeployError, match="transport_mode kafka has no provisioner"):
         asyncio.run(undeploy(pipeline(), platform))
