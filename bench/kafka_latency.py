@@ -12,8 +12,6 @@ Kafka Connect and PostgreSQL of its own and stops them all at the end.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,15 +20,13 @@ import urllib.request
 from pathlib import Path
 
 import psycopg
-import yaml
 
 from bench import workload
+from bench.kafka_run import log_tail, postgres_sink, start_cdc, stop_all, write_configs
 from bench.runners import _row_latencies
 from services.net import find_free_port
 from services.stack import connect, schema_registry, tansu
 from services.stack.postgres import PostgresServer
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _ready(port: int) -> bool:
@@ -63,7 +59,7 @@ def main() -> int:
     worker = connect.start(
         work / "connect", bootstrap_servers=broker.bootstrap_servers, registry_url=registry.url
     )
-    run = None
+    procs: list[subprocess.Popen[bytes]] = []
     try:
         with psycopg.connect(server.dsn(), autocommit=True) as conn:
             conn.execute("CREATE DATABASE src")
@@ -85,19 +81,7 @@ def main() -> int:
                 "snapshot_mode": "never",
                 "heartbeat_mode": "none",
             },
-            "sinks": [
-                {
-                    "sink_id": "replica",
-                    "sink_type": "postgres",
-                    "postgres": {
-                        "host": server.host,
-                        "port": server.port,
-                        "database": "dst",
-                        "username": "postgres",
-                        "target_schema": "public",
-                    },
-                }
-            ],
+            "sinks": [postgres_sink(server, "dst")],
         }
         platform = {
             "transport_mode": "kafka",
@@ -111,35 +95,17 @@ def main() -> int:
             },
             "connector": {"connect_url": worker.url},
         }
-        (work / "pipeline.yaml").write_text(yaml.safe_dump(pipeline))
-        (work / "platform.yaml").write_text(yaml.safe_dump(platform))
-        log = (work / "run.log").open("wb")
-        env = dict(os.environ, PYTHONPATH=str(REPO), CDC_LOG_LEVEL="WARNING")
-        run = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "services.cli.main",
-                "run",
-                str(work / "pipeline.yaml"),
-                "--platform-config",
-                str(work / "platform.yaml"),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+        run = start_cdc(work, "run", ["run", *write_configs(work, pipeline, platform)])
+        procs.append(run)
         deadline = time.monotonic() + 240
         while not _ready(health):
             if time.monotonic() > deadline or run.poll() is not None:
-                raise SystemExit("not ready: " + (work / "run.log").read_text()[-3000:])
+                raise SystemExit("not ready: " + log_tail(work, "run"))
             time.sleep(0.5)
         workload.insert_marker(src, workload.START_MARKER)
         while _count(dst) < 1:  # the path is warm: one change went through
             if time.monotonic() > deadline:
-                raise SystemExit(
-                    "no change came through: " + (work / "run.log").read_text()[-3000:]
-                )
+                raise SystemExit("no change came through: " + log_tail(work, "run"))
             time.sleep(0.2)
         result = workload.steady(src, workload.SteadySpec(rate=args.rate, seconds=args.seconds))
         deadline = time.monotonic() + 300
@@ -156,17 +122,7 @@ def main() -> int:
             flush=True,
         )
     finally:
-        if run is not None and run.poll() is None:
-            run.terminate()
-            try:
-                run.wait(60)
-            except subprocess.TimeoutExpired:
-                run.kill()
-        worker.stop()
-        registry.stop()
-        broker.stop()
-        server.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        stop_all(work, procs, [worker, registry, broker, server], wait=60)
     return 0
 
 

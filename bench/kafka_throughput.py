@@ -12,8 +12,6 @@ and committed). Everything it started is stopped at the end.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,18 +21,16 @@ from pathlib import Path
 
 import psutil
 import psycopg
-import yaml
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from adapters.kafka.avro import SchemaRegistry
 from bench.kafka_decode import KEY, VALUE
+from bench.kafka_run import log_tail, postgres_sink, start_cdc, stop_all, write_configs
 from services.net import find_free_port
 from services.stack import schema_registry, tansu
 from services.stack.postgres import PostgresServer
 from tests.support.debezium_avro import Writer, change
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def produce(bootstrap: str, topic: str, registry_url: str, n: int, partitions: int) -> None:
@@ -108,19 +104,7 @@ def main() -> int:
             "pipeline_id": "bench",
             "topic_prefix": "bench",
             "source": {"database": "shop", "tables": ["public.orders"]},
-            "sinks": [
-                {
-                    "sink_id": "replica",
-                    "sink_type": "postgres",
-                    "postgres": {
-                        "host": server.host,
-                        "port": server.port,
-                        "database": "replica",
-                        "username": "postgres",
-                        "target_schema": "public",
-                    },
-                }
-            ],
+            "sinks": [postgres_sink(server, "replica")],
         }
         platform = {
             "transport_mode": "kafka",
@@ -135,21 +119,12 @@ def main() -> int:
                 "commit_interval_seconds": args.commit_interval,
             },
         }
-        (work / "pipeline.yaml").write_text(yaml.safe_dump(pipeline))
-        (work / "platform.yaml").write_text(yaml.safe_dump(platform))
-        cdc = [sys.executable, "-m", "services.cli.main"]
-        configs = [str(work / "pipeline.yaml"), "--platform-config", str(work / "platform.yaml")]
+        configs = write_configs(work, pipeline, platform)
         sink_port = find_free_port()
-        env = dict(os.environ, PYTHONPATH=str(REPO), CDC_LOG_LEVEL="WARNING")
-        for argv, name in (
-            ([*cdc, "sink", *configs, "--sink-id", "replica", "--port", str(sink_port)], "sink"),
-            (
-                [*cdc, "ingest", *configs, "--sink-endpoint", f"replica=127.0.0.1:{sink_port}"],
-                "ingest",
-            ),
-        ):
-            log = (work / f"{name}.log").open("wb")
-            procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env))
+        sink_args = ["sink", *configs, "--sink-id", "replica", "--port", str(sink_port)]
+        procs.append(start_cdc(work, "sink", sink_args))
+        ingest_args = ["ingest", *configs, "--sink-endpoint", f"replica=127.0.0.1:{sink_port}"]
+        procs.append(start_cdc(work, "ingest", ingest_args))
         replica = server.dsn("replica")
         first = None
         deadline = time.monotonic() + 600
@@ -162,7 +137,7 @@ def main() -> int:
             except psycopg.Error:
                 pass
             time.sleep(0.05)
-        assert first is not None, (work / "ingest.log").read_text()[-3000:]
+        assert first is not None, log_tail(work, "ingest")
         postmaster = server.pid
         assert postmaster is not None
         cpu = [psutil.Process(p.pid) for p in procs]
@@ -174,7 +149,7 @@ def main() -> int:
             args.messages
         ):
             if time.monotonic() > deadline:
-                raise SystemExit("timed out: " + (work / "ingest.log").read_text()[-3000:])
+                raise SystemExit("timed out: " + log_tail(work, "ingest"))
             time.sleep(0.1)
         seconds = time.perf_counter() - first
         used = [
@@ -198,17 +173,7 @@ def main() -> int:
             flush=True,
         )
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        server.stop()
-        registry.stop()
-        broker.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        stop_all(work, procs, [server, registry, broker], wait=30)
     return 0
 
 

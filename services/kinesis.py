@@ -5,6 +5,7 @@ EventBatch (services/capture/payload.py, shared with Pub/Sub)."""
 from __future__ import annotations
 
 from adapters.config import PipelineConfig, PlatformConfig
+from adapters.kinesis.dead_letters import KinesisDeadLetters
 from adapters.kinesis.monitor import KinesisMonitor
 from adapters.kinesis.provisioner import KinesisProvisioner
 from adapters.kinesis.publisher import KinesisPublisher
@@ -91,3 +92,11 @@ def build_kinesis_publisher(
         on_ack,
         max_in_flight=platform.ingest.max_in_flight_batches,
     )
+
+
+def build_kinesis_dead_letters(
+    pipeline: PipelineConfig, platform: PlatformConfig
+) -> KinesisDeadLetters:
+    """The DLQ streams as the error router of sinks that need one (the webhook sink), and
+    `cdc dlq`'s store (removed markers in the lease table)."""
+    return KinesisDeadLetters(kinesis_settings(pipeline, platform), ArrowBatchCodec())

@@ -66,6 +66,7 @@ if TYPE_CHECKING:  # httpx is the `webhook` extra: imported when a webhook sink 
 if TYPE_CHECKING:  # the kafka extra is imported only when the kafka transport is built
     from adapters.debezium.monitor import ConnectorMonitor
     from adapters.kafka.consumer import KafkaEventSource
+    from adapters.kinesis.dead_letters import KinesisDeadLetters  # boto3: the kinesis extra
 
 SourceFactory = Callable[[PipelineConfig, PlatformConfig], EventSource]
 MonitorFactory = Callable[[PipelineConfig, PlatformConfig], SourceMonitor]
@@ -509,17 +510,6 @@ def build_kafka_provisioner(pipeline: PipelineConfig, platform: PlatformConfig) 
 
 # ------------------------------------------------------------------------- the registry
 
-_CLOUD_READS = frozenset(
-    {
-        "topic_prefix",
-        "dlq",
-        "retry",
-        "max_buffered_messages",
-        "wal_reader.batch_size",
-        "wal_reader.batch_timeout_seconds",
-    }
-)
-
 # What the Pub/Sub adapters (services/pubsub_transport.py) read.
 _PUBSUB_READS = frozenset(
     {
@@ -535,10 +525,12 @@ _PUBSUB_READS = frozenset(
 )
 
 # What the Kinesis adapters (services/kinesis.py) read: topic_prefix (stream names), dlq
-# (enabled, topic_suffix: the DLQ streams), retry (the backoff of failed puts and reads;
-# max_attempts is not read: a put is retried until it succeeds), max_buffered_messages (the
-# records the source buffers), wal_reader.batch_size / batch_timeout_seconds (the capture).
-_KINESIS_READS = _CLOUD_READS
+# (enabled, topic_suffix: the DLQ streams; include_headers: the source's poison records;
+# max_retries: the webhook sink; not flush_interval_seconds: dead letters are put at once),
+# retry (the backoff of failed puts and reads; max_attempts is not read: a put is retried
+# until it succeeds), max_buffered_messages (the records the source buffers),
+# wal_reader.batch_size / batch_timeout_seconds (the capture).
+_KINESIS_READS = _PUBSUB_READS | {"max_buffered_messages"}
 
 
 def _kinesis_source(pipeline: PipelineConfig, platform: PlatformConfig) -> EventSource:
@@ -559,6 +551,12 @@ def _kinesis_publisher(
     from services.kinesis import build_kinesis_publisher
 
     return build_kinesis_publisher(pipeline, platform, on_ack)
+
+
+def _kinesis_dead_letters(pipeline: PipelineConfig, platform: PlatformConfig) -> KinesisDeadLetters:
+    from services.kinesis import build_kinesis_dead_letters
+
+    return build_kinesis_dead_letters(pipeline, platform)
 
 
 def _pubsub_provisioner(pipeline: PipelineConfig, platform: PlatformConfig) -> Provisioner:
@@ -640,9 +638,14 @@ TRANSPORTS: Mapping[TransportMode, TransportAdapter] = {
             "the WAL captured to Amazon Kinesis",
             sections={"kinesis": KinesisConfig, "wal_reader": WalReaderConfig},
             reads=_KINESIS_READS,
+            fixed={"dlq.flush_interval_seconds": 0.0},
             event_source=_kinesis_source,
             source_monitor=_kinesis_monitor,
             capture_outlet=_kinesis_publisher,
+            # the DLQ streams (+ removed markers in the lease table): the error router of a
+            # webhook sink, the store of `cdc dlq`
+            error_router=_kinesis_dead_letters,
+            dead_letter_store=_kinesis_dead_letters,
             # the capture's slot and publication, then the streams and the lease table
             provisioner=_kinesis_provisioner,
         ),

@@ -7,7 +7,8 @@ was read to its end and all of it is durable: its children may be read). Every w
 conditional on the owner, so a replica that lost its lease cannot move a checkpoint, and two
 replicas never hold one shard: taking a lease succeeds only when nobody holds it or its
 holder let it expire. Replicas announce themselves with `<pipeline>/#worker/<id>` items
-(same expiry) so each can take its fair share.
+(same expiry) so each can take its fair share. `cdc dlq` keeps its "removed" markers here
+too (`<pipeline>/#dlq-removed/...`, adapters/kinesis/dead_letters.py).
 
 Expiry compares the clocks of the replicas (epoch seconds): keep them in sync (NTP) well
 within `lease_seconds`.
@@ -99,7 +100,8 @@ class LeaseTable:
         return [
             _lease(item)
             for item in self._scan(f"{self.pipeline_id}/")
-            if "/#worker/" not in item[KEY]["S"]
+            # not the replicas' `#worker` items, nor `cdc dlq`'s `#dlq-removed` markers
+            if "/#" not in item[KEY]["S"]
         ]
 
     def live_workers(self, now: float) -> set[str]:

@@ -1,7 +1,8 @@
 """Creates what a Kinesis pipeline needs, waits until it is usable, and removes it again.
 
 - one stream per captured table (`<topic_prefix>-<schema>-<table>`) with `shard_count`
-  shards, and its DLQ stream (`<stream>-<dlq.topic_suffix>`, one shard) unless dlq is off;
+  shards, and its DLQ stream (`<stream>-<dlq.topic_suffix>`, one shard, 7 days' retention)
+  unless dlq is off;
 - the DynamoDB lease/checkpoint table (on-demand billing), shared by the pipelines that name
   it.
 
@@ -26,6 +27,9 @@ from adapters.kinesis.settings import KinesisSettings, client, error_code
 log = structlog.get_logger(__name__)
 
 TAG = "cdc-platform:pipeline"
+# Dead letters stay in a DLQ stream only as long as its retention: a week (not 24 hours)
+# for `cdc dlq` to list and replay them.
+DLQ_RETENTION_HOURS = 168
 
 
 class KinesisProvisioner:
@@ -69,15 +73,18 @@ class KinesisProvisioner:
         streams = list(dict.fromkeys(s.streams.values()))
         wanted = [(name, s.shard_count) for name in streams]
         wanted += [(d, 1) for name in streams if (d := s.dlq_stream(name)) is not None]
+        dlqs = {name for name, _ in wanted[len(streams) :]}
         for name, shards in wanted:
-            self._stream(kinesis, name, shards)
+            self._stream(kinesis, name, shards, DLQ_RETENTION_HOURS if name in dlqs else None)
         self._table(dynamodb)
         deadline = time.monotonic() + self._wait_seconds
         for name, _ in wanted:
             self._wait_stream(kinesis, name, deadline)
         self._wait_table(dynamodb, deadline)
 
-    def _stream(self, kinesis: Any, name: str, shards: int) -> None:
+    def _stream(
+        self, kinesis: Any, name: str, shards: int, retention_hours: int | None = None
+    ) -> None:
         try:
             summary = kinesis.describe_stream_summary(StreamName=name)["StreamDescriptionSummary"]
         except Exception as exc:
@@ -106,6 +113,11 @@ class KinesisProvisioner:
         # Tags on create_stream are recent (and ignored by some emulators): tag again.
         self._wait_stream(kinesis, name, time.monotonic() + self._wait_seconds)
         kinesis.add_tags_to_stream(StreamName=name, Tags={TAG: self._settings.pipeline_id})
+        if retention_hours is not None:
+            kinesis.increase_stream_retention_period(
+                StreamName=name, RetentionPeriodHours=retention_hours
+            )
+            self._wait_stream(kinesis, name, time.monotonic() + self._wait_seconds)
         self.created.append(f"stream {name}")
         log.info("kinesis.stream_created", stream=name, shards=shards)
 

@@ -34,7 +34,7 @@ from .support import (
 DOCKERFILES = ["Dockerfile.ingest", "Dockerfile.sink", "Dockerfile.connect"]
 PYTHON_DOCKERFILES = {
     "Dockerfile.ingest": ["kafka", "gcp", "aws", "wal"],
-    "Dockerfile.sink": ["iceberg", "webhook"],
+    "Dockerfile.sink": ["iceberg", "webhook", "gcp", "aws"],
 }
 PINNED_TAG = re.compile(r"^[a-z0-9./_-]+:\d+\.\d+\.\d+[A-Za-z0-9._-]*$")
 

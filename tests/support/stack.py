@@ -11,7 +11,7 @@ with the exact reason.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import pytest
 
@@ -24,37 +24,40 @@ if TYPE_CHECKING:
     from services.stack.tansu import TansuBroker
 
 
+class _Stoppable(Protocol):
+    def stop(self) -> object: ...
+
+
+_Server = TypeVar("_Server", bound=_Stoppable)
+
+
+def _running(server: _Server) -> Iterator[_Server]:
+    """Hands the started server to the session and stops it at its end."""
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def tansu_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuBroker]:
     from services.stack import tansu
 
-    broker = tansu.start(tmp_path_factory.mktemp("tansu"))
-    try:
-        yield broker
-    finally:
-        broker.stop()
+    yield from _running(tansu.start(tmp_path_factory.mktemp("tansu")))
 
 
 @pytest.fixture(scope="session")
 def schema_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SchemaRegistryServer]:
     from services.stack import schema_registry as registry
 
-    server = registry.start(tmp_path_factory.mktemp("schema-registry"))
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _running(registry.start(tmp_path_factory.mktemp("schema-registry")))
 
 
 @pytest.fixture(scope="session")
 def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
     from services.stack import moto
 
-    server = moto.start(tmp_path_factory.mktemp("moto"))
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _running(moto.start(tmp_path_factory.mktemp("moto")))
 
 
 @pytest.fixture(scope="session")
@@ -65,10 +68,7 @@ def pubsub_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PubSub
         server = emulator.start(tmp_path_factory.mktemp("pubsub"))
     except emulator.EmulatorNotInstalled as exc:
         pytest.skip(str(exc))
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _running(server)
 
 
 @pytest.fixture(scope="session")
@@ -77,11 +77,7 @@ def seaweedfs_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS
     (creates it; bucket names need 3-63 characters), ``.client()`` (boto3)."""
     from services.stack import seaweedfs
 
-    server = seaweedfs.start(tmp_path_factory.mktemp("seaweedfs"))
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _running(seaweedfs.start(tmp_path_factory.mktemp("seaweedfs")))
 
 
 @pytest.fixture(scope="session")
@@ -94,12 +90,10 @@ def kafka_connect(
     session's schema registry) on the session's Tansu broker; ``.url`` is its REST API."""
     from services.stack import connect
 
-    worker = connect.start(
-        tmp_path_factory.mktemp("connect"),
-        bootstrap_servers=tansu_broker.bootstrap_servers,
-        registry_url=schema_registry.url,
+    yield from _running(
+        connect.start(
+            tmp_path_factory.mktemp("connect"),
+            bootstrap_servers=tansu_broker.bootstrap_servers,
+            registry_url=schema_registry.url,
+        )
     )
-    try:
-        yield worker
-    finally:
-        worker.stop()

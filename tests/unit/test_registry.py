@@ -7,6 +7,7 @@ reads it, and a transport or enabled sink type without an adapter is refused by 
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 from pathlib import Path
 from typing import Any
@@ -476,18 +477,57 @@ def test_the_webhook_example_validates() -> None:
     assert not registry.check(p, platform)
 
 
-def test_a_webhook_sink_needs_the_transports_dead_letters() -> None:
-    without = [
-        name for name, t in registry.TRANSPORTS.items() if t.available and not t.error_router
-    ]
-    for mode in without:  # refused until that transport registers its error router
-        section = {"kinesis": {"region": "r"}, "pubsub": {"project_id": "p"}}.get(mode)
+def test_a_webhook_sink_is_accepted_by_every_transport_that_keeps_dead_letters(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sections = {"kinesis": {"region": "r"}, "pubsub": {"project_id": "p"}}
+    for mode in ("direct", "pubsub", "kinesis"):
+        transport = registry.TRANSPORTS[mode]
+        assert transport.error_router is not None and transport.dead_letter_store is not None
+        section = sections.get(mode)
         platform = PlatformConfig.model_validate(
             {"transport_mode": mode, **({mode: section} if section else {})}
         )
-        found = messages(registry.check(pipeline(sinks=[WEBHOOK]), platform))
-        assert "needs the transport's dead letters" in found["sinks[0].sink_type"], found
-    assert not registry.check(pipeline(sinks=[WEBHOOK]), PlatformConfig())  # direct has them
+        assert not registry.check(pipeline(sinks=[WEBHOOK]), platform), mode
+    # A transport without an error router refuses it (by name, at the sink's type).
+    kinesis = registry.TRANSPORTS["kinesis"]
+    monkeypatch.setitem(
+        registry.TRANSPORTS,  # type: ignore[arg-type]
+        "kinesis",
+        dataclasses.replace(kinesis, error_router=None, dead_letter_store=None),
+    )
+    platform = PlatformConfig.model_validate(
+        {"transport_mode": "kinesis", "kinesis": {"region": "r"}}
+    )
+    found = messages(registry.check(pipeline(sinks=[WEBHOOK]), platform))
+    assert "needs the transport's dead letters" in found["sinks[0].sink_type"], found
+
+
+def test_kinesis_dead_letters_are_its_dlq_streams() -> None:
+    from adapters.kinesis.dead_letters import KinesisDeadLetters
+
+    platform = PlatformConfig.model_validate(
+        {"transport_mode": "kinesis", "kinesis": {"region": "r"}, "dlq": {"topic_suffix": "dead"}}
+    )
+    factory = registry.TRANSPORTS["kinesis"].dead_letter_store
+    assert factory is not None
+    store = factory(pipeline(topic_prefix="cdc"), platform)
+    assert isinstance(store, KinesisDeadLetters)
+    assert store.dlq_streams() == ["cdc-public-orders-dead"]
+    assert not registry.check(pipeline(), platform)
+    found = messages(
+        registry.check(
+            pipeline(),
+            PlatformConfig.model_validate(
+                {
+                    "transport_mode": "kinesis",
+                    "kinesis": {"region": "r"},
+                    "dlq": {"flush_interval_seconds": 5},
+                }
+            ),
+        )
+    )
+    assert list(found) == ["dlq.flush_interval_seconds"]
 
 
 def test_pubsub_refuses_the_settings_it_does_not_read() -> None:

@@ -10,12 +10,13 @@ column left out of the stored row was an unchanged TOASTed value and stays uncha
 from __future__ import annotations
 
 import builtins
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from adapters.postgres.dead_letter_rows import PipelineDeadLetterRows, delete_query, select_query
 from adapters.postgres.sink.dead_letter import DEAD_LETTER_TABLE
 from domain.events import UNCHANGED, Column, Operation, Position, SourceEvent, TableSchema
 from domain.ports import StoredDeadLetter
@@ -23,7 +24,7 @@ from domain.ports import StoredDeadLetter
 _TEXT_OID = 25
 
 
-class PostgresSinkDeadLetters:
+class PostgresSinkDeadLetters(PipelineDeadLetterRows):
     def __init__(
         self,
         sink_conninfo: str,
@@ -46,35 +47,9 @@ class PostgresSinkDeadLetters:
     def _table(self) -> sql.Identifier:
         return sql.Identifier(self.schema, DEAD_LETTER_TABLE)
 
-    async def list(
-        self, sink_id: str | None = None, limit: int | None = None
-    ) -> Sequence[StoredDeadLetter]:
-        where: sql.Composable = sql.SQL("pipeline_id = %s")
-        params: builtins.list[Any] = [self.pipeline_id]
-        if sink_id is not None:
-            where = sql.SQL("{} AND sink_id = %s").format(where)
-            params.append(sink_id)
-        return await self._select(where, params, limit)
-
-    async def fetch(self, ids: Sequence[str]) -> Sequence[StoredDeadLetter]:
-        numbers = [int(i) for i in ids if i.isdigit()]
-        if not numbers:
-            return []
-        return await self._select(
-            sql.SQL("pipeline_id = %s AND id = ANY(%s)"), [self.pipeline_id, numbers], None
-        )
-
-    async def remove(self, ids: Sequence[str]) -> int:
-        numbers = [int(i) for i in ids if i.isdigit()]
-        if not numbers:
-            return 0
+    async def _delete(self, numbers: builtins.list[int]) -> int:
         async with await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True) as c:
-            cur = await c.execute(
-                sql.SQL("DELETE FROM {} WHERE pipeline_id = %s AND id = ANY(%s)").format(
-                    self._table()
-                ),
-                (self.pipeline_id, numbers),
-            )
+            cur = await c.execute(delete_query(self._table()), (self.pipeline_id, numbers))
             return cur.rowcount
 
     async def close(self) -> None:
@@ -83,12 +58,13 @@ class PostgresSinkDeadLetters:
     async def _select(
         self, where: sql.Composable, params: builtins.list[Any], limit: int | None
     ) -> builtins.list[StoredDeadLetter]:
-        query = sql.SQL(
-            "SELECT id, sink_id, partition, major, minor, table_name, operation, row, before,"
-            " error, created_at FROM {} WHERE {} ORDER BY id"
-        ).format(self._table(), where)
-        if limit is not None:
-            query = sql.SQL("{} LIMIT {}").format(query, sql.Literal(int(limit)))
+        query = select_query(
+            "id, sink_id, partition, major, minor, table_name, operation, row, before, error,"
+            " created_at",
+            self._table(),
+            where,
+            limit,
+        )
         async with await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True) as c:
             try:
                 rows = await (await c.execute(query, params)).fetchall()

@@ -66,7 +66,7 @@ import contextlib
 import random
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, Final
 
 import psycopg
@@ -367,32 +367,45 @@ class PostgresSinkWriter:
                 blocks = batch.blocks
                 block_plans = await self._block_plans(conn, batch, blocks)
                 if block_plans is not None:
-                    try:
-                        result = await self._apply_blocks(conn, batch, blocks, block_plans)
-                        self._used_ok[conn] = time.monotonic()
-                        return result
-                    except Exception as exc:
-                        if not is_data_error(exc):
-                            raise
-                        if several:  # rolled back; each lane isolates its own events
-                            return None
-                        return await self._isolate_after_rejection(conn, batch, exc)
+                    # Several lanes: rolled back; each lane isolates its own events.
+                    return await self._apply_or_isolate(
+                        conn,
+                        batch,
+                        self._apply_blocks(conn, batch, blocks, block_plans),
+                        isolate=not several,
+                    )
                 if several:
                     return None
                 events = batch.events
-            newest = _newest_schemas(events, await self._offsets.hint(conn, batch.partition))
-            schemas = _distinct_schemas(events)
-            plans = await self._tables.prepare(conn, schemas, newest)
+            plans = await self._row_plans(conn, batch, events)
             if all(invalid(ev, plans[id(ev.table)]) is None for ev in events):
-                try:
-                    result = await self._apply_batch(conn, batch, events, plans)
-                    self._used_ok[conn] = time.monotonic()
-                    return result
-                except Exception as exc:
-                    if not is_data_error(exc):
-                        raise
-                    return await self._isolate_after_rejection(conn, batch, exc, events)
+                return await self._apply_or_isolate(
+                    conn, batch, self._apply_batch(conn, batch, events, plans), events=events
+                )
             return await self._apply_isolating(conn, batch, events, plans)
+
+    async def _apply_or_isolate(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        batch: SinkBatch,
+        apply: Awaitable[WriteResult],
+        *,
+        isolate: bool = True,
+        events: Sequence[SourceEvent] | None = None,
+    ) -> WriteResult | None:
+        """`apply`'s result (the connection marked sound). When the database refuses the data:
+        the batch applied again in parts, or None when the caller isolates (`isolate`
+        false)."""
+        try:
+            result = await apply
+        except Exception as exc:
+            if not is_data_error(exc):
+                raise
+            if not isolate:
+                return None
+            return await self._isolate_after_rejection(conn, batch, exc, events)
+        self._used_ok[conn] = time.monotonic()
+        return result
 
     async def _isolate_after_rejection(
         self,
@@ -415,9 +428,17 @@ class PostgresSinkWriter:
         )
         # The target may have changed under us (dropped, altered): look again.
         self._tables.forget()
-        newest = _newest_schemas(events, await self._offsets.hint(conn, batch.partition))
-        plans = await self._tables.prepare(conn, _distinct_schemas(events), newest)
+        plans = await self._row_plans(conn, batch, events)
         return await self._apply_isolating(conn, batch, events, plans)
+
+    async def _row_plans(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        batch: SinkBatch,
+        events: Sequence[SourceEvent],
+    ) -> Plans:
+        newest = _newest_schemas(events, await self._offsets.hint(conn, batch.partition))
+        return await self._tables.prepare(conn, _distinct_schemas(events), newest)
 
     # -- the columnar path -----------------------------------------------------------------
 

@@ -19,6 +19,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Json, Jsonb
 
+from adapters.postgres.dead_letter_rows import PipelineDeadLetterRows, delete_query, select_query
 from domain.event_codec import event_from_doc, event_to_doc
 from domain.ports import DeadLetter, StoredDeadLetter
 
@@ -40,7 +41,7 @@ def _key_doc(letter: DeadLetter) -> dict[str, Any]:
     }
 
 
-class PostgresErrorRouter:
+class PostgresErrorRouter(PipelineDeadLetterRows):
     """ErrorRouter + DeadLetterStore on one PostgreSQL table."""
 
     def __init__(self, conninfo: str, pipeline_id: str, schema: str = DEFAULT_SCHEMA) -> None:
@@ -126,32 +127,9 @@ class PostgresErrorRouter:
 
     # -------------------------------------------------------------- DeadLetterStore
 
-    async def list(
-        self, sink_id: str | None = None, limit: int | None = None
-    ) -> Sequence[StoredDeadLetter]:
-        where: sql.Composable = sql.SQL("pipeline_id = %s")
-        params: builtins.list[Any] = [self.pipeline_id]
-        if sink_id is not None:
-            where = sql.SQL("{} AND sink_id = %s").format(where)
-            params.append(sink_id)
-        return await self._select(where, params, limit)
-
-    async def fetch(self, ids: Sequence[str]) -> Sequence[StoredDeadLetter]:
-        numbers = [int(i) for i in ids if i.isdigit()]
-        if not numbers:
-            return []
-        where = sql.SQL("pipeline_id = %s AND id = ANY(%s)")
-        return await self._select(where, [self.pipeline_id, numbers], None)
-
-    async def remove(self, ids: Sequence[str]) -> int:
-        numbers = [int(i) for i in ids if i.isdigit()]
-        if not numbers:
-            return 0
+    async def _delete(self, numbers: builtins.list[int]) -> int:
         conn = await self._connection()
-        cur = await conn.execute(
-            sql.SQL("DELETE FROM {} WHERE pipeline_id = %s AND id = ANY(%s)").format(self._table()),
-            (self.pipeline_id, numbers),
-        )
+        cur = await conn.execute(delete_query(self._table()), (self.pipeline_id, numbers))
         return cur.rowcount
 
     async def close(self) -> None:
@@ -163,12 +141,13 @@ class PostgresErrorRouter:
         self, where: sql.Composable, params: builtins.list[Any], limit: int | None
     ) -> builtins.list[StoredDeadLetter]:
         conn = await self._connection()
-        query = sql.SQL(
-            "SELECT id, pipeline_id, sink_id, lane, change::text, error_class, error,"
-            " attempts, created_at FROM {} WHERE {} ORDER BY id"
-        ).format(self._table(), where)
-        if limit is not None:
-            query = sql.SQL("{} LIMIT {}").format(query, sql.Literal(int(limit)))
+        query = select_query(
+            "id, pipeline_id, sink_id, lane, change::text, error_class, error, attempts,"
+            " created_at",
+            self._table(),
+            where,
+            limit,
+        )
         cur = await conn.execute(query, params)
         return [
             StoredDeadLetter(
