@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 
+from adapters.config.pipeline import IcebergSinkConfig
 from adapters.iceberg import maintenance
 from adapters.iceberg.table_sink import positions_of
 from adapters.iceberg.writer import IcebergSinkWriter
@@ -27,11 +28,27 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
+def started(loop: asyncio.AbstractEventLoop, config: IcebergSinkConfig) -> IcebergSinkWriter:
+    writer = IcebergSinkWriter(config, "it", "lake")
+    loop.run_until_complete(writer.start())
+    return writer
+
+
+def commit(
+    loop: asyncio.AbstractEventLoop,
+    writer: IcebergSinkWriter,
+    s: Source,
+    *changes: tuple[str, TableSchema, tuple[str | None, ...]],
+) -> None:
+    """Write these changes as one batch and flush it: one Iceberg commit."""
+    loop.run_until_complete(writer.write(s.batch_of(s.events(*changes))))
+    loop.run_until_complete(writer.flush())
+
+
 def test_upsert_types_deletes_and_positions(
     tmp_path: Path, loop: asyncio.AbstractEventLoop
 ) -> None:
-    w = IcebergSinkWriter(settings(tmp_path), "it", "lake")
-    loop.run_until_complete(w.start())
+    w = started(loop, settings(tmp_path))
     s = Source()
     first = s.events(*[("c", ORDERS, row(i)) for i in range(1, 6)])
     loop.run_until_complete(w.write(s.batch_of(first)))
@@ -61,8 +78,7 @@ def test_upsert_types_deletes_and_positions(
     assert positions_of(summary.additional_properties) == {"slot": Position(s.major, 0)}
     # A replayed batch is skipped: after a restart, from the summary.
     loop.run_until_complete(w.stop())
-    again = IcebergSinkWriter(settings(tmp_path), "it", "lake")
-    loop.run_until_complete(again.start())
+    again = started(loop, settings(tmp_path))
     replay = loop.run_until_complete(again.write(s.batch_of(changes)))
     assert (replay.written, replay.skipped) == (0, 4)
     loop.run_until_complete(again.flush())
@@ -71,17 +87,10 @@ def test_upsert_types_deletes_and_positions(
 
 
 def test_soft_delete_keeps_the_row_flagged(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
-    w = IcebergSinkWriter(settings(tmp_path, soft_delete=True), "it", "lake")
-    loop.run_until_complete(w.start())
+    w = started(loop, settings(tmp_path, soft_delete=True))
     s = Source()
-    loop.run_until_complete(
-        w.write(s.batch_of(s.events(("c", ORDERS, row(1)), ("c", ORDERS, row(2)))))
-    )
-    loop.run_until_complete(w.flush())
-    loop.run_until_complete(
-        w.write(s.batch_of(s.events(("d", ORDERS, ("1", None, None, None, None, None)))))
-    )
-    loop.run_until_complete(w.flush())
+    commit(loop, w, s, ("c", ORDERS, row(1)), ("c", ORDERS, row(2)))
+    commit(loop, w, s, ("d", ORDERS, ("1", None, None, None, None, None)))
     data = w.tables["public.orders"].table.scan().to_arrow().sort_by("id")
     assert data.column("id").to_pylist() == [1, 2]
     assert data.column("_cdc_deleted").to_pylist() == [True, False]
@@ -92,13 +101,9 @@ def test_soft_delete_keeps_the_row_flagged(tmp_path: Path, loop: asyncio.Abstrac
 def test_keyless_table_in_upsert_mode_is_appended(
     tmp_path: Path, loop: asyncio.AbstractEventLoop
 ) -> None:
-    w = IcebergSinkWriter(settings(tmp_path), "it", "lake")
-    loop.run_until_complete(w.start())
+    w = started(loop, settings(tmp_path))
     s = Source()
-    loop.run_until_complete(
-        w.write(s.batch_of(s.events(("c", LOG, ("a", "1")), ("c", LOG, ("a", "1")))))
-    )
-    loop.run_until_complete(w.flush())
+    commit(loop, w, s, ("c", LOG, ("a", "1")), ("c", LOG, ("a", "1")))
     sink = w.tables["public.log"]
     assert not sink.upsert
     assert sink.table.scan().to_arrow().num_rows == 2
@@ -108,8 +113,7 @@ def test_keyless_table_in_upsert_mode_is_appended(
 def test_added_column_widening_and_unsafe_change(
     tmp_path: Path, loop: asyncio.AbstractEventLoop
 ) -> None:
-    w = IcebergSinkWriter(settings(tmp_path), "it", "lake")
-    loop.run_until_complete(w.start())
+    w = started(loop, settings(tmp_path))
     s = Source()
     loop.run_until_complete(w.write(s.batch_of(s.events(("c", ORDERS, row(1))))))
     wider = TableSchema(
@@ -122,10 +126,7 @@ def test_added_column_widening_and_unsafe_change(
             Column("color", 25, "text"),
         ),
     )
-    loop.run_until_complete(
-        w.write(s.batch_of(s.events(("c", wider, (*row(2, qty=2**40), "red")))))
-    )
-    loop.run_until_complete(w.flush())
+    commit(loop, w, s, ("c", wider, (*row(2, qty=2**40), "red")))
     data = w.tables["public.orders"].table.scan().to_arrow().sort_by("id")
     assert data.column("color").to_pylist() == [None, "red"]
     assert data.column("qty").to_pylist() == [1, 2**40]
@@ -140,19 +141,10 @@ def test_added_column_widening_and_unsafe_change(
 
 
 def test_partition_by_transforms(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
-    w = IcebergSinkWriter(
-        settings(tmp_path, partition_by=["day(at)", "bucket(4, id)"]), "it", "lake"
-    )
-    loop.run_until_complete(w.start())
+    w = started(loop, settings(tmp_path, partition_by=["day(at)", "bucket(4, id)"]))
     s = Source()
-    loop.run_until_complete(
-        w.write(s.batch_of(s.events(*[("c", ORDERS, row(i)) for i in range(1, 41)])))
-    )
-    loop.run_until_complete(w.flush())
-    loop.run_until_complete(
-        w.write(s.batch_of(s.events(*[("u", ORDERS, row(i, qty=5)) for i in range(1, 41, 2)])))
-    )
-    loop.run_until_complete(w.flush())
+    commit(loop, w, s, *[("c", ORDERS, row(i)) for i in range(1, 41)])
+    commit(loop, w, s, *[("u", ORDERS, row(i, qty=5)) for i in range(1, 41, 2)])
     table = w.tables["public.orders"].table
     assert [f.name for f in table.spec().fields] == ["at_day", "id_bucket"]
     data = table.scan().to_arrow()
@@ -183,13 +175,9 @@ def test_a_crash_between_writing_and_committing_leaves_nothing_visible(
     import adapters.iceberg.table_sink as table_sink
     from domain.errors import SinkUnavailableError
 
-    w = IcebergSinkWriter(settings(tmp_path), "it", "lake")
-    loop.run_until_complete(w.start())
+    w = started(loop, settings(tmp_path))
     s = Source()
-    loop.run_until_complete(
-        w.write(s.batch_of(s.events(*[("c", ORDERS, row(i)) for i in range(10)])))
-    )
-    loop.run_until_complete(w.flush())
+    commit(loop, w, s, *[("c", ORDERS, row(i)) for i in range(10)])
     batch = s.events(
         *[("u", ORDERS, row(i, qty=5)) for i in range(5)],
         ("d", ORDERS, ("7", None, None, None, None, None)),
@@ -212,8 +200,7 @@ def test_a_crash_between_writing_and_committing_leaves_nothing_visible(
     left = [p for p in data_dir.rglob("*.parquet")]
     assert len(left) == 3  # the committed file + the uncommitted data and delete files
     # Restart: the batch comes again and applies once.
-    again = IcebergSinkWriter(settings(tmp_path), "it", "lake")
-    loop.run_until_complete(again.start())
+    again = started(loop, settings(tmp_path))
     result = loop.run_until_complete(again.write(s.batch_of(batch)))
     assert (result.written, result.skipped) == (6, 0)
     loop.run_until_complete(again.flush())
@@ -235,14 +222,10 @@ def _files(root: Path) -> set[str]:
 def test_time_travel_rollback_expiry_and_compaction(
     tmp_path: Path, loop: asyncio.AbstractEventLoop
 ) -> None:
-    w = IcebergSinkWriter(settings(tmp_path), "it", "lake")
-    loop.run_until_complete(w.start())
+    w = started(loop, settings(tmp_path))
     s = Source()
     for n in range(6):
-        loop.run_until_complete(
-            w.write(s.batch_of(s.events(*[("u", ORDERS, row(i, qty=n)) for i in range(1, 11)])))
-        )
-        loop.run_until_complete(w.flush())
+        commit(loop, w, s, *[("u", ORDERS, row(i, qty=n)) for i in range(1, 11)])
     table = w.tables["public.orders"].table
     snaps = table.snapshots()
     assert len(snaps) == 6
@@ -273,15 +256,13 @@ def test_time_travel_rollback_expiry_and_compaction(
     for path in maintenance.reachable_files(table):
         assert os.path.exists(path.removeprefix("file://")), path
     # Rollback: the sink continues on the snapshot made current.
-    loop.run_until_complete(w.write(s.batch_of(s.events(("c", ORDERS, row(99))))))
-    loop.run_until_complete(w.flush())
+    commit(loop, w, s, ("c", ORDERS, row(99)))
     table.refresh()
     assert table.scan().to_arrow().num_rows == 11
     compacted = table.snapshots()[0].snapshot_id
     table.manage_snapshots().rollback_to_snapshot(compacted).commit()
     assert table.scan().to_arrow().num_rows == 10
-    loop.run_until_complete(w.write(s.batch_of(s.events(("u", ORDERS, row(1, qty=42))))))
-    loop.run_until_complete(w.flush())
+    commit(loop, w, s, ("u", ORDERS, row(1, qty=42)))
     data = w.tables["public.orders"].table.scan().to_arrow().sort_by("id")
     assert data.num_rows == 10 and data.column("qty")[0].as_py() == 42
     loop.run_until_complete(w.stop())
@@ -290,11 +271,9 @@ def test_time_travel_rollback_expiry_and_compaction(
 def test_orphans_of_an_uncommitted_write_are_removed(
     tmp_path: Path, loop: asyncio.AbstractEventLoop
 ) -> None:
-    w = IcebergSinkWriter(settings(tmp_path), "it", "lake")
-    loop.run_until_complete(w.start())
+    w = started(loop, settings(tmp_path))
     s = Source()
-    loop.run_until_complete(w.write(s.batch_of(s.events(("c", ORDERS, row(1))))))
-    loop.run_until_complete(w.flush())
+    commit(loop, w, s, ("c", ORDERS, row(1)))
     table = w.tables["public.orders"].table
     orphan = (
         Path(table.metadata.location.removeprefix("file://")) / "data" / "crashed-00000.parquet"
@@ -310,13 +289,9 @@ def test_orphans_of_an_uncommitted_write_are_removed(
 def test_postgresql_catalog(pg, tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
     db = pg.new_database("catalog")
     uri = f"postgresql://postgres@{pg.host}:{pg.port}/{db}"  # as the deployment guide writes it
-    w = IcebergSinkWriter(settings(tmp_path, catalog_uri=uri), "it", "lake")
-    loop.run_until_complete(w.start())
+    w = started(loop, settings(tmp_path, catalog_uri=uri))
     s = Source()
-    loop.run_until_complete(
-        w.write(s.batch_of(s.events(("c", ORDERS, row(1)), ("c", ORDERS, row(2)))))
-    )
-    loop.run_until_complete(w.flush())
+    commit(loop, w, s, ("c", ORDERS, row(1)), ("c", ORDERS, row(2)))
     with pg.connect(db) as conn:
         names = [r[0] for r in conn.execute("SELECT table_name FROM iceberg_tables").fetchall()]
     assert names == ["public_orders"]
@@ -327,13 +302,9 @@ def test_postgresql_catalog(pg, tmp_path: Path, loop: asyncio.AbstractEventLoop)
 def test_truncate_in_upsert_mode_empties_the_table(
     tmp_path: Path, loop: asyncio.AbstractEventLoop
 ) -> None:
-    w = IcebergSinkWriter(settings(tmp_path), "it", "lake")
-    loop.run_until_complete(w.start())
+    w = started(loop, settings(tmp_path))
     s = Source()
-    loop.run_until_complete(
-        w.write(s.batch_of(s.events(*[("c", ORDERS, row(i)) for i in range(5)])))
-    )
-    loop.run_until_complete(w.flush())
+    commit(loop, w, s, *[("c", ORDERS, row(i)) for i in range(5)])
     s.major += 1
     truncate = SourceEvent(Operation.TRUNCATE, ORDERS, Position(s.major, 0))
     after = s.events(("c", ORDERS, row(9)))
@@ -355,14 +326,10 @@ def test_scheduled_maintenance_compacts_and_expires_tables_created_at_runtime(
         "expire_snapshots_older_than_seconds": 0.1,
         "retain_last_snapshots": 1,
     }
-    w = IcebergSinkWriter(settings(tmp_path, maintenance=maint), "it", "lake")
-    loop.run_until_complete(w.start())
+    w = started(loop, settings(tmp_path, maintenance=maint))
     s = Source()
     for n in range(4):  # the table is created after the sink started
-        loop.run_until_complete(
-            w.write(s.batch_of(s.events(*[("u", ORDERS, row(i, qty=n)) for i in range(20)])))
-        )
-        loop.run_until_complete(w.flush())
+        commit(loop, w, s, *[("u", ORDERS, row(i, qty=n)) for i in range(20)])
     table = w.tables["public.orders"].table
     assert maintenance.file_counts(table) == (4, 3)
 
@@ -381,8 +348,7 @@ def test_scheduled_maintenance_compacts_and_expires_tables_created_at_runtime(
     data = t.scan().to_arrow()
     assert data.num_rows == 20 and set(data.column("qty").to_pylist()) == {3}
     # Writing goes on after maintenance (the key index is rebuilt from the compacted file).
-    loop.run_until_complete(w.write(s.batch_of(s.events(("u", ORDERS, row(1, qty=77))))))
-    loop.run_until_complete(w.flush())
+    commit(loop, w, s, ("u", ORDERS, row(1, qty=77)))
     data = w.tables["public.orders"].table.scan().to_arrow()
     assert data.num_rows == 20 and sorted(data.column("qty").to_pylist())[-1] == 77
     loop.run_until_complete(w.stop())
@@ -397,14 +363,10 @@ def test_compaction_concurrent_with_sink_commits_loses_nothing(
 
     from adapters.iceberg.catalog import load_catalog
 
-    w = IcebergSinkWriter(settings(tmp_path), "it", "lake")
-    loop.run_until_complete(w.start())
+    w = started(loop, settings(tmp_path))
     s = Source()
     expected: dict[int, int] = {}
-    loop.run_until_complete(
-        w.write(s.batch_of(s.events(*[("c", ORDERS, row(i)) for i in range(50)])))
-    )
-    loop.run_until_complete(w.flush())
+    commit(loop, w, s, *[("c", ORDERS, row(i)) for i in range(50)])
     expected.update({i: 1 for i in range(50)})
     stop = threading.Event()
     compactions: list[int] = []
@@ -421,10 +383,7 @@ def test_compaction_concurrent_with_sink_commits_loses_nothing(
         rng = __import__("random").Random(5)
         for n in range(30):
             keys = rng.sample(range(60), 10)
-            loop.run_until_complete(
-                w.write(s.batch_of(s.events(*[("u", ORDERS, row(k, qty=n)) for k in keys])))
-            )
-            loop.run_until_complete(w.flush())
+            commit(loop, w, s, *[("u", ORDERS, row(k, qty=n)) for k in keys])
             expected.update({k: n for k in keys})
     finally:
         stop.set()
@@ -443,24 +402,16 @@ def test_rest_catalog(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
     from tests.support.rest_catalog import rest_catalog
 
     with rest_catalog(tmp_path / "rest") as url:
-        w = IcebergSinkWriter(settings(tmp_path, catalog_uri=url), "it", "lake")
-        loop.run_until_complete(w.start())
+        w = started(loop, settings(tmp_path, catalog_uri=url))
         s = Source()
-        loop.run_until_complete(
-            w.write(s.batch_of(s.events(*[("c", ORDERS, row(i)) for i in range(5)])))
+        commit(loop, w, s, *[("c", ORDERS, row(i)) for i in range(5)])
+        commit(
+            loop,
+            w,
+            s,
+            ("u", ORDERS, row(1, qty=9)),
+            ("d", ORDERS, ("2", None, None, None, None, None)),
         )
-        loop.run_until_complete(w.flush())
-        loop.run_until_complete(
-            w.write(
-                s.batch_of(
-                    s.events(
-                        ("u", ORDERS, row(1, qty=9)),
-                        ("d", ORDERS, ("2", None, None, None, None, None)),
-                    )
-                )
-            )
-        )
-        loop.run_until_complete(w.flush())
         table = w.tables["public.orders"].table
         assert type(w.catalog).__name__ == "RestCatalog"
         data = table.scan().to_arrow().sort_by("id")
@@ -491,7 +442,6 @@ def test_unreachable_catalog_fails_writes_and_health_not_start(
         loop.run_until_complete(w.write(s.batch_of(s.events(("c", ORDERS, row(1))))))
     loop.run_until_complete(w.stop())
     # Healthy once the catalog is there.
-    ok = IcebergSinkWriter(settings(tmp_path), "it", "lake")
-    loop.run_until_complete(ok.start())
+    ok = started(loop, settings(tmp_path))
     assert loop.run_until_complete(ok.health()).status.value == "ok"
     loop.run_until_complete(ok.stop())
