@@ -8,11 +8,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 import yaml
 
-from adapters.webhook.payload import jsonable
 from tests.support.pipeline import (
     free_port,
     ingest_stage,
@@ -22,34 +20,10 @@ from tests.support.pipeline import (
     wait_until,
 )
 from tests.support.webhook_receiver import Faults, WebhookReceiver
-from tests.support.workload import TABLES, run_workload
+from tests.support.webhook_state import differences, source_state
+from tests.support.workload import run_workload
 
 SECRET = "whsec_c2VjcmV0LWZvci10aGUtZTJlLXRlc3Q="
-
-
-def source_state(dsn: str) -> dict[str, dict[str, dict[str, Any]]]:
-    """The source tables as JSON values (docs/types.md), keyed like the receiver's state."""
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    with psycopg.connect(dsn) as conn:
-        for table in TABLES:
-            cur = conn.execute(f"SELECT * FROM {table}")
-            names = [d.name for d in cur.description or []]
-            rows: dict[str, dict[str, Any]] = {}
-            for values in cur.fetchall():
-                row = {n: jsonable(v) for n, v in zip(names, values, strict=True)}
-                rows[json.dumps({"id": row["id"]}, sort_keys=True)] = row
-            out[table] = rows
-    return out
-
-
-def differences(source: dict[str, Any], received: dict[str, Any]) -> list[str]:
-    problems = []
-    for table in TABLES:
-        src, got = source.get(table, {}), received.get(table, {})
-        for key in src.keys() | got.keys():
-            if src.get(key) != got.get(key):
-                problems.append(f"{table} {key}: source {src.get(key)} received {got.get(key)}")
-    return problems
 
 
 def _use_webhook(files: Any, url: str, **webhook: Any) -> None:
