@@ -13,16 +13,13 @@ from typing import Any
 
 import pytest
 import yaml
-from confluent_kafka import Consumer
-from confluent_kafka.schema_registry import SchemaRegistryClient
-from confluent_kafka.schema_registry.avro import AvroDeserializer
-from confluent_kafka.serialization import MessageField, SerializationContext
 
 from adapters.config import loads_pipeline, loads_platform
 from adapters.debezium.connect_client import ConnectClient
 from adapters.kafka import topics
 from adapters.kafka.provisioner import KafkaProvisioner
 from services.ops import undeploy
+from tests.support.avro_topic import read_avro_values
 from tests.support.mariadb import MariaDb, mariadb_server  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.integration
@@ -82,7 +79,9 @@ def test_mysql_connector_on_mariadb_snapshots_and_streams(
         " DELETE FROM shop.orders WHERE id = 2;"
     )
     topic = f"{pipeline.topic_prefix}.shop.orders"
-    changes = read_changes(tansu_broker.bootstrap_servers, schema_registry.url, topic, 5)
+    changes = read_avro_values(
+        tansu_broker.bootstrap_servers, schema_registry.url, topic, 5, seconds=120
+    )
     seen = [
         (
             c["op"],
@@ -102,29 +101,3 @@ def test_mysql_connector_on_mariadb_snapshots_and_streams(
     while asyncio.run(client.status(provisioner.name)) is not None:
         assert time.monotonic() < deadline, "the deleted connector is still listed"
         time.sleep(0.5)
-
-
-def read_changes(bootstrap: str, registry: str, topic: str, want: int) -> list[dict[str, Any]]:
-    deserialize = AvroDeserializer(SchemaRegistryClient({"url": registry}))
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"check-{uuid.uuid4().hex}",
-            "auto.offset.reset": "earliest",
-            "session.timeout.ms": 6000,
-        }
-    )
-    consumer.subscribe([topic])
-    found: list[dict[str, Any]] = []
-    deadline = time.monotonic() + 120
-    try:
-        while len(found) < want and time.monotonic() < deadline:
-            message = consumer.poll(1.0)
-            if message is None or message.error() or message.value() is None:
-                continue  # tombstones after deletes carry no value
-            found.append(
-                deserialize(message.value(), SerializationContext(topic, MessageField.VALUE))
-            )
-    finally:
-        consumer.close()
-    return found

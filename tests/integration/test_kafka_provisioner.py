@@ -28,8 +28,6 @@ import yaml
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from confluent_kafka.schema_registry import SchemaRegistryClient
-from confluent_kafka.schema_registry.avro import AvroDeserializer
-from confluent_kafka.serialization import MessageField, SerializationContext
 from prometheus_client import CollectorRegistry
 
 from adapters.config import PipelineConfig, PlatformConfig, loads_pipeline, loads_platform
@@ -44,6 +42,7 @@ from services.ingest.service import IngestService
 from services.net import find_free_port
 from services.ops import undeploy
 from services.stack.postgres import PostgresServer
+from tests.support.avro_topic import read_avro_values
 from tests.support.fakes import FakeEventSource
 from tests.support.postgres import PgTestContext
 
@@ -105,32 +104,6 @@ def wait_for(check: Callable[[], Any], seconds: float, what: str) -> Any:
             return value
         time.sleep(0.5)
     raise AssertionError(f"timed out after {seconds} s waiting for {what}")
-
-
-def read_records(bootstrap: str, registry: str, topic: str, want: int) -> list[dict[str, Any]]:
-    """Decode the topic's Avro values with confluent-kafka's own deserializer."""
-    deserialize = AvroDeserializer(SchemaRegistryClient({"url": registry}))
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"check-{uuid.uuid4().hex}",
-            "auto.offset.reset": "earliest",
-            "session.timeout.ms": 6000,
-        }
-    )
-    consumer.subscribe([topic])
-    records: list[dict[str, Any]] = []
-    deadline = time.monotonic() + 90
-    try:
-        while len(records) < want and time.monotonic() < deadline:
-            message = consumer.poll(1.0)
-            if message is None or message.error() or message.value() is None:
-                continue
-            context = SerializationContext(topic, MessageField.VALUE)
-            records.append(deserialize(message.value(), context))
-    finally:
-        consumer.close()
-    return records
 
 
 def topic_partitions(bootstrap: str, topic: str) -> int:
@@ -228,7 +201,7 @@ def test_provision_is_idempotent_keeps_existing_topics_and_produces_avro_snapsho
 
     status = asyncio.run(ConnectClient(platform.connector).status(provisioner.name))
     assert status is not None and status.running, status
-    records = read_records(bootstrap, schema_registry.url, f"{prefix}.public.orders", 5)
+    records = read_avro_values(bootstrap, schema_registry.url, f"{prefix}.public.orders", 5)
     assert sorted((r["after"]["id"], r["after"]["item"], r["after"]["qty"]) for r in records) == [
         (i, f"item {i}", i * 10) for i in range(1, 6)
     ]
