@@ -34,6 +34,9 @@ from domain.errors import TeardownRefusedError
 log = structlog.get_logger(__name__)
 
 # Kept forever, never compacted: the connector replays it to know every table's shape.
+# How long a slot must stay unused after the connector is deleted before it is dropped.
+SLOT_QUIET_SECONDS = 2.0
+
 SCHEMA_HISTORY_TOPIC_CONFIG = {
     "cleanup.policy": "delete",
     "retention.ms": "-1",
@@ -208,6 +211,7 @@ class KafkaProvisioner:
         import psycopg
 
         deadline = time.monotonic() + self.slot_release_seconds
+        quiet_since: float | None = None
         async with await psycopg.AsyncConnection.connect(
             self._source_conninfo(), connect_timeout=10, autocommit=True
         ) as conn:
@@ -217,7 +221,13 @@ class KafkaProvisioner:
                         "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,)
                     )
                 ).fetchone()
-                if row is None or not row[0]:
+                # A deleted connector's task can still be between two connection attempts
+                # (a failing task retries): only a slot left alone for a while is released.
+                if row is not None and row[0]:
+                    quiet_since = None
+                elif quiet_since is None:
+                    quiet_since = time.monotonic()
+                elif time.monotonic() - quiet_since >= SLOT_QUIET_SECONDS:
                     return
                 await asyncio.sleep(0.25)
 
