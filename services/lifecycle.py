@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import fcntl
 import os
-import signal
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import structlog
@@ -33,7 +31,6 @@ PARENT_PIPE_ENV = "CDC_PARENT_PIPE_FD"
 PARENT_PID_ENV = "CDC_PARENT_PID"
 RUNTIME_DIR_ENV = "CDC_RUNTIME_DIR"
 
-_PR_SET_PDEATHSIG = 1
 
 
 class StartupError(Exception):
@@ -153,16 +150,33 @@ def running_here(pipeline_id: str) -> int | None:
 # ------------------------------------------------------------------ dying with the parent
 
 
-def set_parent_death_signal(parent_pid: int) -> None:
-    """In a child between fork and exec: SIGTERM when the parent dies (Linux prctl). When
-    prctl is not available this does nothing (the pipe watched by watch_parent covers it)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+# Sets the death signal in the child, then execs the real command (same pid). A
+# ``preexec_fn`` would run Python between fork and exec, where the parent's fork handlers
+# run too: a parent holding gRPC channels then aborts the child (seen as SIGABRT in tests).
+_TRAMPOLINE = """\
+import ctypes, os, signal, sys
+parent = int(sys.argv[1])
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+    pass
+if os.getppid() != parent:
+    sys.exit(143)  # the parent died before the signal was armed
+try:
+    os.execvp(sys.argv[2], sys.argv[2:])
+except OSError as exc:
+    print(f"could not run {sys.argv[2]}: {exc}", file=sys.stderr, flush=True)
+    sys.exit(127)
+"""
+
+
+def with_parent_death_signal(argv: Sequence[str]) -> list[str]:
+    """`argv` run so that it gets SIGTERM when this process dies, even by SIGKILL (Linux
+    ``PR_SET_PDEATHSIG``); elsewhere `argv` itself (the pipe watched by watch_parent covers
+    it)."""
+    if not sys.platform.startswith("linux"):
+        return list(argv)
+    return [sys.executable, "-S", "-c", _TRAMPOLINE, str(os.getpid()), *argv]
 
 
 def watch_parent(loop: asyncio.AbstractEventLoop, on_gone: Callable[[], None]) -> None:

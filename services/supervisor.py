@@ -46,13 +46,11 @@ class Child:
     killed: bool = False
 
     def start(self, keep_fds: tuple[int, ...] = (), env: dict[str, str] | None = None) -> None:
-        parent = os.getpid()
         self.process = subprocess.Popen(
-            self.argv,
+            # SIGTERM to the child when the supervisor dies, even by SIGKILL (Linux).
+            lifecycle.with_parent_death_signal(self.argv),
             pass_fds=keep_fds,
             env=env,
-            # SIGTERM to the child when the supervisor dies, even by SIGKILL (Linux).
-            preexec_fn=lambda: lifecycle.set_parent_death_signal(parent),
         )
         self.started_at = time.monotonic()
         log.info("child.started", child=self.name, pid=self.process.pid)

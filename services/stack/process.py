@@ -20,12 +20,13 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
+
+from services.lifecycle import with_parent_death_signal
 
 __all__ = [
     "HOST",
@@ -172,29 +173,6 @@ class ManagedProcess:
 
 
 # argv: PARENT_PID PROGRAM ARGS...; exit 127 (like a shell) when PROGRAM cannot be run.
-_TRAMPOLINE: Final = """\
-import ctypes, os, signal, sys
-parent = int(sys.argv[1])
-try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-except (OSError, AttributeError):
-    pass
-if os.getppid() != parent:
-    sys.exit(143)  # the parent died before the signal was armed
-try:
-    os.execvp(sys.argv[2], sys.argv[2:])
-except OSError as exc:
-    print(f"could not run {sys.argv[2]}: {exc}", file=sys.stderr, flush=True)
-    sys.exit(127)
-"""
-
-
-def _with_parent_death_signal(argv: Sequence[str]) -> list[str]:
-    if not sys.platform.startswith("linux"):
-        return list(argv)
-    return [sys.executable, "-S", "-c", _TRAMPOLINE, str(os.getpid()), *argv]
-
-
 def launch(
     name: str,
     argv: Sequence[str],
@@ -225,7 +203,7 @@ def launch(
         log.flush()
         try:
             proc = subprocess.Popen(
-                _with_parent_death_signal(argv),
+                with_parent_death_signal(argv),
                 cwd=workdir,
                 env=full_env,
                 stdin=subprocess.DEVNULL,
