@@ -401,4 +401,7 @@ class SinkChannel:
                 self._sink_status = f"UNREACHABLE ({exc.code().name})"
             except grpc.aio.UsageError:
                 pass  # the channel was closed after an ack timeout; the next one is polled
+            except Exception as exc:  # a dead poller would leave the health frozen
+                self._sink_status = f"UNKNOWN ({type(exc).__name__})"
+                log.warning("sink.health_poll_failed", sink=self.sink_id, error=repr(exc))
             await asyncio.sleep(1.0)
