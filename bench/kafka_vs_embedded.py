@@ -37,10 +37,10 @@ from typing import Any
 
 import psutil
 import psycopg
-import yaml
 
 from bench import workload
 from bench.debezium_drain import properties
+from bench.kafka_run import postgres_sink, write_configs
 from services.net import find_free_port
 from services.stack import connect, schema_registry, tansu
 from services.stack.postgres import PostgresServer
@@ -318,19 +318,7 @@ def run(spec: workload.BacklogSpec) -> int:
                 "slot_name": SLOT_KAFKA,
                 "publication_name": PUBLICATION,
             },
-            "sinks": [
-                {
-                    "sink_id": "replica",
-                    "sink_type": "postgres",
-                    "postgres": {
-                        "host": server.host,
-                        "port": server.port,
-                        "database": "dst_kafka",
-                        "username": "postgres",
-                        "target_schema": "public",
-                    },
-                }
-            ],
+            "sinks": [postgres_sink(server, "dst_kafka")],
         }
         platform = {
             "transport_mode": "kafka",
@@ -345,13 +333,10 @@ def run(spec: workload.BacklogSpec) -> int:
             },
             "connector": {"connect_url": worker.url},
         }
-        (work / "pipeline.yaml").write_text(yaml.safe_dump(pipeline))
-        (work / "platform.yaml").write_text(yaml.safe_dump(platform))
+        config_args = write_configs(work, pipeline, platform)
         logs = {"cdc run": work / "run.log"}
-        cdc = [sys.executable, "-m", "services.cli.main"]
-        platform_file = str(work / "platform.yaml")
         cdc_run = subprocess.Popen(
-            [*cdc, "run", str(work / "pipeline.yaml"), "--platform-config", platform_file],
+            [sys.executable, "-m", "services.cli.main", "run", *config_args],
             stdout=logs["cdc run"].open("wb"),
             stderr=subprocess.STDOUT,
             env=env,
