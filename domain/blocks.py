@@ -39,6 +39,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from domain.arrow_types import value_type
 from domain.events import UNCHANGED, Operation, Position, SourceEvent, TableSchema, TextRow
 from domain.rows import RowFormatError, decode_columns
 
@@ -86,9 +87,16 @@ class ChangeBlock:
         return self.records.column(META_COLUMNS + i)
 
 
-def arrow_schema(table: TableSchema) -> pa.Schema:
-    """The record batch schema of a postgres_text block of `table`."""
-    values = [pa.field(c.name, pa.string()) for c in table.columns]
+def arrow_schema(table: TableSchema, encoding: str = ENCODING_POSTGRES_TEXT) -> pa.Schema:
+    """The record batch schema of a block of `table` in `encoding`: string value columns for
+    postgres_text, the Arrow type of each column's logical type (domain/arrow_types.py) for
+    arrow."""
+    if encoding == ENCODING_ARROW:
+        values = [pa.field(c.name, value_type(c.logical)) for c in table.columns]
+    elif encoding == ENCODING_POSTGRES_TEXT:
+        values = [pa.field(c.name, pa.string()) for c in table.columns]
+    else:
+        raise BlockError(f"unknown block encoding {encoding!r}")
     return pa.schema(
         [
             pa.field(INDEX, pa.uint32(), nullable=False),

@@ -1,0 +1,74 @@
+"""The Arrow type of each logical type: what the table columns of an ``arrow``-encoded
+change block hold (domain/blocks.py).
+
+=====================  ==============================  =====================================
+logical type           Arrow type                      note
+=====================  ==============================  =====================================
+bool                   bool
+int8..int64            int8..int64
+uint8..uint64          uint8..uint64
+float32, float64       float32, float64
+decimal(p,s)           decimal128(p,s)                 p <= 38; else decimal256(p,s)
+decimal                string                          no fixed scale (Debezium's
+                                                       VariableScaleDecimal): its exact text
+string                 string
+bytes                  binary
+date                   date32
+time                   time64[us]
+timetz                 string                          Arrow has no time with zone
+timestamp              timestamp[us]
+timestamptz            timestamp[us, UTC]
+interval               duration[us]                    months count as 30 days (Debezium's
+                                                       MicroDuration does the same)
+uuid                   string                          canonical 8-4-4-4-12 text
+json                   string                          the JSON text
+list<T>                list<Arrow type of T>
+=====================  ==============================  =====================================
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import pyarrow as pa
+
+from domain.types import LogicalType
+
+_SIMPLE: dict[str, pa.DataType] = {
+    "bool": pa.bool_(),
+    "int8": pa.int8(),
+    "int16": pa.int16(),
+    "int32": pa.int32(),
+    "int64": pa.int64(),
+    "uint8": pa.uint8(),
+    "uint16": pa.uint16(),
+    "uint32": pa.uint32(),
+    "uint64": pa.uint64(),
+    "float32": pa.float32(),
+    "float64": pa.float64(),
+    "decimal": pa.string(),
+    "string": pa.string(),
+    "bytes": pa.binary(),
+    "date": pa.date32(),
+    "time": pa.time64("us"),
+    "timetz": pa.string(),
+    "timestamp": pa.timestamp("us"),
+    "timestamptz": pa.timestamp("us", tz="UTC"),
+    "interval": pa.duration("us"),
+    "uuid": pa.string(),
+    "json": pa.string(),
+}
+
+
+@lru_cache(maxsize=1024)
+def value_type(logical: LogicalType) -> pa.DataType:
+    """The Arrow type of a column of `logical` type in an ``arrow``-encoded block."""
+    if logical.kind == "list":
+        assert logical.element is not None
+        return pa.list_(value_type(logical.element))
+    if logical.kind == "decimal" and logical.precision is not None:
+        scale = logical.scale or 0
+        if logical.precision <= 38:
+            return pa.decimal128(logical.precision, scale)
+        return pa.decimal256(logical.precision, scale)
+    return _SIMPLE[str(logical)]
