@@ -42,6 +42,10 @@ class SourceChunk:
     `schema_changes` are the table shapes that changed before these events. `revoked`
     names lanes this reader lost before this chunk (a Kafka rebalance, a Kinesis lease):
     their in-flight batches are abandoned and nothing of theirs is acked afterwards.
+
+    A source that decodes straight into columns hands out `blocks` instead of `events`
+    (which stay empty): ``arrow``-encoded change blocks (domain/blocks.py), `@lane` 0,
+    `@index` numbering the chunk's changes 0..n-1 across its blocks in change order.
     """
 
     lane: str
@@ -49,6 +53,13 @@ class SourceChunk:
     ack: AckHandle | None = None
     schema_changes: list[SchemaChange] = field(default_factory=list)
     revoked: frozenset[str] = frozenset()
+    blocks: list[ChangeBlock] | None = None
+
+    def __len__(self) -> int:
+        """The number of changes in the chunk."""
+        if self.blocks is not None:
+            return sum(len(b) for b in self.blocks)
+        return len(self.events)
 
 
 class Guarantee(enum.Enum):
