@@ -1,37 +1,35 @@
-"""Debezium change envelopes (already Avro-decoded into Python values) -> `SourceEvent`s.
+"""Debezium change envelopes (already Avro-decoded into Python values) -> `Change`s, the
+input of the typed block builder (adapters/debezium/block_builder.py).
 
 A Debezium value is ``{before, after, source, op, ts_ms, transaction}``; `op` is c / u / d /
 r / t. The column schemas come from the Avro schema the Schema Registry holds for the
 message: each field's Kafka Connect type and logical name (``connect.name``,
 ``connect.parameters``) give its neutral logical type (`domain.types.from_debezium`) and
-the converter that turns Debezium's representation of a value (days since the epoch,
-microseconds, unscaled decimal bytes, ...) into PostgreSQL's text form, which is the row
-encoding every stage agrees on (docs/types.md). MongoDB's `before` / `after` are JSON
-strings (extended JSON): its table has two columns, `_id` (the key, as Debezium's key JSON)
-and `document` (json).
+the column builder that turns Debezium's representation of the column's values (days since
+the epoch, microseconds, unscaled decimal bytes, ...) into one Arrow array of the logical
+type's Arrow type (adapters/debezium/columns.py, docs/types.md). MongoDB's `before` /
+`after` are JSON strings (extended JSON): its table has two columns, `_id` (the key, as
+Debezium's key JSON) and `document` (json).
 
-`compile_shape` runs once per (key schema, value schema) pair; `decode` once per message.
+`compile_shape` runs once per (key schema, value schema) pair; `read_change` once per
+message: it checks the envelope (operation, row images) and picks the row values out, but
+converts none of them.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
-from decimal import Decimal
+from operator import itemgetter
 from typing import Any
 
-from domain.events import UNCHANGED, Column, Operation, Position, SourceEvent, TableSchema
+from adapters.debezium.columns import UNAVAILABLE, ColumnBuilder, builder_for, json_builder
+from domain.events import Column, Operation, TableSchema
 from domain.types import LogicalType, LogicalTypeError, from_debezium
 
-# What Debezium's PostgreSQL connector sends for an unchanged TOASTed value.
-UNAVAILABLE = "__debezium_unavailable_value"
-_UNAVAILABLE_BYTES = UNAVAILABLE.encode()
+__all__ = ["UNAVAILABLE", "Change", "EnvelopeError", "EnvelopeShape", "compile_shape"]
 
-_EPOCH = datetime(1970, 1, 1)
-_EPOCH_DATE = date(1970, 1, 1)
 _OPS = {
     "c": Operation.CREATE,
     "u": Operation.UPDATE,
@@ -78,9 +76,6 @@ class EnvelopeError(ValueError):
     """A message that is not a Debezium envelope this decoder understands (dead-lettered)."""
 
 
-Converter = Callable[[Any], Any]  # a decoded Avro value -> PostgreSQL text (or UNCHANGED)
-
-
 def postgres_type(logical: LogicalType) -> str:
     """The PostgreSQL type name a sink creates for `logical`."""
     if logical.kind == "decimal":
@@ -91,159 +86,6 @@ def postgres_type(logical: LogicalType) -> str:
         assert logical.element is not None
         return postgres_type(logical.element) + "[]"
     return _PG_TYPES[str(logical)]
-
-
-# ------------------------------------------------------------------------- converters
-
-
-def _text(value: Any) -> Any:
-    if value == UNAVAILABLE:
-        return UNCHANGED
-    return value
-
-
-def _bool(value: Any) -> str:
-    return "t" if value else "f"
-
-
-def _int(value: Any) -> str:
-    return str(int(value))
-
-
-def _float(value: Any) -> str:
-    f = float(value)
-    if math.isnan(f):
-        return "NaN"
-    if math.isinf(f):
-        return "Infinity" if f > 0 else "-Infinity"
-    return repr(f)
-
-
-def _bytes(value: Any) -> Any:
-    if value == _UNAVAILABLE_BYTES:
-        return UNCHANGED
-    return "\\x" + bytes(value).hex()
-
-
-def _decimal_text(d: Decimal) -> str:
-    if d.is_nan():
-        return "NaN"
-    if d.is_infinite():
-        return "Infinity" if d > 0 else "-Infinity"
-    return format(d, "f")
-
-
-def _decimal(scale: int) -> Converter:
-    def convert(value: Any) -> Any:
-        if isinstance(value, Decimal):
-            return _decimal_text(value)
-        if value == _UNAVAILABLE_BYTES:
-            return UNCHANGED
-        unscaled = int.from_bytes(value, "big", signed=True)
-        return _decimal_text(Decimal(unscaled).scaleb(-scale))
-
-    return convert
-
-
-def _variable_decimal(value: Any) -> str:
-    unscaled = int.from_bytes(value["value"], "big", signed=True)
-    return _decimal_text(Decimal(unscaled).scaleb(-int(value["scale"])))
-
-
-def _date(value: Any) -> str:
-    if isinstance(value, date):
-        return value.isoformat()
-    return (_EPOCH_DATE + timedelta(days=int(value))).isoformat()
-
-
-def _time(unit_per_second: int) -> Converter:
-    def convert(value: Any) -> str:
-        if isinstance(value, time):
-            return value.isoformat()
-        us = int(value) * 1_000_000 // unit_per_second
-        if us >= 86_400_000_000:
-            return "24:00:00"
-        return (_EPOCH + timedelta(microseconds=us)).time().isoformat()
-
-    return convert
-
-
-def _timestamp(unit_per_second: int) -> Converter:
-    def convert(value: Any) -> str:
-        if isinstance(value, datetime):
-            return value.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ")
-        us = int(value) * 1_000_000 // unit_per_second
-        try:
-            return (_EPOCH + timedelta(microseconds=us)).isoformat(sep=" ")
-        except OverflowError:  # Debezium's encoding of PostgreSQL's +-infinity
-            return "infinity" if us > 0 else "-infinity"
-
-    return convert
-
-
-def _duration(value: Any) -> str:
-    us = int(value)
-    sign = "-" if us < 0 else ""
-    us = abs(us)
-    days, rest = divmod(us, 86_400_000_000)
-    seconds, micros = divmod(rest, 1_000_000)
-    hours, seconds = divmod(seconds, 3600)
-    minutes, seconds = divmod(seconds, 60)
-    return f"{sign}{days} days {sign}{hours:02d}:{minutes:02d}:{seconds:02d}.{micros:06d}"
-
-
-def _json_value(value: Any) -> str:
-    def default(obj: Any) -> Any:
-        if isinstance(obj, bytes):
-            return obj.hex()
-        if isinstance(obj, (Decimal, date, time, datetime)):
-            return str(obj)
-        raise TypeError(type(obj).__name__)
-
-    return json.dumps(value, default=default, separators=(",", ":"))
-
-
-def _array(element: Converter) -> Converter:
-    def convert(value: Any) -> str:
-        items = []
-        for item in value:
-            if item is None:
-                items.append("NULL")
-                continue
-            text = element(item)
-            if text is UNCHANGED:
-                raise EnvelopeError("an unavailable value inside an array")
-            items.append('"' + str(text).replace("\\", "\\\\").replace('"', '\\"') + '"')
-        return "{" + ",".join(items) + "}"
-
-    return convert
-
-
-_BY_NAME: Mapping[str, Converter] = {
-    "io.debezium.time.Date": _date,
-    "org.apache.kafka.connect.data.Date": _date,
-    "io.debezium.time.Time": _time(1000),
-    "org.apache.kafka.connect.data.Time": _time(1000),
-    "io.debezium.time.MicroTime": _time(1_000_000),
-    "io.debezium.time.NanoTime": _time(1_000_000_000),
-    "io.debezium.time.Timestamp": _timestamp(1000),
-    "org.apache.kafka.connect.data.Timestamp": _timestamp(1000),
-    "io.debezium.time.MicroTimestamp": _timestamp(1_000_000),
-    "io.debezium.time.NanoTimestamp": _timestamp(1_000_000_000),
-    "io.debezium.time.MicroDuration": _duration,
-    "io.debezium.data.VariableScaleDecimal": _variable_decimal,
-}
-_BY_CONNECT: Mapping[str, Converter] = {
-    "boolean": _bool,
-    "int8": _int,
-    "int16": _int,
-    "int32": _int,
-    "int64": _int,
-    "float32": _float,
-    "float64": _float,
-    "string": _text,
-    "bytes": _bytes,
-}
 
 
 # ----------------------------------------------------------------------- the schemas
@@ -259,13 +101,7 @@ def _non_null(avro_type: Any) -> tuple[Any, bool]:
     return avro_type, False
 
 
-@dataclass(frozen=True, slots=True)
-class _FieldType:
-    logical: LogicalType
-    convert: Converter
-
-
-def _field_type(avro_type: Any, names: dict[str, Any]) -> _FieldType:
+def _field_builder(avro_type: Any, names: dict[str, Any]) -> ColumnBuilder:
     t, _ = _non_null(avro_type)
     if isinstance(t, str):
         if t in names:
@@ -274,10 +110,10 @@ def _field_type(avro_type: Any, names: dict[str, Any]) -> _FieldType:
             connect = _AVRO_TO_CONNECT.get(t)
             if connect is None:
                 raise EnvelopeError(f"unsupported Avro type {t!r}")
-            return _FieldType(from_debezium(connect), _BY_CONNECT[connect])
+            return builder_for(from_debezium(connect), None)
     kind = t.get("type")
     if isinstance(kind, (dict, list)):
-        return _field_type(kind, names)
+        return _field_builder(kind, names)
     name = t.get("connect.name")
     params = {str(k): str(v) for k, v in (t.get("connect.parameters") or {}).items()}
     if kind == "record":
@@ -286,40 +122,58 @@ def _field_type(avro_type: Any, names: dict[str, Any]) -> _FieldType:
             if t.get("namespace"):
                 names[f"{t['namespace']}.{t['name']}"] = t
         if name == "io.debezium.data.VariableScaleDecimal":
-            return _FieldType(from_debezium("struct", name), _variable_decimal)
-        return _FieldType(LogicalType("json"), _json_value)  # geometry, points, ...
+            return builder_for(from_debezium("struct", name), name, record=True)
+        return builder_for(LogicalType("json"), name, record=True)  # geometry, points, ...
     if kind == "array":
-        element = _field_type(t["items"], names)
-        return _FieldType(from_debezium("array", element=element.logical), _array(element.convert))
+        element = _field_builder(t["items"], names)
+        return builder_for(from_debezium("array", element=element.logical), name, element=element)
     if kind == "map":
-        return _FieldType(LogicalType("json"), _json_value)
+        return json_builder()
     if kind == "enum":
-        return _FieldType(LogicalType("string"), _text)
+        return builder_for(LogicalType("string"), name)
     connect = t.get("connect.type") or _AVRO_TO_CONNECT.get(kind)
     if connect is None:
-        raise EnvelopeError(f"unsupported Avro type {kind!r}")
+        if kind == "fixed":
+            connect = "bytes"
+        else:
+            raise EnvelopeError(f"unsupported Avro type {kind!r}")
     if name == "org.apache.kafka.connect.data.Decimal" or t.get("logicalType") == "decimal":
         if "scale" not in params and "scale" in t:
             params["scale"] = str(t["scale"])
+        # Without connect.decimal.precision the Avro "precision" is the converter's
+        # default (64), not the column's: such a decimal stays `decimal` (exact text).
         logical = from_debezium(connect, "org.apache.kafka.connect.data.Decimal", params)
-        return _FieldType(logical, _decimal(int(params.get("scale", "0"))))
+        return builder_for(logical, name, scale=int(params.get("scale", "0")))
     try:
         logical = from_debezium(connect, name, params)
     except LogicalTypeError as exc:
         raise EnvelopeError(str(exc)) from exc
-    convert = _BY_NAME.get(name or "") or _BY_CONNECT.get(connect, _text)
-    if logical.kind in ("string", "uuid", "json", "timetz", "timestamptz") and connect == "string":
-        convert = _text
-    return _FieldType(logical, convert)
+    return builder_for(logical, name)
 
 
 @dataclass(frozen=True, slots=True)
 class EnvelopeShape:
-    """How to read the messages of one (key schema, value schema) pair."""
+    """How to read the messages of one (key schema, value schema) pair: the table and one
+    column builder per column."""
 
     table: TableSchema
-    converters: tuple[Converter, ...]
+    builders: tuple[ColumnBuilder, ...]
     mongodb: bool = False
+
+    def row(self, record: Mapping[str, Any] | None) -> tuple[Any, ...] | None:
+        """The column values of a row record, in table order, as Avro decoded them."""
+        if record is None:
+            return None
+        return _values(self.table.column_names, record)
+
+
+def _values(names: Sequence[str], record: Mapping[str, Any]) -> tuple[Any, ...]:
+    if len(names) == 1:
+        return (record.get(names[0]),)
+    try:
+        return tuple(itemgetter(*names)(record))
+    except KeyError:  # a record written without some field: it is null
+        return tuple(record.get(n) for n in names)
 
 
 def _record_fields(envelope: Mapping[str, Any]) -> tuple[list[dict[str, Any]] | None, bool]:
@@ -363,31 +217,44 @@ def compile_shape(
                 Column("document", 0, "jsonb", False, "json"),
             ),
         )
-        return EnvelopeShape(table, (_text, _text), mongodb=True)
+        text = builder_for(LogicalType("string"), None)
+        document = builder_for(LogicalType("json"), None)
+        return EnvelopeShape(table, (text, document), mongodb=True)
     assert fields is not None
     names: dict[str, Any] = {}
     columns: list[Column] = []
-    converters: list[Converter] = []
+    builders: list[ColumnBuilder] = []
     for f in fields:
-        ft = _field_type(f["type"], names)
+        builder = _field_builder(f["type"], names)
         columns.append(
-            Column(f["name"], 0, postgres_type(ft.logical), f["name"] in key_names, str(ft.logical))
+            Column(
+                f["name"],
+                0,
+                postgres_type(builder.logical),
+                f["name"] in key_names,
+                str(builder.logical),
+            )
         )
-        converters.append(ft.convert)
-    return EnvelopeShape(TableSchema(schema_name, table_name, tuple(columns)), tuple(converters))
+        builders.append(builder)
+    return EnvelopeShape(TableSchema(schema_name, table_name, tuple(columns)), tuple(builders))
 
 
-# -------------------------------------------------------------------------- decoding
+# -------------------------------------------------------------------------- messages
 
 
-def _row(shape: EnvelopeShape, record: Mapping[str, Any] | None) -> tuple[Any, ...] | None:
-    if record is None:
-        return None
-    out: list[Any] = []
-    for column, convert in zip(shape.table.columns, shape.converters, strict=True):
-        value = record.get(column.name)
-        out.append(None if value is None else convert(value))
-    return tuple(out)
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One Debezium message at `offset` of its partition: its operation, its row images
+    (column values in table order, still as Avro decoded them; None: not sent) and the
+    metadata of its block row."""
+
+    shape: EnvelopeShape
+    operation: Operation
+    offset: int
+    before: tuple[Any, ...] | None
+    after: tuple[Any, ...] | None
+    commit_time_us: int
+    transaction_id: int
 
 
 def _mongo_row(document: str | None, key: Mapping[str, Any] | None) -> tuple[Any, ...] | None:
@@ -395,7 +262,10 @@ def _mongo_row(document: str | None, key: Mapping[str, Any] | None) -> tuple[Any
         return None
     ident = None if key is None else key.get("id")
     if ident is None:
-        ident = json.dumps(json.loads(document).get("_id"), separators=(",", ":"))
+        try:
+            ident = json.dumps(json.loads(document).get("_id"), separators=(",", ":"))
+        except (ValueError, AttributeError) as exc:
+            raise EnvelopeError(f"a MongoDB document that is not a JSON object: {exc}") from exc
     return (ident, document)
 
 
@@ -413,19 +283,15 @@ def _transaction_id(source: Mapping[str, Any] | None) -> int:
     if not source:
         return 0
     tx = source.get("txId")
-    if isinstance(tx, int):
+    if isinstance(tx, int) and tx >= 0:
         return tx
     return 0
 
 
-def decode(
-    shape: EnvelopeShape,
-    value: Mapping[str, Any],
-    key: Mapping[str, Any] | None,
-    offset: int,
-    source_database: str = "",
-) -> SourceEvent:
-    """The event of one decoded envelope at `offset` of its partition."""
+def read_change(
+    shape: EnvelopeShape, value: Mapping[str, Any], key: Mapping[str, Any] | None, offset: int
+) -> Change:
+    """The change of one decoded envelope at `offset` of its partition."""
     op = value.get("op")
     operation = _OPS.get(op) if isinstance(op, str) else None
     if operation is None:
@@ -433,19 +299,18 @@ def decode(
     source = value.get("source")
     before_raw = value.get("before")
     after_raw = value.get("after")
-    try:
-        if shape.mongodb:
-            before = _mongo_row(before_raw, key)
-            after = _mongo_row(after_raw, key)
-            if operation is Operation.DELETE and before is None and key is not None:
-                before = (key.get("id"), None)
-        else:
-            before = _row(shape, before_raw)
-            after = _row(shape, after_raw)
-    except EnvelopeError:
-        raise
-    except (TypeError, ValueError, KeyError, OverflowError) as exc:
-        raise EnvelopeError(f"{shape.table.qualified_name}: bad value: {exc}") from exc
+    if shape.mongodb:
+        before = _mongo_row(before_raw, key)
+        after = _mongo_row(after_raw, key)
+        if operation is Operation.DELETE and before is None and key is not None:
+            before = (key.get("id"), None)
+    else:
+        if not isinstance(before_raw, (dict, type(None))) or not isinstance(
+            after_raw, (dict, type(None))
+        ):
+            raise EnvelopeError("a row image that is not a record")
+        before = shape.row(before_raw)
+        after = shape.row(after_raw)
     if operation in (Operation.CREATE, Operation.READ, Operation.UPDATE) and after is None:
         raise EnvelopeError(f"operation {op!r} without an 'after' row")
     if operation is Operation.DELETE and before is None:
@@ -456,15 +321,14 @@ def decode(
         after = None
     if operation is Operation.TRUNCATE:
         before = after = None
-    return SourceEvent(
+    return Change(
+        shape,
         operation,
-        shape.table,
-        Position(offset, 0),
+        offset,
         before,
         after,
         _commit_time_us(source, value),
         _transaction_id(source),
-        source_database,
     )
 
 
@@ -474,7 +338,3 @@ def table_of(qualified: str) -> tuple[str, str]:
     if not dot:
         raise EnvelopeError(f"{qualified!r} is not schema.table")
     return schema, table
-
-
-def column_names(shape: EnvelopeShape) -> Sequence[str]:
-    return shape.table.column_names

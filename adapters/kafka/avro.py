@@ -1,5 +1,11 @@
 """Confluent-framed Avro (magic byte 0, 4-byte schema id, Avro body) through a Schema
-Registry, decoded with fastavro into Debezium events (adapters/debezium/envelope.py).
+Registry, decoded with fastavro into Debezium changes (adapters/debezium/envelope.py), which
+adapters/debezium/block_builder.py turns into typed Arrow blocks.
+
+Schemas are read with their ``logicalType`` annotations removed, so fastavro hands out
+Connect's raw representations (unscaled decimal bytes, day and ms counts) instead of
+building a `Decimal` / `date` / `datetime` per value that the column builders would take
+apart again.
 
 `SchemaRegistry` is a small client of the Confluent Schema Registry REST API (also served
 by Karapace, Apicurio's ccompat API and `services.stack.schema_registry`): schemas by id,
@@ -22,8 +28,14 @@ from typing import Any
 
 import fastavro
 
-from adapters.debezium.envelope import EnvelopeError, EnvelopeShape, compile_shape, decode
-from domain.events import SchemaChange, SourceEvent, TableSchema
+from adapters.debezium.envelope import (
+    Change,
+    EnvelopeError,
+    EnvelopeShape,
+    compile_shape,
+    read_change,
+)
+from domain.events import SchemaChange, TableSchema
 
 MAGIC = 0
 _HEADER = struct.Struct(">bI")
@@ -137,14 +149,23 @@ def _q(subject: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Decoded:
-    """One message's event (None for a tombstone) and the table shape change it brings."""
+    """One message's change (None for a tombstone) and the table shape change it brings."""
 
-    event: SourceEvent | None
+    change: Change | None
     schema_change: SchemaChange | None = None
 
 
+def _without_logical_types(schema: Any) -> Any:
+    """`schema` with every ``logicalType`` annotation removed (values read raw)."""
+    if isinstance(schema, list):
+        return [_without_logical_types(s) for s in schema]
+    if isinstance(schema, dict):
+        return {k: _without_logical_types(v) for k, v in schema.items() if k != "logicalType"}
+    return schema
+
+
 class TopicDecoder:
-    """Decodes the messages of one topic (one source table) into events, remembering the
+    """Decodes the messages of one topic (one source table) into changes, remembering the
     shape of every (key schema id, value schema id) pair it met."""
 
     def __init__(
@@ -156,6 +177,7 @@ class TopicDecoder:
         self.source_database = source_database
         self._parsed: dict[int, Any] = {}
         self._shapes: dict[tuple[int | None, int], EnvelopeShape] = {}
+        self._keyed: dict[int, EnvelopeShape] = {}  # value schema id -> its shape with a key
         self.table: TableSchema | None = None
         self.value_schema_id: int | None = None
 
@@ -164,7 +186,7 @@ class TopicDecoder:
         if parsed is None:
             raw = self.registry.schema(schema_id)
             try:
-                parsed = fastavro.parse_schema(raw)
+                parsed = fastavro.parse_schema(_without_logical_types(raw))
             except Exception as exc:  # fastavro raises several types for a bad schema
                 raise EnvelopeError(f"schema id {schema_id} is not valid Avro: {exc}") from exc
             self._parsed[schema_id] = parsed
@@ -193,6 +215,9 @@ class TopicDecoder:
         if not isinstance(record, dict):
             raise EnvelopeError(f"the value (schema id {value_id}) is not a record")
         shape = self._shapes.get((key_id, value_id))
+        if shape is None and key_id is None:
+            # No key: a truncate of a keyed table (or a table without a key).
+            shape = self._keyed.get(value_id)
         change = None
         if shape is None:
             key_schema = self.registry.schema(key_id) if key_id is not None else None
@@ -200,11 +225,12 @@ class TopicDecoder:
                 self.schema_name, self.table_name, self.registry.schema(value_id), key_schema
             )
             if self.table is not None and shape.table == self.table:
-                shape = EnvelopeShape(self.table, shape.converters, shape.mongodb)
+                shape = EnvelopeShape(self.table, shape.builders, shape.mongodb)
             self._shapes[(key_id, value_id)] = shape
+            if key_id is not None:
+                self._keyed[value_id] = shape
         if shape.table is not self.table:
             change = SchemaChange(self.table, shape.table)
             self.table = shape.table
         self.value_schema_id = value_id
-        event = decode(shape, record, key_record, offset, self.source_database)
-        return Decoded(event, change)
+        return Decoded(read_change(shape, record, key_record, offset), change)

@@ -17,11 +17,15 @@
   last moment this member may), and the next chunk names the lanes in `revoked`: the pump
   abandons their in-flight batches and acks of them are ignored from then on. A new owner
   (or this member, if the partition comes back) resumes from the committed offset.
-- **Poison**: a message that does not decode goes to the dead-letter topic
-  (adapters/kafka/dead_letters.py) before its chunk is handed out, so its offset can be
-  committed only after the dead-letter write succeeded; a failed write is retried and holds
-  the partition (and its commit) back. Tombstones are skipped (their offset is released
-  with the chunk).
+- **Chunks of typed blocks**: each partition's messages of a poll are decoded one by one
+  (fastavro), then built column by column into ``arrow``-encoded change blocks
+  (adapters/debezium/block_builder.py): the chunk's `blocks`, its `events` stay empty.
+- **Poison**: a message that does not decode, or holds a value its column's Arrow type
+  cannot (found while building the blocks), goes to the dead-letter topic
+  (adapters/kafka/dead_letters.py) before its chunk is handed out, without it, so its offset
+  can be committed only after the dead-letter write succeeded; a failed write is retried and
+  holds the partition (and its commit) back. Tombstones are skipped (their offset is
+  released with the chunk).
 - **Schema changes**: a table's new shape comes in the chunk's `schema_changes`. With
   `stop_on_incompatible_schema`, a change that drops or retypes a column or changes the key
   stops the source cleanly before that message: everything before it is handed out (and
@@ -41,7 +45,8 @@ from typing import Any, TypeVar
 import structlog
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
 
-from adapters.debezium.envelope import EnvelopeError, table_of
+from adapters.debezium.block_builder import build_blocks
+from adapters.debezium.envelope import Change, EnvelopeError, table_of
 from adapters.kafka.avro import Decoded, RegistryError, SchemaRegistry, TopicDecoder
 from adapters.kafka.dead_letters import DeadLetterProducer, Poison
 from domain.events import SchemaChange
@@ -103,6 +108,15 @@ def incompatible(change: SchemaChange) -> str | None:
 class _Fetched:
     chunks: list[SourceChunk] = field(default_factory=list)
     halt: str | None = None
+
+
+@dataclass
+class _Lane:
+    """A partition's part of a poll: its chunk and the changes and messages read into it."""
+
+    chunk: SourceChunk
+    changes: list[Change] = field(default_factory=list)
+    messages: dict[int, Any] = field(default_factory=dict)  # offset -> message
 
 
 class KafkaEventSource:
@@ -229,7 +243,7 @@ class KafkaEventSource:
             revoked = frozenset(self._revoked_pending)
             self._revoked_pending.clear()
             assigned = set(self._assigned)
-        lanes: dict[str, SourceChunk] = {}
+        lanes: dict[str, _Lane] = {}
         held: set[str] = set()  # lanes stopped at an incompatible schema
         for msg in messages:
             err = msg.error()
@@ -246,9 +260,10 @@ class KafkaEventSource:
             lane = lane_of(topic, partition)
             if lane in held:
                 continue
-            chunk = lanes.get(lane)
-            if chunk is None:
-                chunk = lanes[lane] = SourceChunk(lane, [], None)
+            read = lanes.get(lane)
+            if read is None:
+                read = lanes[lane] = _Lane(SourceChunk(lane, [], None, blocks=[]))
+            chunk = read.chunk
             decoded = self._decode(msg, topic, partition, offset)
             if decoded is None:
                 if self._stopping.is_set():
@@ -271,8 +286,9 @@ class KafkaEventSource:
                     held.add(lane)
                     continue
                 chunk.schema_changes.append(change)
-            if decoded.event is not None:
-                chunk.events.append(decoded.event)
+            if decoded.change is not None:
+                read.changes.append(decoded.change)
+                read.messages[offset] = msg
             else:
                 self.skipped += 1
             chunk.ack = offset + 1
@@ -284,7 +300,13 @@ class KafkaEventSource:
                 if high >= 0:
                     with self._lock:
                         self._high[(topic, partition)] = high
-        chunks = [c for c in lanes.values() if c.events or c.ack is not None or c.schema_changes]
+        for read in lanes.values():
+            self._build(read)
+        chunks = [
+            r.chunk
+            for r in lanes.values()
+            if r.changes or r.chunk.ack is not None or r.chunk.schema_changes
+        ]
         if revoked:
             if chunks:
                 chunks[0].revoked = revoked
@@ -293,8 +315,24 @@ class KafkaEventSource:
         out.chunks = chunks
         return out
 
+    def _build(self, read: _Lane) -> None:
+        """The lane's changes as blocks into its chunk; a change with a value its column
+        cannot hold is dead-lettered and left out. If stopping interrupts that dead-letter
+        write, the chunk ends before the message (whose offset then stays unacked)."""
+        built = build_blocks(read.changes)
+        for change, reason in built.rejected:
+            msg = read.messages[change.offset]
+            topic, partition = partition_of(read.chunk.lane)
+            if not self._poison(msg, topic, partition, change.offset, EnvelopeError(reason)):
+                kept = [c for c in read.changes if c.offset < change.offset]
+                rejected = {c.offset for c, _ in built.rejected}
+                built = build_blocks([c for c in kept if c.offset not in rejected])
+                read.chunk.ack = change.offset
+                break
+        read.chunk.blocks = built.blocks
+
     def _decode(self, msg: Any, topic: str, partition: int, offset: int) -> Decoded | None:
-        """The message's event, or None when it was dead-lettered (or skipped)."""
+        """The message's change, or None when it was dead-lettered (or skipped)."""
         wait = self.settings.retry_initial_seconds
         while True:
             try:
@@ -309,7 +347,9 @@ class KafkaEventSource:
                 self._poison(msg, topic, partition, offset, exc)
                 return None
 
-    def _poison(self, msg: Any, topic: str, partition: int, offset: int, exc: Exception) -> None:
+    def _poison(self, msg: Any, topic: str, partition: int, offset: int, exc: Exception) -> bool:
+        """Dead-letter (or, without a dead-letter topic, skip) the message; False when
+        stopping interrupted the dead-letter write."""
         poison = Poison(
             topic, partition, offset, msg.key(), msg.value(), type(exc).__name__, str(exc)
         )
@@ -323,9 +363,11 @@ class KafkaEventSource:
                 error=str(exc),
                 reason="dlq.enabled is false",
             )
-            return
+            return True
         if self._dead.send(poison, self._stopping.is_set):
             self.dead_lettered += 1
+            return True
+        return False
 
     def _close(self) -> None:
         consumer, self._consumer = self._consumer, None
@@ -366,7 +408,7 @@ class KafkaEventSource:
         while not self._stopping.is_set():
             fetched = await self._call(self._fetch)
             for chunk in fetched.chunks:
-                self.events_read += len(chunk.events)
+                self.events_read += len(chunk)
                 yield chunk
             if fetched.halt is not None:
                 self._halted = fetched.halt
