@@ -110,6 +110,7 @@ class Writer:
     """Writes records of one schema fast (the schema parsed once)."""
 
     def __init__(self, schema: dict[str, Any], schema_id: int) -> None:
+        self.schema = schema
         self.parsed = fastavro.parse_schema(schema)
         self.header = frame(schema_id, b"")
 
