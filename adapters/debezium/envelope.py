@@ -19,8 +19,8 @@ converts none of them.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
 
@@ -159,21 +159,24 @@ class EnvelopeShape:
     table: TableSchema
     builders: tuple[ColumnBuilder, ...]
     mongodb: bool = False
+    _names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    _pick: Callable[[Mapping[str, Any]], Any] | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        names = self.table.column_names
+        object.__setattr__(self, "_names", tuple(names))
+        object.__setattr__(self, "_pick", itemgetter(*names) if len(names) > 1 else None)
 
     def row(self, record: Mapping[str, Any] | None) -> tuple[Any, ...] | None:
         """The column values of a row record, in table order, as Avro decoded them."""
         if record is None:
             return None
-        return _values(self.table.column_names, record)
-
-
-def _values(names: Sequence[str], record: Mapping[str, Any]) -> tuple[Any, ...]:
-    if len(names) == 1:
-        return (record.get(names[0]),)
-    try:
-        return tuple(itemgetter(*names)(record))
-    except KeyError:  # a record written without some field: it is null
-        return tuple(record.get(n) for n in names)
+        if self._pick is None:
+            return tuple(record.get(n) for n in self._names)
+        try:
+            return self._pick(record)  # type: ignore[no-any-return]
+        except KeyError:  # a record written without some field: it is null
+            return tuple(record.get(n) for n in self._names)
 
 
 def _record_fields(envelope: Mapping[str, Any]) -> tuple[list[dict[str, Any]] | None, bool]:

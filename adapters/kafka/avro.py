@@ -194,9 +194,12 @@ class TopicDecoder:
 
     def _read(self, data: bytes) -> tuple[int, Any]:
         schema_id, body = unframe(data)
+        return schema_id, self._read_body(schema_id, body)
+
+    def _read_body(self, schema_id: int, body: memoryview) -> Any:
         parsed = self._reader(schema_id)
         try:
-            return schema_id, fastavro.schemaless_reader(io.BytesIO(body), parsed, None)
+            return fastavro.schemaless_reader(io.BytesIO(body), parsed, None)
         except Exception as exc:  # a truncated or foreign body: several exception types
             raise EnvelopeError(
                 f"the body does not decode with schema id {schema_id}: {type(exc).__name__}: {exc}"
@@ -206,11 +209,9 @@ class TopicDecoder:
         if value is None:
             return Decoded(None)  # a tombstone: log compaction's delete marker
         key_id: int | None = None
-        key_record: Any = None
+        key_body: memoryview | None = None
         if key is not None:
-            key_id, key_record = self._read(key)
-            if not isinstance(key_record, dict):
-                key_record = None
+            key_id, key_body = unframe(key)
         value_id, record = self._read(value)
         if not isinstance(record, dict):
             raise EnvelopeError(f"the value (schema id {value_id}) is not a record")
@@ -233,4 +234,10 @@ class TopicDecoder:
             change = SchemaChange(self.table, shape.table)
             self.table = shape.table
         self.value_schema_id = value_id
+        key_record: Any = None
+        if shape.mongodb and key_id is not None and key_body is not None:
+            # Only MongoDB's key is read: a relational row carries its key columns itself.
+            key_record = self._read_body(key_id, key_body)
+            if not isinstance(key_record, dict):
+                key_record = None
         return Decoded(read_change(shape, record, key_record, offset), change)
