@@ -311,7 +311,9 @@ class KafkaEventSource:
             if chunks:
                 chunks[0].revoked = revoked
             else:
-                chunks.append(SourceChunk(next(iter(revoked)), [], None, revoked=revoked))
+                chunks.append(
+                    SourceChunk(next(iter(revoked)), [], None, revoked=revoked, blocks=[])
+                )
         out.chunks = chunks
         return out
 
