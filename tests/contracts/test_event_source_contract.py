@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from adapters.postgres.source.reader import PostgresWalSource, WalReaderSettings
+from domain.blocks import events_of_blocks
 from domain.events import Column, Operation, Position, SourceEvent, TableSchema
 from domain.ports import EventSource, SourceChunk
 from tests.support.fakes import FakeLog, LogSource
@@ -70,7 +71,8 @@ async def read(source: EventSource, count: int) -> Read:
             except StopAsyncIteration:
                 break
             out.revoked |= chunk.revoked
-            out.events += [(chunk.lane, ev) for ev in chunk.events]
+            events = chunk.events if chunk.blocks is None else events_of_blocks(chunk.blocks)
+            out.events += [(chunk.lane, ev) for ev in events]
             if chunk.ack is not None:
                 out.handles.setdefault(chunk.lane, []).append(chunk.ack)
     finally:
@@ -395,7 +397,8 @@ def test_a_revoked_lane_is_announced_and_nothing_of_it_follows(transport: Harnes
                 if chunk.revoked and announced_at is None:
                     announced_at = len(seen)
                 revoked |= chunk.revoked
-                seen += [(chunk.lane, _key(ev)) for ev in chunk.events]
+                events = chunk.events if chunk.blocks is None else events_of_blocks(chunk.blocks)
+                seen += [(chunk.lane, _key(ev)) for ev in events]
                 if len(seen) >= 3 and not requested:
                     revoke(source, [second])
                     requested = True
