@@ -724,3 +724,43 @@ def test_a_value_that_is_not_an_envelope_is_refused() -> None:
 def test_postgres_types_of_logical_types() -> None:
     assert postgres_type(LogicalType.parse("list<decimal(5,1)>")) == "numeric(5,1)[]"
     assert postgres_type(LogicalType.parse("timestamptz")) == "timestamp with time zone"
+
+
+def test_wide_decimals_and_small_integers_keep_their_bounds() -> None:
+    wide = {
+        "type": "bytes",
+        "scale": 4,
+        "precision": 40,
+        "connect.parameters": {"scale": "4", "connect.decimal.precision": "40"},
+        "connect.name": "org.apache.kafka.connect.data.Decimal",
+        "logicalType": "decimal",
+    }
+    fields = [_field("big", wide), _field("tiny", {"type": "int", "connect.type": "int8"})]
+    big = Decimal("-" + "9" * 36 + ".1234")
+    block = _one_table(fields, {"big": big, "tiny": 127}, {"big": None, "tiny": None})
+    assert block.records.schema.field("big").type == pa.decimal256(40, 4)
+    assert _values(block, "big") == [big, None]
+    value_schema = _typed_envelope(fields)
+    decoder = TopicDecoder(DictRegistry({30: value_schema}), "public", "kinds", "shop")
+    changes = []
+    for i, tiny in enumerate((1, 128, -129, -128)):
+        record = {"before": None, "after": {"id": i, "big": None, "tiny": tiny}}
+        record.update(source=source_block(), transaction=None, op="c", ts_ms=None)
+        change = decoder.decode(None, write(value_schema, 30, record), i).change
+        assert change is not None
+        changes.append(change)
+    built = build_blocks(changes)
+    assert [c.offset for c, _ in built.rejected] == [1, 2]
+    (block,) = built.blocks
+    assert _values(block, "tiny") == [1, -128]
+    assert _values(block, "@index") == [0, 1]
+
+
+def test_negative_and_fractional_iso_intervals() -> None:
+    fields = [_field("iv", _named("string", "io.debezium.time.Interval"))]
+    block = _one_table(fields, {"iv": "-P1DT0.5S"}, {"iv": "PT-1H"}, {"iv": "P0D"})
+    assert _values(block, "iv") == [
+        -dt.timedelta(days=1, seconds=0.5),
+        -dt.timedelta(hours=1),
+        dt.timedelta(0),
+    ]
