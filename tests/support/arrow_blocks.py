@@ -21,6 +21,9 @@ from domain.blocks import (
 )
 from domain.events import Column, Operation, Position, TableSchema
 
+COMMIT_TIME = datetime(2024, 1, 1, tzinfo=UTC)  # the `@commit_time` of every change
+COMMIT_TIME_US = 1_704_067_200_000_000
+
 
 def kafka_column(name: str, logical: str, type_name: str, *, key: bool = False) -> Column:
     return Column(name, 0, type_name, key, logical)
@@ -65,13 +68,12 @@ def arrow_block(
         )
     else:
         before = pa.nulls(m, before_type)
-    epoch = datetime(2024, 1, 1, tzinfo=UTC)
     arrays = [
         pa.array(range(first_index, first_index + m), pa.uint32()),
         pa.array([c.op.value for c in changes], pa.string()),
         pa.array([c.position.major for c in changes], pa.uint64()),
         pa.array([c.position.minor for c in changes], pa.uint64()),
-        pa.array([epoch] * m, schema.field("@commit_time").type),
+        pa.array([COMMIT_TIME] * m, schema.field("@commit_time").type),
         pa.array([0] * m, pa.uint64()),
         pa.array([0] * m, pa.uint16()),
         pa.array(images, pa.uint8()),
