@@ -542,6 +542,8 @@ _ROW_3 = (  # PostgreSQL's infinities (Iceberg cannot store them: a dead letter 
         None,
     ),
 )
+# uuid refuses this text: a dead letter in PostgreSQL (Iceberg and webhooks keep the string)
+_ROW_5 = ((5, *(None,) * 14, "not-a-uuid", None), ("5", *(None,) * 14, "not-a-uuid", None))
 _ROW_4: tuple[tuple[Any, ...], tuple[Any, ...]] = ((4, *(None,) * 16), ("4", *(None,) * 16))
 
 
@@ -565,6 +567,7 @@ def _typed_changes() -> list[list[tuple[TypedChange, SourceEvent]]]:
         pair(Operation.CREATE, *_ROW_3),
         pair(Operation.CREATE, *_ROW_4),
         pair(Operation.DELETE, *_ROW_4),
+        pair(Operation.CREATE, *_ROW_5),
     ]
     # An update whose jsonb value the source did not send (unchanged TOAST) and one that
     # carries the old row too (REPLICA IDENTITY FULL).
@@ -599,6 +602,6 @@ def test_a_batch_of_arrow_encoded_blocks_writes_what_its_text_form_writes(
         assert typed.written + typed.dead_lettered == len(changes)
     assert sink.dead_letters() == 2 * text_dead
     from_text = sink.rows(TYPED_TEXT)
-    assert sorted(from_text) in ([("1",), ("2",), ("3",)], [("1",), ("2",)])
+    assert {("1",), ("2",)} <= set(from_text)
     assert from_text[("1",)]["note"] == "changed"
     assert sink.rows(TYPED_ARROW) == from_text
