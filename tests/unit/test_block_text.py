@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from domain.arrow_types import TIMESTAMP_US_MAX, TIMESTAMP_US_MIN
+from domain.arrow_types import TIMESTAMP_US_MAX, TIMESTAMP_US_MIN, value_type
 from domain.block_text import TextFormError, column_text
 from domain.blocks import (
     ENCODING_ARROW,
@@ -25,6 +25,7 @@ from domain.blocks import (
     to_postgres_text,
 )
 from domain.events import UNCHANGED, Operation, Position, TableSchema
+from domain.types import LogicalType
 from tests.support.arrow_blocks import TypedChange, arrow_block, kafka_column
 
 DAY = timedelta(days=1)
@@ -213,3 +214,26 @@ def test_an_arrow_block_whose_columns_do_not_fit_its_table_is_refused() -> None:
     narrow = TableSchema("public", "typed", TYPED.columns[:3])
     with pytest.raises(BlockError):
         to_postgres_text(ChangeBlock(narrow, block.records, ENCODING_ARROW))
+
+
+@pytest.mark.parametrize(
+    "logical",
+    [
+        "bool",
+        "int64",
+        "float64",
+        "decimal(5,2)",
+        "bytes",
+        "date",
+        "time",
+        "timestamp",
+        "timestamptz",
+        "interval",
+        "list<string>",
+        "list<list<int32>>",
+    ],
+)
+def test_empty_and_all_null_columns_stay_so(logical: str) -> None:
+    arrow_type = value_type(LogicalType.parse(logical))
+    assert column_text(pa.array([], arrow_type)).to_pylist() == []
+    assert column_text(pa.nulls(3, arrow_type)).to_pylist() == [None, None, None]
