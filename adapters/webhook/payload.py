@@ -142,7 +142,9 @@ def _converters(table: TableSchema) -> tuple[tuple[str, Callable[[str], Any]], .
     return found
 
 
-def _row_json(event: SourceEvent, row: Any) -> tuple[dict[str, Any] | None, list[str]]:
+def _row_json(
+    event: SourceEvent, row: Any, lenient: bool
+) -> tuple[dict[str, Any] | None, list[str]]:
     if row is None:
         return None, []
     out: dict[str, Any] = {}
@@ -152,6 +154,11 @@ def _row_json(event: SourceEvent, row: Any) -> tuple[dict[str, Any] | None, list
             out[name] = None
         elif value is UNCHANGED:
             unchanged.append(name)
+        elif lenient:
+            try:
+                out[name] = convert(value)
+            except ValueError:
+                out[name] = value
         else:
             out[name] = convert(value)
     return out, unchanged
@@ -164,10 +171,12 @@ def _commit_time(us: int) -> str | None:
     return moment.isoformat().replace("+00:00", "Z")
 
 
-def event_json(event_id_: str, event: SourceEvent) -> dict[str, Any]:
-    """One EVENT of the body (docs/webhooks.md)."""
-    before, _ = _row_json(event, event.before)
-    after, unchanged = _row_json(event, event.after)
+def event_json(event_id_: str, event: SourceEvent, *, lenient: bool = False) -> dict[str, Any]:
+    """One EVENT of the body (docs/webhooks.md). A value whose text does not parse as its
+    type (malformed JSON, a format `to_python` refuses) raises ValueError; `lenient` gives
+    its text instead (for showing a dead letter, whose value is often why it is one)."""
+    before, _ = _row_json(event, event.before, lenient)
+    after, unchanged = _row_json(event, event.after, lenient)
     row = after if after is not None else before
     key_names = event.table.key_columns
     key = {name: row.get(name) for name in key_names} if row is not None else {}
