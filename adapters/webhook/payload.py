@@ -15,7 +15,7 @@ from decimal import Decimal
 from typing import Any
 
 from domain.events import UNCHANGED, Column, Operation, SourceEvent, TableSchema
-from domain.pgtypes import to_python
+from domain.pgtypes import converter_for, to_python
 from domain.types import LogicalType
 
 
@@ -96,6 +96,10 @@ def value_json(column_oid: int, type_name: str, logical: str, text: Any) -> Any:
         return None
     if column_oid:
         return jsonable(to_python(column_oid, text, type_name))
+    if type_name and converter_for(0, type_name) is not None:
+        # Another engine's column (a Kafka source): its value comes as the PostgreSQL text of
+        # its logical type, and `type_name` is that PostgreSQL type, so it reads the same way.
+        return jsonable(to_python(0, text, type_name))
     return _by_logical(LogicalType.parse(logical), text) if logical else text
 
 
