@@ -76,7 +76,6 @@ def test_values_of_a_source_without_type_oids_go_by_logical_type() -> None:
     assert value_json(0, "DECIMAL(5,2)", "decimal(5,2)", "1.20") == "1.20"
 
 
-
 def test_a_kafka_sources_values_read_as_their_postgresql_type() -> None:
     # A Kafka source's column: no OID, `type_name` is the PostgreSQL type of its logical type,
     # and the sinks see the PostgreSQL text of its typed Arrow value (domain/block_text.py).
