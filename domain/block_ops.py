@@ -86,10 +86,9 @@ def newest_commit_time_us(blocks: Sequence[ChangeBlock]) -> int:
     """The latest `@commit_time` of `blocks`, in microseconds since the epoch (0: none)."""
     newest = 0
     for block in blocks:
-        if len(block):
-            top = pc.max(block.records.column(_COMMIT_TIME).cast(pa.int64())).as_py()
-            if top is not None and top > newest:
-                newest = top
+        top = pc.max(block.records.column(_COMMIT_TIME)).value  # None when empty
+        if top is not None and top > newest:
+            newest = top
     return int(newest)
 
 
