@@ -264,6 +264,16 @@ class OutboundBatch:
             return change_count(self.blocks)
         return len(self.events)
 
+    def require_events(self, outlet: str) -> None:
+        """Refuse a batch of change blocks in an outlet that publishes events (the capture
+        stage's, fed by the WAL reader): its `events` are empty, so publishing them and
+        acking the batch would lose its changes."""
+        if self.blocks is not None:
+            raise ValueError(
+                f"{outlet}: batch {self.batch_id} carries change blocks; this outlet"
+                " publishes events (it is fed by the WAL reader)"
+            )
+
     def by_lane(self) -> list[tuple[str, Sequence[SourceEvent]]]:
         """(lane, its events in order) for every lane of a batch of events."""
         if self.blocks is not None:

@@ -157,12 +157,7 @@ class LanePublisher:
             lane.task = asyncio.create_task(self._worker(lane), name=f"publish-{lane.name}")
 
     async def send(self, batch: OutboundBatch) -> None:
-        if batch.blocks is not None:
-            # Its `events` are empty: publishing them would ack changes never sent.
-            raise ValueError(
-                f"{self.name}: batch {batch.batch_id} carries change blocks; the capture"
-                " publisher publishes events (it is fed by the WAL reader)"
-            )
+        batch.require_events(self.name)
         await self._credits.acquire()
         if self._failure is not None:
             self._credits.release()
