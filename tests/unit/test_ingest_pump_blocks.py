@@ -7,6 +7,7 @@ order per lane."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -14,7 +15,7 @@ import pyarrow as pa
 
 from domain.blocks import ENCODING_ARROW
 from domain.events import Column, Operation, Position, SourceEvent, TableSchema
-from domain.ports import SourceChunk
+from domain.ports import OutboundBatch, SourceChunk
 from domain.routing import Router, RoutingRule
 from services.ingest.service import IngestService
 from services.wire import decode_batch, encode_outbound
@@ -241,3 +242,27 @@ def test_a_routed_batch_of_blocks_crosses_the_wire_with_its_lanes_and_types() ->
     assert orders.column(2).type == pa.timestamp("us", tz="UTC")
     lanes = batch.by_lane()
     assert [(b.partition, len(b)) for b in lanes] == [("a", 2), ("b", 1)]
+
+
+def test_the_source_is_read_ahead_by_about_one_batch_of_changes_when_outlets_stall() -> None:
+    class StalledOutlet(FakeOutlet):
+        async def send(self, batch: OutboundBatch) -> None:
+            self.sent.append(batch)
+            await asyncio.Event().wait()  # no credit comes back
+
+    chunks = [block_chunk("a", [order(n, i, i) for i in range(10)], n) for n in range(1, 11)]
+    source = FakeEventSource(chunks, follow=True)
+    service: IngestService
+    outlet = StalledOutlet("s", lambda name, ack: service.on_ack(name, ack), False)
+    service = IngestService("p", source, Router([RoutingRule("s")]), {"s": outlet}, 10)
+
+    async def scenario() -> None:
+        reading = asyncio.create_task(service._read_loop())
+        await asyncio.sleep(0.2)
+        # one chunk in the stalled batch, one read ahead, one waiting to be let in
+        assert (len(outlet.sent), source.reads) == (1, 3)
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+
+    asyncio.run(scenario())
