@@ -73,6 +73,36 @@ def in_lane(blocks: Sequence[ChangeBlock], lane: int, index_offset: int) -> list
     return out
 
 
+def joined_per_table(blocks: Sequence[ChangeBlock]) -> list[ChangeBlock]:
+    """`blocks` with those of one table shape and encoding (of several lanes of a batch)
+    joined into one, in order of their first block: fewer, bigger blocks for the wire and
+    the sinks (each block is an IPC stream and, at the PostgreSQL sink, a statement)."""
+    shapes: dict[tuple[str, str], list[list[ChangeBlock]]] = {}  # name, encoding -> groups
+    groups: list[list[ChangeBlock]] = []  # in order of their first block
+    for block in blocks:
+        same_name = shapes.setdefault((block.schema.qualified_name, block.encoding), [])
+        group = next((g for g in same_name if g[0].schema == block.schema), None)
+        if group is None:
+            group = []
+            same_name.append(group)
+            groups.append(group)
+        group.append(block)
+    if len(groups) == len(blocks):
+        return list(blocks)
+    out: list[ChangeBlock] = []
+    for group in groups:
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        try:
+            records = pa.concat_batches([g.records for g in group])
+        except pa.ArrowInvalid:  # the same table shape in other Arrow types: left apart
+            out.extend(group)
+            continue
+        out.append(ChangeBlock(group[0].schema, records, group[0].encoding))
+    return out
+
+
 def changes_per_table(blocks: Sequence[ChangeBlock]) -> dict[str, int]:
     """The number of changes per source table name (`schema.table`)."""
     out: dict[str, int] = {}

@@ -25,7 +25,7 @@ from typing import Any
 
 import structlog
 
-from domain.block_ops import in_lane, newest_commit_time_us, split_changes
+from domain.block_ops import in_lane, joined_per_table, newest_commit_time_us, split_changes
 from domain.blocks import ChangeBlock
 from domain.commit_tracker import CommitTracker
 from domain.events import SchemaChange, SourceEvent
@@ -267,7 +267,8 @@ class IngestService:
     async def _send_blocks(self, parts: list[_BlockPart]) -> None:
         """`_send` for parts of change blocks: each lane's blocks get its index in the batch
         (`@lane`) and follow the lanes before it (`@index`); each targeted outlet gets the
-        blocks (or the changes of them) meant for it, with all the batch's lanes."""
+        blocks (or the changes of them) meant for it, with all the batch's lanes, the
+        lanes' blocks of one table shape joined."""
         batch_id = self._next_batch_id
         self._next_batch_id += 1
         per_sink: dict[str, list[ChangeBlock]] = {}
@@ -299,6 +300,8 @@ class IngestService:
             context = tracing.inject()
             for sink_id in targets:
                 blocks = per_sink[sink_id]
+                if len(parts) > 1:
+                    blocks = joined_per_table(blocks)
                 outbound = OutboundBatch(
                     batch_id, self.pipeline_id, lanes, [], context, blocks=blocks
                 )

@@ -7,6 +7,7 @@ import pytest
 from domain.block_ops import (
     changes_per_table,
     in_lane,
+    joined_per_table,
     last_positions_by_lane,
     newest_commit_time_us,
     split_changes,
@@ -74,3 +75,14 @@ def test_counts_commit_times_and_positions_come_off_the_columns() -> None:
     assert newest_commit_time_us(blocks) == 900
     assert newest_commit_time_us([]) == 0
     assert last_positions_by_lane(blocks) == {0: Position(5, 2), 1: Position(9, 4)}
+
+
+def test_the_lanes_blocks_of_one_table_shape_are_joined_in_order_of_first_block() -> None:
+    a2 = TableSchema("s", "a", (*A.columns, Column("n", 0, "int8", False, "int64")))
+    lane_0 = arrow_blocks([change(A, 1), change(B, 2)])
+    lane_1 = in_lane(arrow_blocks([change(B, 3), change(A, 4)]), 1, 2)
+    lane_2 = in_lane([arrow_block([Change(a2, Operation.CREATE, Position(5), (5, 0))], [0])], 2, 4)
+    joined = joined_per_table(lane_0 + lane_1 + lane_2)
+    assert [(b.schema.table, len(b)) for b in joined] == [("a", 2), ("b", 2), ("a", 1)]
+    assert changes_in_order(joined) == changes_in_order(lane_0 + lane_1 + lane_2)
+    assert joined_per_table(lane_0) == lane_0  # nothing to join: the blocks themselves

@@ -234,11 +234,10 @@ def test_a_routed_batch_of_blocks_crosses_the_wire_with_its_lanes_and_types() ->
         "timestamptz",
     ]
     assert orders.column(1).type == pa.decimal128(12, 2)
-    # one block per lane and table: lane a's orders, then lane b's
-    assert [b.column(1).to_pylist() for b in batch.blocks if b.schema.table == "orders"] == [
-        [Decimal("13.50")],
-        [Decimal("15.50")],
-    ]
+    # the lanes' blocks of one table are joined: one block per table
+    assert [b.schema.table for b in batch.blocks] == ["orders", "items"]
+    assert orders.column(1).to_pylist() == [Decimal("13.50"), Decimal("15.50")]
+    assert orders.records.column("@lane").to_pylist() == [0, 1]
     assert orders.column(2).type == pa.timestamp("us", tz="UTC")
     lanes = batch.by_lane()
     assert [(b.partition, len(b)) for b in lanes] == [("a", 2), ("b", 1)]
