@@ -4,7 +4,7 @@ One pump serves `cdc ingest` (outlets: the sink services' gRPC streams) and a ca
 that publishes to a broker (outlets: a Pub/Sub or Kinesis publisher): it depends only on
 the `EventSource` and `Outlet` ports.
 
-The source is read ahead by at most about one batch of events. Chunks of different lanes
+The source is read ahead by at most about one batch of changes. Chunks of different lanes
 that are waiting together leave in one batch (one handle per lane), so a source with many
 lanes (Kafka partitions, key-hash lanes) does not cut the stream into slivers of one lane
 each; a chunk of a lane already in the batch, or one that revokes lanes, starts the next.
@@ -265,20 +265,20 @@ class IngestService:
                 )
 
     async def _send_blocks(self, parts: list[_BlockPart]) -> None:
-        """`_send` for parts of change blocks: each lane's blocks get its index in the batch
-        (`@lane`) and follow the lanes before it (`@index`); each targeted outlet gets the
-        blocks (or the changes of them) meant for it, with all the batch's lanes, the
-        lanes' blocks of one table shape joined."""
+        """`_send` for parts of change blocks: each targeted outlet gets the blocks (or the
+        changes of them) meant for it, of the lanes routed to it: each lane's blocks get
+        its index among them (`@lane`) and follow the lanes before it (`@index`), the lanes'
+        blocks of one table shape joined."""
         batch_id = self._next_batch_id
         self._next_batch_id += 1
-        per_sink: dict[str, list[ChangeBlock]] = {}
+        # sink -> (lane, @index offset, its blocks for the sink) per lane with changes for it
+        per_sink: dict[str, list[tuple[str, int, list[ChangeBlock]]]] = {}
         offset = 0
-        for i, part in enumerate(parts):
-            blocks = in_lane(part.blocks, i, offset) if i else part.blocks
+        for part in parts:
+            for sink_id, picked in self.router.split_blocks(part.blocks).items():
+                if picked:
+                    per_sink.setdefault(sink_id, []).append((part.lane, offset, picked))
             offset += sum(len(b) for b in part.blocks)
-            for sink_id, routed in self.router.split_blocks(blocks).items():
-                if routed:
-                    per_sink.setdefault(sink_id, []).extend(routed)
         targets = list(per_sink)
         self.tracker.register(batch_id, targets, {p.lane: p.handle for p in parts})
         if not targets:
@@ -299,11 +299,17 @@ class IngestService:
         ):
             context = tracing.inject()
             for sink_id in targets:
-                blocks = per_sink[sink_id]
-                if len(parts) > 1:
-                    blocks = joined_per_table(blocks)
+                routed = per_sink[sink_id]
+                sink_lanes: tuple[str, ...]
+                if len(routed) == 1:
+                    sink_lanes, blocks = (routed[0][0],), routed[0][2]
+                else:
+                    sink_lanes = tuple(lane for lane, _, _ in routed)
+                    blocks = joined_per_table(
+                        [b for i, (_, at, bs) in enumerate(routed) for b in in_lane(bs, i, at)]
+                    )
                 outbound = OutboundBatch(
-                    batch_id, self.pipeline_id, lanes, [], context, blocks=blocks
+                    batch_id, self.pipeline_id, sink_lanes, [], context, blocks=blocks
                 )
                 await self.channels[sink_id].send(outbound)
                 self._sent_at[(batch_id, sink_id)] = (time.monotonic(), commit_us)

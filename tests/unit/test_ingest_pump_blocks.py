@@ -207,6 +207,8 @@ def test_blocks_are_routed_per_table_and_operation() -> None:
             (4, 1, Position(2, 0)),
         ]
         assert [t for _, _, t, _ in changes_in_order(items.blocks or [])] == ["shop.items"]
+        # each sink gets only the lanes routed to it, as with events
+        assert (to_all.lanes, deletes.lanes, items.lanes) == (("a", "b"), ("a", "b"), ("a",))
         assert deletes.last_positions() == {"a": Position(1, 2), "b": Position(2, 0)}
         assert items.last_positions() == {"a": Position(1, 1)}
         for name in ("all", "order_deletes", "items"):
@@ -263,5 +265,30 @@ def test_the_source_is_read_ahead_by_about_one_batch_of_changes_when_outlets_sta
         reading.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reading
+
+    asyncio.run(scenario())
+
+
+def test_a_sink_given_only_a_later_lane_gets_that_lane_alone() -> None:
+    router = Router([RoutingRule("all"), RoutingRule("items", ("shop.items",))])
+    chunks = [
+        block_chunk("a", [order(1, 0, 1), order(1, 1, 2)], "a1"),
+        block_chunk("b", [order(2, 0, 3), item(2, 1, 4)], "b1"),
+        block_chunk("c", [item(3, 0, 5)], "c1"),
+    ]
+    service, outlets, source = _pump(chunks, limit=20, router=router)
+
+    async def scenario() -> None:
+        await service._read_loop()
+        (items,) = outlets["items"].sent
+        assert items.lanes == ("b", "c")
+        assert [(i, lane, p) for i, lane, _, p in changes_in_order(items.blocks or [])] == [
+            (3, 0, Position(2, 1)),
+            (4, 1, Position(3, 0)),
+        ]
+        assert items.last_positions() == {"b": Position(2, 1), "c": Position(3, 0)}
+        for name in ("all", "items"):
+            await outlets[name].release(items.batch_id)
+        assert source.acked == {"a": ["a1"], "b": ["b1"], "c": ["c1"]}
 
     asyncio.run(scenario())
