@@ -19,7 +19,7 @@ from domain.routing import Router, RoutingRule
 from services.capture.payload import ArrowBatchCodec, PayloadError
 from services.capture.publisher import LanePublisher, OutMessage, PublishFailedError, RetrySettings
 from services.ingest.service import IngestService
-from tests.support.arrow_blocks import Change, block_chunk
+from tests.support.arrow_chunks import Change, block_chunk
 from tests.support.fakes import FakeEventSource
 
 T = TableSchema("public", "t", (Column("id", 20, "bigint", True), Column("v", 25, "text")))

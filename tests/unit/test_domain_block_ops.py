@@ -14,7 +14,7 @@ from domain.block_ops import (
 )
 from domain.blocks import BlockError, ChangeBlock
 from domain.events import Column, Operation, Position, TableSchema
-from tests.support.arrow_blocks import Change, arrow_block, arrow_blocks, changes_in_order
+from tests.support.arrow_chunks import Change, block_of, blocks_of, changes_in_order
 
 A = TableSchema("s", "a", (Column("id", 0, "int8", True, "int64"),))
 B = TableSchema("s", "b", (Column("id", 0, "int8", True, "int64"),))
@@ -29,7 +29,7 @@ def keys(blocks: list[ChangeBlock]) -> list[tuple[int, str, int]]:
 
 
 def test_a_chunk_is_cut_in_change_order_across_its_blocks() -> None:
-    blocks = arrow_blocks([change(A, 1), change(B, 2), change(B, 3), change(A, 4), change(A, 5)])
+    blocks = blocks_of([change(A, 1), change(B, 2), change(B, 3), change(A, 4), change(A, 5)])
     parts = split_changes(blocks, 2)
     assert [keys(p) for p in parts] == [
         [(0, "s.a", 1), (1, "s.b", 2)],
@@ -42,7 +42,7 @@ def test_a_chunk_is_cut_in_change_order_across_its_blocks() -> None:
 
 
 def test_rows_out_of_change_order_in_a_block_are_still_cut_right() -> None:
-    block = arrow_block([change(A, 3), change(A, 1), change(A, 2), change(A, 0)], [3, 1, 2, 0])
+    block = block_of([change(A, 3), change(A, 1), change(A, 2), change(A, 0)], [3, 1, 2, 0])
     parts = split_changes([block], 2)
     assert [sorted(keys(p)) for p in parts] == [
         [(0, "s.a", 0), (1, "s.a", 1)],
@@ -51,13 +51,13 @@ def test_rows_out_of_change_order_in_a_block_are_still_cut_right() -> None:
 
 
 def test_a_change_numbered_past_its_chunk_is_refused() -> None:
-    block = arrow_block([change(A, 1), change(A, 2)], [0, 5])
+    block = block_of([change(A, 1), change(A, 2)], [0, 5])
     with pytest.raises(BlockError, match="@index 5 in a chunk of 2"):
         split_changes([block], 1)
 
 
 def test_a_lane_joining_a_batch_gets_its_index_and_follows_the_lanes_before_it() -> None:
-    blocks = arrow_blocks([change(A, 1), change(B, 2)])
+    blocks = blocks_of([change(A, 1), change(B, 2)])
     joined = in_lane(blocks, 2, 10)
     assert changes_in_order(joined) == [
         (10, 2, "s.a", Position(1)),
@@ -68,8 +68,8 @@ def test_a_lane_joining_a_batch_gets_its_index_and_follows_the_lanes_before_it()
 
 
 def test_counts_commit_times_and_positions_come_off_the_columns() -> None:
-    lane_0 = arrow_blocks([change(A, 5, 1, 700), change(B, 5, 2, 900), change(A, 5, 0, 800)])
-    lane_1 = in_lane(arrow_blocks([change(A, 2, 0, 100), change(A, 9, 4, 50)]), 1, 3)
+    lane_0 = blocks_of([change(A, 5, 1, 700), change(B, 5, 2, 900), change(A, 5, 0, 800)])
+    lane_1 = in_lane(blocks_of([change(A, 2, 0, 100), change(A, 9, 4, 50)]), 1, 3)
     blocks = lane_0 + lane_1
     assert changes_per_table(blocks) == {"s.a": 4, "s.b": 1}
     assert newest_commit_time_us(blocks) == 900
@@ -79,9 +79,9 @@ def test_counts_commit_times_and_positions_come_off_the_columns() -> None:
 
 def test_the_lanes_blocks_of_one_table_shape_are_joined_in_order_of_first_block() -> None:
     a2 = TableSchema("s", "a", (*A.columns, Column("n", 0, "int8", False, "int64")))
-    lane_0 = arrow_blocks([change(A, 1), change(B, 2)])
-    lane_1 = in_lane(arrow_blocks([change(B, 3), change(A, 4)]), 1, 2)
-    lane_2 = in_lane([arrow_block([Change(a2, Operation.CREATE, Position(5), (5, 0))], [0])], 2, 4)
+    lane_0 = blocks_of([change(A, 1), change(B, 2)])
+    lane_1 = in_lane(blocks_of([change(B, 3), change(A, 4)]), 1, 2)
+    lane_2 = in_lane([block_of([Change(a2, Operation.CREATE, Position(5), (5, 0))], [0])], 2, 4)
     joined = joined_per_table(lane_0 + lane_1 + lane_2)
     assert [(b.schema.table, len(b)) for b in joined] == [("a", 2), ("b", 2), ("a", 1)]
     assert changes_in_order(joined) == changes_in_order(lane_0 + lane_1 + lane_2)

@@ -7,7 +7,7 @@ import pytest
 from domain.blocks import ChangeBlock
 from domain.events import Column, Operation, Position, SourceEvent, TableSchema
 from domain.routing import Router, RoutingRule
-from tests.support.arrow_blocks import Change, arrow_blocks
+from tests.support.arrow_chunks import Change, blocks_of
 
 ALL_OPS = tuple(Operation)
 
@@ -196,7 +196,7 @@ def _blocks(*changes: tuple[str, Operation, int]) -> list[ChangeBlock]:
         name: TableSchema(*name.split(".", 1), (Column("id", 0, "int4", True, "int32"),))
         for name, _, _ in changes
     }
-    return arrow_blocks([Change(typed[t], op, Position(n), (n,)) for t, op, n in changes])
+    return blocks_of([Change(typed[t], op, Position(n), (n,)) for t, op, n in changes])
 
 
 def test_blocks_go_whole_to_each_sink_taking_their_table() -> None:

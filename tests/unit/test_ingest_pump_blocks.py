@@ -19,7 +19,7 @@ from domain.ports import OutboundBatch, SourceChunk
 from domain.routing import Router, RoutingRule
 from services.ingest.service import IngestService
 from services.wire import decode_batch, encode_outbound
-from tests.support.arrow_blocks import Change, block_chunk, changes_in_order
+from tests.support.arrow_chunks import Change, block_chunk, changes_in_order
 from tests.support.fakes import FakeEventSource, FakeOutlet
 
 ORDERS = TableSchema(

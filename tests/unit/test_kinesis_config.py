@@ -20,7 +20,7 @@ from domain.ports import OutboundBatch
 from services import registry
 from services.capture.payload import ArrowBatchCodec
 from services.kinesis import CaptureProvisioner, kinesis_settings
-from tests.support.arrow_blocks import Change, block_chunk
+from tests.support.arrow_chunks import Change, block_chunk
 
 PIPELINE = {
     "pipeline_id": "orders",

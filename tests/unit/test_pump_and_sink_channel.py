@@ -27,7 +27,7 @@ from services.ingest.service import IngestService
 from services.ingest.sink_channel import SinkChannel
 from services.metrics import SinkMetrics
 from services.sink.server import SinkServicer
-from tests.support.arrow_blocks import Change, block_chunk
+from tests.support.arrow_chunks import Change, block_chunk
 from tests.support.fakes import FakeEventSource, FakeOutlet, FakeSinkWriter
 
 T = TableSchema("public", "t", (Column("id", 20, "bigint", True), Column("v", 25, "text")))

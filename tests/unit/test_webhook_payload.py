@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import base64
 import json
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import pytest
 
 from adapters.webhook.payload import event_id, event_json, request_id, value_json
 from adapters.webhook.signing import SecretError, parse_secrets, secret_key, sign, verify
 from adapters.webhook.sink import retry_after_seconds
+from domain.blocks import events_of
 from domain.events import UNCHANGED, Column, Operation, Position, SourceEvent, TableSchema
+from tests.support.arrow_blocks import COMMIT_TIME_US, TypedChange, arrow_block, kafka_column
 from tests.support.webhook_receiver import docs_verifier
 
 # (type oid, type name, PostgreSQL text, JSON value)
@@ -189,3 +193,68 @@ def test_retry_after_seconds_or_http_date() -> None:
     assert retry_after_seconds(None) is None and retry_after_seconds("soon") is None
     assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
     assert retry_after_seconds("999999") == 3600.0
+
+
+KAFKA_ITEMS = TableSchema(
+    "inventory",
+    "items",
+    (
+        kafka_column("id", "int64", "bigint", key=True),
+        kafka_column("ok", "bool", "boolean"),
+        kafka_column("price", "decimal(8,2)", "numeric(8,2)"),
+        kafka_column("ratio", "float64", "double precision"),
+        kafka_column("at", "timestamptz", "timestamp with time zone"),
+        kafka_column("span", "interval", "interval"),
+        kafka_column("tags", "list<string>", "text[]"),
+        kafka_column("doc", "json", "jsonb"),
+    ),
+)
+
+
+def test_events_of_an_arrow_block_give_the_payload_of_their_text_form() -> None:
+    at = datetime(2024, 2, 29, 13, 45, 7, 500000, tzinfo=UTC)
+    typed = arrow_block(
+        KAFKA_ITEMS,
+        [
+            TypedChange(
+                Operation.CREATE,
+                Position(9, 1),
+                (1, True, Decimal("9.90"), float("nan"), at, timedelta(days=2), ["a b"], "[1]"),
+            ),
+            TypedChange(
+                Operation.UPDATE,
+                Position(9, 2),
+                (1, False, None, 0.5, at, -timedelta(seconds=1), [], None),
+                unchanged=(7,),
+            ),
+        ],
+    )
+    text = [
+        SourceEvent(
+            Operation.CREATE,
+            KAFKA_ITEMS,
+            Position(9, 1),
+            after=(
+                "1",
+                "t",
+                "9.90",
+                "NaN",
+                "2024-02-29 13:45:07.5+00",
+                "2 days",
+                '{"a b"}',
+                "[1]",
+            ),
+            commit_time_us=COMMIT_TIME_US,
+        ),
+        SourceEvent(
+            Operation.UPDATE,
+            KAFKA_ITEMS,
+            Position(9, 2),
+            after=("1", "f", None, "0.5", "2024-02-29 13:45:07.5+00", "-00:00:01", "{}", UNCHANGED),
+            commit_time_us=COMMIT_TIME_US,
+        ),
+    ]
+    from_arrow = [event_json("evt", ev) for _, ev in events_of(typed)]
+    assert from_arrow == [event_json("evt", ev) for ev in text]
+    assert from_arrow[0]["after"]["ratio"] == "NaN" and from_arrow[0]["after"]["doc"] == [1]
+    assert from_arrow[1]["unchanged"] == ["doc"]

@@ -31,7 +31,7 @@ from services.wire import (
     encode_batch,
     encode_outbound,
 )
-from tests.support.arrow_blocks import Change, arrow_block
+from tests.support.arrow_chunks import Change, block_of
 from tests.support.fakes import FakeSinkWriter
 
 ITEMS = TableSchema(
@@ -392,7 +392,7 @@ def _typed_outbound() -> OutboundBatch:
         Change(TYPED, Operation.UPDATE, Position(7, 1), second, before=first, commit_us=2_000),
     ]
     return OutboundBatch(
-        3, "p", ("a",), [], {"traceparent": "x"}, blocks=[arrow_block(changes, [0, 1])]
+        3, "p", ("a",), [], {"traceparent": "x"}, blocks=[block_of(changes, [0, 1])]
     )
 
 
