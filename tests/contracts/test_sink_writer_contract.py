@@ -542,8 +542,12 @@ _ROW_3 = (  # PostgreSQL's infinities (Iceberg cannot store them: a dead letter 
         None,
     ),
 )
-# uuid refuses this text: a dead letter in PostgreSQL (Iceberg and webhooks keep the string)
-_ROW_5 = ((5, *(None,) * 14, "not-a-uuid", None), ("5", *(None,) * 14, "not-a-uuid", None))
+# Texts their types refuse: a dead letter in PostgreSQL (uuid, jsonb) and for webhooks (no
+# JSON value); Iceberg stores both as strings.
+_ROW_5 = (
+    (5, *(None,) * 14, "not-a-uuid", "{not json"),
+    ("5", *(None,) * 14, "not-a-uuid", "{not json"),
+)
 _ROW_4: tuple[tuple[Any, ...], tuple[Any, ...]] = ((4, *(None,) * 16), ("4", *(None,) * 16))
 
 

@@ -76,6 +76,19 @@ def test_values_of_a_source_without_type_oids_go_by_logical_type() -> None:
     assert value_json(0, "DECIMAL(5,2)", "decimal(5,2)", "1.20") == "1.20"
 
 
+def test_a_kafka_sources_values_read_as_their_postgresql_type() -> None:
+    # A Kafka source's column: no OID, `type_name` is the PostgreSQL type of its logical type,
+    # and the sinks see the PostgreSQL text of its typed Arrow value (domain/block_text.py).
+    stamp = value_json(0, "timestamp with time zone", "timestamptz", "2024-02-29 13:45:07.5+00")
+    assert stamp == "2024-02-29T13:45:07.500000Z"
+    assert value_json(0, "bytea", "bytes", "\\x00ff") == base64.b64encode(b"\x00\xff").decode()
+    assert value_json(0, "integer[]", "list<int32>", "{1,NULL,3}") == [1, None, 3]
+    assert value_json(0, "numeric(12,2)", "decimal(12,2)", "12.50") == "12.50"
+    assert value_json(0, "date", "date", "2024-02-29") == "2024-02-29"
+    assert value_json(0, "interval", "interval", "1 day 02:00:00") == "P1DT7200S"
+    assert value_json(0, "jsonb", "json", '{"a": 1}') == {"a": 1}
+
+
 ITEMS = TableSchema(
     "public",
     "items",
