@@ -26,9 +26,11 @@ from services.wire import WIRE_VERSION, decode_batch
 
 
 def _has_end_marker(batch: SinkBatch) -> bool:
-    """The end marker row (first column "-1") is among the batch's changes."""
+    """The end marker row (first column -1, text or typed) is among the batch's changes."""
     return any(
-        len(b) and b.schema.columns and pc.any(pc.equal(b.column(0), "-1")).as_py()
+        len(b)
+        and b.schema.columns
+        and pc.any(pc.equal(pc.cast(b.column(0), pa.string()), "-1")).as_py()
         for b in batch.blocks
     )
 

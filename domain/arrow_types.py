@@ -24,6 +24,12 @@ uuid                   string                          canonical 8-4-4-4-12 text
 json                   string                          the JSON text
 list<T>                list<Arrow type of T>
 =====================  ==============================  =====================================
+
+PostgreSQL's ``infinity`` / ``-infinity`` dates and timestamps (Debezium sends them as huge
+values) are any value after 9999-12-31 23:59:59.999999 / before 0001-01-01: a source clamps
+them to the Arrow type's limits (int64 / int32 max and min), and `to_postgres_text` writes
+every value outside that range as ``infinity`` / ``-infinity``, as the Kafka source's text
+path does (years past 9999 or BC are not kept: Python's datetime cannot hold them either).
 """
 
 from __future__ import annotations
@@ -33,6 +39,12 @@ from functools import lru_cache
 import pyarrow as pa
 
 from domain.types import LogicalType
+
+# The finite range of date and timestamp values (docstring): 0001-01-01 .. 9999-12-31.
+DATE_DAYS_MIN = -719_162
+DATE_DAYS_MAX = 2_932_896
+TIMESTAMP_US_MIN = -62_135_596_800_000_000
+TIMESTAMP_US_MAX = 253_402_300_799_999_999
 
 _SIMPLE: dict[str, pa.DataType] = {
     "bool": pa.bool_(),

@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from domain.arrow_types import value_type
+from domain.block_text import TextFormError, column_text, struct_text
 from domain.events import UNCHANGED, Operation, Position, SourceEvent, TableSchema, TextRow
 from domain.rows import RowFormatError, decode_columns
 
@@ -298,12 +299,42 @@ def _build_from_wire(
     return ChangeBlock(table, pa.RecordBatch.from_arrays(arrays, schema=schema))
 
 
+def to_postgres_text(block: ChangeBlock) -> ChangeBlock:
+    """`block` in the ``postgres_text`` encoding (a text block is returned as it is): the same
+    metadata columns (`@unchanged` kept), the table columns and `@before` as PostgreSQL text
+    (domain/block_text.py), whole columns at a time."""
+    if block.encoding == ENCODING_POSTGRES_TEXT:
+        return block
+    if block.encoding != ENCODING_ARROW:
+        raise BlockError(f"unknown block encoding {block.encoding!r}")
+    rb = block.records
+    n = len(block.schema.columns)
+    if rb.num_columns != META_COLUMNS + n:
+        raise BlockError(
+            f"{block.schema.qualified_name}: block has {rb.num_columns - META_COLUMNS} value "
+            f"columns, the table {n}"
+        )
+    schema = arrow_schema(block.schema, ENCODING_POSTGRES_TEXT)
+    try:
+        values = [column_text(rb.column(META_COLUMNS + i)) for i in range(n)]
+        before = struct_text(rb.column(BEFORE), schema.field(BEFORE).type)
+    except TextFormError as exc:
+        raise BlockError(f"{block.schema.qualified_name}: {exc}") from exc
+    arrays = [rb.column(i) for i in range(META_COLUMNS - 1)]
+    return ChangeBlock(
+        block.schema,
+        pa.RecordBatch.from_arrays([*arrays, before, *values], schema=schema),
+        ENCODING_POSTGRES_TEXT,
+    )
+
+
 def events_of(
     block: ChangeBlock, lanes: Sequence[str] = ("0",), source_database: str = ""
 ) -> list[tuple[int, SourceEvent]]:
-    """The row-level view of a block: (place in the batch, event) per change."""
+    """The row-level view of a block: (place in the batch, event) per change; the values of
+    an ``arrow`` block as their PostgreSQL text (`to_postgres_text`)."""
     if block.encoding != ENCODING_POSTGRES_TEXT:
-        raise BlockError(f"no row view for encoding {block.encoding!r} yet")
+        block = to_postgres_text(block)
     rb = block.records
     n = len(block.schema.columns)
     m = rb.num_rows

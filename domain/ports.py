@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
+from domain.block_ops import change_count, last_positions_by_lane
 from domain.blocks import (
     ChangeBlock,
     build_blocks,
@@ -226,7 +227,11 @@ class OutboundBatch:
 
     It may carry several lanes: `events` are grouped by lane, `lane_counts[i]` of them in
     `lanes[i]` (empty `lane_counts`: all of them are `lanes[0]`'s). A lane may have no
-    event here (its changes went to other sinks)."""
+    event here (its changes went to other sinks).
+
+    A batch read from a source that hands out change blocks (`SourceChunk.blocks`) carries
+    them as `blocks` instead (`events` stay empty): the lane of each change is its `@lane`
+    (an index into `lanes`), `@index` orders the changes across the blocks."""
 
     batch_id: int
     pipeline_id: str
@@ -234,10 +239,17 @@ class OutboundBatch:
     events: Sequence[SourceEvent]
     trace_context: Mapping[str, str] = field(default_factory=dict)
     lane_counts: tuple[int, ...] = ()
+    blocks: Sequence[ChangeBlock] | None = None
 
     def __post_init__(self) -> None:
         if not self.lanes:
             raise ValueError(f"batch {self.batch_id} has no lane")
+        if self.blocks is not None:
+            if self.events or self.lane_counts:
+                raise ValueError(
+                    f"batch {self.batch_id} carries blocks: no events or lane counts beside them"
+                )
+            return
         if self.lane_counts and (
             len(self.lane_counts) != len(self.lanes) or sum(self.lane_counts) != len(self.events)
         ):
@@ -246,8 +258,26 @@ class OutboundBatch:
                 f" {len(self.lanes)} lanes and {len(self.events)} events"
             )
 
+    def __len__(self) -> int:
+        """The number of changes in the batch."""
+        if self.blocks is not None:
+            return change_count(self.blocks)
+        return len(self.events)
+
+    def require_events(self, outlet: str) -> None:
+        """Refuse a batch of change blocks in an outlet that publishes events (the capture
+        stage's, fed by the WAL reader): its `events` are empty, so publishing them and
+        acking the batch would lose its changes."""
+        if self.blocks is not None:
+            raise ValueError(
+                f"{outlet}: batch {self.batch_id} carries change blocks; this outlet"
+                " publishes events (it is fed by the WAL reader)"
+            )
+
     def by_lane(self) -> list[tuple[str, Sequence[SourceEvent]]]:
-        """(lane, its events in order) for every lane of the batch."""
+        """(lane, its events in order) for every lane of a batch of events."""
+        if self.blocks is not None:
+            raise ValueError(f"batch {self.batch_id} carries change blocks, not events")
         if not self.lane_counts:
             return [(self.lanes[0], self.events)]
         out: list[tuple[str, Sequence[SourceEvent]]] = []
@@ -258,7 +288,9 @@ class OutboundBatch:
         return out
 
     def last_positions(self) -> dict[str, Position]:
-        """The newest position of each lane that has events here."""
+        """The newest position of each lane that has changes here."""
+        if self.blocks is not None:
+            return {self.lanes[i]: p for i, p in last_positions_by_lane(self.blocks).items()}
         return {lane: events[-1].position for lane, events in self.by_lane() if events}
 
 

@@ -27,7 +27,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollecto
 from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from domain.blocks import COMMIT_TIME
+from domain.block_ops import change_count, changes_per_table
+from domain.blocks import COMMIT_TIME, ChangeBlock
 from domain.ports import SinkBatch
 
 # Source commit -> durable at the sink (and the other latencies): 1 ms .. 60 s, 20 buckets,
@@ -271,7 +272,13 @@ class IngestMetrics:
         )
 
     def count_read(self, events: Sequence[Any]) -> None:
-        names = self._per_table_name(events)
+        self._count_read(self._per_table_name(events))
+
+    def count_read_blocks(self, blocks: Sequence[ChangeBlock]) -> None:
+        """`count_read` for changes read as blocks: per table from the blocks' lengths."""
+        self._count_read(changes_per_table(blocks))
+
+    def _count_read(self, names: Mapping[str, int]) -> None:
         for name in names:
             if name not in self._versions:  # first sighting in this process: version 1
                 self._versions[name] = 1
@@ -288,10 +295,17 @@ class IngestMetrics:
         self.schema_changes.labels(self.pipeline, label).inc()
 
     def count_sent(self, sink: str, events: Sequence[Any]) -> None:
-        for table, n in self._labelled(self._per_table_name(events)).items():
+        self._count_sent(sink, self._per_table_name(events), len(events))
+
+    def count_sent_blocks(self, sink: str, blocks: Sequence[ChangeBlock]) -> None:
+        """`count_sent` for a batch of blocks: per table from the blocks' lengths."""
+        self._count_sent(sink, changes_per_table(blocks), change_count(blocks))
+
+    def _count_sent(self, sink: str, per_name: Mapping[str, int], total: int) -> None:
+        for table, n in self._labelled(per_name).items():
             self.events_sent.labels(self.pipeline, sink, table).inc(n)
         self.batches_sent.labels(self.pipeline, sink).inc()
-        self.batch_events.labels(self.pipeline, sink).observe(len(events))
+        self.batch_events.labels(self.pipeline, sink).observe(total)
 
     def slot_reading(self, detail: Mapping[str, Any]) -> None:
         """Slot gauges from the source monitor's latest reading (its health detail)."""

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cdc_proto.v2 import events_pb2 as pb
+from domain.arrow_types import value_type
 from domain.blocks import (
     ENCODING_ARROW,
     ENCODING_POSTGRES_TEXT,
@@ -93,7 +94,12 @@ def encode_blocks(
 
 
 def encode_outbound(batch: OutboundBatch) -> pb.EventBatch:
-    """A routed batch, of one lane or several (`OutboundBatch.lane_counts`)."""
+    """A routed batch, of one lane or several (`OutboundBatch.lane_counts`); its change
+    blocks as they are when it carries blocks."""
+    if batch.blocks is not None:
+        return encode_blocks(
+            batch.batch_id, batch.pipeline_id, batch.lanes, batch.blocks, batch.trace_context
+        )
     events = batch.events
     lane: int | list[int] = lane_indices(batch.lane_counts) if batch.lane_counts else 0
     try:
@@ -163,12 +169,27 @@ def decode_blocks(message: pb.EventBatch) -> list[ChangeBlock]:
             )
         if records.num_rows != b.rows:
             raise WireFormatError(f"batch {message.batch_id}: block row count differs")
+        if encoding == ENCODING_ARROW:
+            _check_value_types(message.batch_id, schema, records.schema)
         if lanes and records.num_rows:
             top = pc.max(records.column(6)).as_py()
             if int(top) >= lanes:
                 raise WireFormatError(f"batch {message.batch_id}: change of an unknown lane")
         blocks.append(ChangeBlock(schema, records, encoding))
     return blocks
+
+
+def _check_value_types(batch_id: int, table: TableSchema, records: pa.Schema) -> None:
+    """An ``arrow`` block's columns must hold the Arrow type of their logical type, which is
+    what sinks cast from."""
+    for i, column in enumerate(table.columns):
+        expected = value_type(column.logical)
+        found = records.field(META_COLUMNS + i).type
+        if found != expected:
+            raise WireFormatError(
+                f"batch {batch_id}: column {table.qualified_name}.{column.name} of logical type "
+                f"{column.logical} holds {found}, not {expected}"
+            )
 
 
 def decode_batch(message: pb.EventBatch) -> SinkBatch:

@@ -3,17 +3,32 @@ states. A FAILED connector or task is an ERROR carrying Connect's error text; a 
 that is not registered, or a Connect that does not answer, is an ERROR too (nothing
 captures changes then); RESTARTING / UNASSIGNED / PAUSED are DEGRADED.
 
-Connect's RUNNING is not enough for PostgreSQL sources: Debezium 3 retries a task whose
-start fails on a retriable error (a lost connection, and then also a wrong password or an
-unreachable database) for ever, and Connect reports RUNNING all along (the error is only in
-the worker's log). So the monitor also looks at the connector's replication slot with the
-pipeline's own credentials, which are the connector's: a login that fails is an ERROR with
-PostgreSQL's message, and a slot no session streams from for longer than
-``stall_seconds`` while Connect says RUNNING is an ERROR as well."""
+Connect's RUNNING is not enough: Debezium 3 retries a task whose start fails on a
+retriable error (a lost connection, and then also a wrong password or an unreachable
+database) for ever, and Connect reports RUNNING all along (the error is only in the
+worker's log). So for the sources we can test against a real server the monitor also logs
+in with the pipeline's own credentials, which are the connector's, and looks for the
+connector's stream:
+
+- PostgreSQL: the connector's replication slot must have an active session;
+- MySQL / MariaDB: the connector's user must have a binlog dump session
+  (adapters/debezium/binlog_sessions.py, ``information_schema.PROCESSLIST``).
+
+A login that fails is an ERROR with the server's message; no stream for longer than
+``stall_seconds`` while Connect says RUNNING is an ERROR as well (DEGRADED before that). Its
+default is 60 s for PostgreSQL and 120 s for MySQL: Debezium's binlog client notices a lost
+connection and reconnects only at its keepalive check, once a minute
+(``connect.keep.alive.interval.ms``), so a session can be missing for a minute after a
+server restart that heals on its own.
+
+MongoDB and SQL Server sources get Connect's states only: there is no server of either
+here to test a login or stream check against."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from dataclasses import asdict
 from typing import Any
 
 from adapters.config import PipelineConfig, PlatformConfig
@@ -35,7 +50,7 @@ class ConnectorMonitor:
         platform: PlatformConfig,
         inner: SourceMonitor | None = None,
         *,
-        stall_seconds: float = 60.0,
+        stall_seconds: float | None = None,
         refresh_seconds: float = 5.0,
     ) -> None:
         # /readyz asks every second; Connect and the database are asked at most this often.
@@ -44,7 +59,11 @@ class ConnectorMonitor:
         self.inner = inner
         self.pipeline = pipeline
         self.platform = platform
-        self.stall_seconds = stall_seconds
+        self.stall_seconds = (
+            _STALL_SECONDS.get(pipeline.source.source_type, 60.0)
+            if stall_seconds is None
+            else stall_seconds
+        )
         self._inactive_since: float | None = None
         self.name = connector_name(pipeline)
         self.connect_url = platform.connector.connect_url
@@ -112,8 +131,11 @@ class ConnectorMonitor:
                 {**detail, "error": status.summary(), "trace": status.error()},
             )
         if status.running:
-            if self.pipeline.source.source_type == "postgres":
-                return await self._check_streaming(detail)
+            source_type = self.pipeline.source.source_type
+            if source_type == "postgres":
+                return await self._check_slot(detail)
+            if source_type == "mysql":
+                return await self._check_binlog_session(detail)
             return ComponentHealth("connector", Status.OK, detail)
         return ComponentHealth(
             "connector",
@@ -124,7 +146,7 @@ class ConnectorMonitor:
             },
         )
 
-    async def _check_streaming(self, detail: dict[str, Any]) -> ComponentHealth:
+    async def _check_slot(self, detail: dict[str, Any]) -> ComponentHealth:
         from psycopg.conninfo import make_conninfo
 
         from adapters.postgres.source.slot_monitor import check_slot
@@ -143,40 +165,72 @@ class ConnectorMonitor:
         )
         detail = {**detail, "slot": slot_name}
         if slot.status is Status.ERROR:
-            error = slot.detail.get("error", "")
+            return _login_failed(detail, slot.detail.get("error", ""))
+        streaming = slot.detail.get("active") is True and slot.detail.get("exists") is True
+        return self._judge_stream(
+            detail,
+            streaming,
+            stalled=f"no session has streamed from replication slot {slot_name}",
+            waiting="slot not in use yet",
+        )
+
+    async def _check_binlog_session(self, detail: dict[str, Any]) -> ComponentHealth:
+        from adapters.debezium.binlog_sessions import LoginFailed, read_binlog_sessions
+
+        s = self.pipeline.source
+        try:
+            sessions = await asyncio.to_thread(
+                read_binlog_sessions, s.host, s.port, s.username, s.password, timeout=5.0
+            )
+        except LoginFailed as exc:
+            return _login_failed(detail, str(exc))
+        detail = {**detail, "binlog_sessions": [asdict(x) for x in sessions]}
+        return self._judge_stream(
+            detail,
+            bool(sessions),
+            stalled=f"user {s.username} has had no binlog dump session",
+            waiting="no binlog dump session yet",
+        )
+
+    def _judge_stream(
+        self, detail: dict[str, Any], streaming: bool, *, stalled: str, waiting: str
+    ) -> ComponentHealth:
+        """OK while the connector streams; DEGRADED while it has not for less than
+        stall_seconds (starting, reconnecting); ERROR after that."""
+        if streaming:
+            self._inactive_since = None
+            return ComponentHealth("connector", Status.OK, detail)
+        now = time.monotonic()
+        if self._inactive_since is None:
+            self._inactive_since = now
+        idle = now - self._inactive_since
+        if idle >= self.stall_seconds:
             return ComponentHealth(
                 "connector",
                 Status.ERROR,
                 {
                     **detail,
-                    "error": "Kafka Connect reports RUNNING, but the connector's database"
-                    f" login fails: {error} (Debezium keeps retrying; the worker's log has more)",
+                    "error": f"Kafka Connect reports RUNNING, but {stalled} for {idle:.0f} s:"
+                    " Debezium is retrying a failed start (see the Connect worker's log)",
                 },
             )
-        if slot.detail.get("active") is False or slot.detail.get("exists") is False:
-            now = time.monotonic()
-            if self._inactive_since is None:
-                self._inactive_since = now
-            idle = now - self._inactive_since
-            if idle >= self.stall_seconds:
-                return ComponentHealth(
-                    "connector",
-                    Status.ERROR,
-                    {
-                        **detail,
-                        "error": f"Kafka Connect reports RUNNING, but no session has"
-                        f" streamed from replication slot {slot_name} for {idle:.0f} s: Debezium"
-                        " is retrying a failed start (see the Connect worker's log)",
-                    },
-                )
-            return ComponentHealth(
-                "connector", Status.DEGRADED, {**detail, "note": "slot not in use yet"}
-            )
-        self._inactive_since = None
-        return ComponentHealth("connector", Status.OK, detail)
+        return ComponentHealth("connector", Status.DEGRADED, {**detail, "note": waiting})
+
+
+def _login_failed(detail: dict[str, Any], error: str) -> ComponentHealth:
+    return ComponentHealth(
+        "connector",
+        Status.ERROR,
+        {
+            **detail,
+            "error": "Kafka Connect reports RUNNING, but the connector's database"
+            f" login fails: {error} (Debezium keeps retrying; the worker's log has more)",
+        },
+    )
 
 
 _RANK = {Status.OK: 0, Status.DEGRADED: 1, Status.ERROR: 2}
+_STALL_SECONDS = {"postgres": 60.0, "mysql": 120.0}
 
 
 def build_connector_monitor(

@@ -1,6 +1,7 @@
-"""Table columns as Iceberg sees them: logical type -> Iceberg / Arrow type, text columns of a
-block cast whole (pyarrow.compute) to those types, the `_cdc_*` metadata columns, and the
-schema evolution rules (add, keep dropped, widen safely, refuse the rest by column name)."""
+"""Table columns as Iceberg sees them: logical type -> Iceberg / Arrow type, text columns
+(``postgres_text`` blocks) and typed columns (``arrow`` blocks) of a block cast whole
+(pyarrow.compute) to those types, the `_cdc_*` metadata columns, and the schema evolution
+rules (add, keep dropped, widen safely, refuse the rest by column name)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from pyiceberg.types import (
     TimestamptzType,
 )
 
+from domain.arrow_types import DATE_DAYS_MAX, DATE_DAYS_MIN, TIMESTAMP_US_MAX, TIMESTAMP_US_MIN
+from domain.block_text import column_text
 from domain.errors import PermanentError
 from domain.events import Column
 from domain.types import LogicalType
@@ -132,6 +135,38 @@ def cast_text(values: pa.Array, target: pa.DataType) -> tuple[pa.Array, pa.Array
             out.append(None)
             bad.append(True)
     return pa.array(out, target), pa.array(bad, pa.bool_())
+
+
+def cast_typed(values: pa.Array, target: pa.DataType) -> tuple[pa.Array, pa.Array | None]:
+    """A typed column of an ``arrow`` block cast to `target`, with the same result as
+    `cast_text` on its PostgreSQL text: string columns (time, interval, uuid, json, lists,
+    decimals without a precision) hold that text; dates and timestamps outside 0001..9999
+    (PostgreSQL's +-infinity, domain/arrow_types.py) do not fit, as in the text path: their
+    rows are masked. A value the cast refuses (one too wide for a narrower stored column)
+    is masked too, through the text path's per-value fallback."""
+    if pa.types.is_large_string(target) or pa.types.is_string(target):
+        return column_text(values).cast(target), None
+    bad: pa.Array | None = None
+    if pa.types.is_timestamp(values.type) and values.type.unit != "us":
+        values = values.cast(pa.timestamp("us", values.type.tz))
+    if pa.types.is_date32(values.type) or pa.types.is_timestamp(values.type):
+        as_int = values.view(pa.int32() if pa.types.is_date32(values.type) else pa.int64())
+        low, high = (
+            (DATE_DAYS_MIN, DATE_DAYS_MAX)
+            if pa.types.is_date32(values.type)
+            else (TIMESTAMP_US_MIN, TIMESTAMP_US_MAX)
+        )
+        outside = pc.or_(pc.less(as_int, low), pc.greater(as_int, high))
+        if pc.any(outside).as_py():
+            bad = pc.fill_null(outside, False)
+            values = pc.if_else(bad, pa.nulls(len(values), values.type), values)
+    try:
+        return pc.cast(values, target), bad
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        arr, wrong = cast_text(column_text(values), target)
+        if bad is not None and wrong is not None:
+            wrong = pc.or_(bad, wrong)
+        return arr, wrong if wrong is not None else bad
 
 
 def _hex_bytes(values: pa.Array) -> pa.Array:

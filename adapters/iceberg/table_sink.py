@@ -213,10 +213,10 @@ class TableSink:
                 raw = block.column(by_name[f.name])
                 if block.encoding == ENCODING_POSTGRES_TEXT:
                     arr, wrong = cols.cast_text(raw, target)
-                    if wrong is not None:
-                        bad = wrong if bad is None else pc.or_(bad, wrong)
                 else:
-                    arr = pc.cast(raw, target)
+                    arr, wrong = cols.cast_typed(raw, target)
+                if wrong is not None:
+                    bad = wrong if bad is None else pc.or_(bad, wrong)
             else:
                 arr = pa.nulls(n, target)
             arrays.append(arr)
@@ -383,9 +383,7 @@ class TableSink:
         last_event: dict[tuple[str | None, ...], SourceEvent] = {}
         truncated = False
         for block in blocks:
-            if block.encoding != ENCODING_POSTGRES_TEXT:
-                raise PermanentError("iceberg sink: row-level upsert needs postgres_text blocks")
-            for _, ev in events_of(block):
+            for _, ev in events_of(block):  # arrow blocks: values as PostgreSQL text
                 if ev.operation is Operation.TRUNCATE:
                     collapse = KeyCollapse(key_idx)
                     last_event.clear()

@@ -35,13 +35,29 @@ class EnsureResult:
 class TopicAdmin:
     def __init__(self, kafka: KafkaConfig, timeout: float = 15.0) -> None:
         self.timeout = timeout
-        self.client = AdminClient(client_settings(kafka, "admin"))
+        self.client_error: str | None = None
+        settings = client_settings(kafka, "admin")
+        settings["error_cb"] = self._note_client_error
+        self.client = AdminClient(settings)
+
+    def _note_client_error(self, error: KafkaError) -> None:
+        if error.code() != KafkaError._ALL_BROKERS_DOWN:  # says nothing about why
+            self.client_error = error.str()
+
+    def _failure(self, exc: KafkaException) -> str:
+        """The failed request's error and why the client could not talk to the brokers: a
+        failed TLS handshake or SASL authentication is only reported through ``error_cb``
+        (served by ``poll``), the request itself just says "Broker transport failure"."""
+        self.client.poll(0)
+        if self.client_error is None:
+            return str(exc.args[0])
+        return f"{exc.args[0]}; client error: {self.client_error}"
 
     def list_topics(self) -> set[str]:
         try:
             metadata = self.client.list_topics(timeout=self.timeout)
         except KafkaException as exc:
-            raise TopicAdminError(f"cannot list topics: {exc.args[0]}") from exc
+            raise TopicAdminError(f"cannot list topics: {self._failure(exc)}") from exc
         return set(metadata.topics)
 
     def broker_count(self) -> int:
@@ -49,7 +65,7 @@ class TopicAdmin:
         try:
             return len(self.client.list_topics(timeout=self.timeout).brokers)
         except KafkaException as exc:
-            raise TopicAdminError(f"brokers not reachable: {exc.args[0]}") from exc
+            raise TopicAdminError(f"brokers not reachable: {self._failure(exc)}") from exc
 
     def ensure_topics(self, specs: Iterable[TopicSpec]) -> EnsureResult:
         """Create the topics that do not exist; an existing one is left exactly as it is."""

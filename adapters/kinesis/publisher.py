@@ -91,6 +91,7 @@ class KinesisPublisher:
         self._task = asyncio.create_task(self._run(), name="kinesis-publisher")
 
     async def send(self, batch: OutboundBatch) -> None:
+        batch.require_events(self._name)
         if self._fatal is not None:
             raise self._fatal
         await self._credits.acquire()

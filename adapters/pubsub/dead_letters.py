@@ -6,9 +6,11 @@ A dead letter is one message: the change as a cdc.v2 batch of one event (positio
 a replay is skipped where it was applied meanwhile) with the attributes `cdc_pipeline`,
 `cdc_sink`, `cdc_lane`, `cdc_stage`, `cdc_error_class`, `cdc_error`, `cdc_attempts`. Its id
 in `cdc dlq` is the Pub/Sub message id. Listing pulls the subscription and gives every
-message back (nack) at the end; removing acks the listed ids. Messages the ingest could not
-read at all (not a cdc.v2 batch: `cdc_stage` ingest) are not changes and are not listed;
-they stay on the subscription for inspection with Pub/Sub's own tools.
+message back (nack) at the end; removing acks the listed ids. A message cannot be changed:
+a letter dead-lettered again by a replay is a new message, and the old one is removed
+(`updates_in_place` false, as for Kafka). Messages the ingest could not read at all (not a
+cdc.v2 batch: `cdc_stage` ingest) are not changes and are not listed; they stay on the
+subscription for inspection with Pub/Sub's own tools.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ MAX_SCAN = 10_000  # messages one list / fetch / remove looks at
 
 
 class PubSubDeadLetters:
+    # A letter dead-lettered again during a replay is a new message; `cdc dlq replay` then
+    # removes the old one.
+    updates_in_place = False
+
     def __init__(
         self,
         pipeline_id: str,

@@ -15,7 +15,7 @@ from decimal import Decimal
 from typing import Any
 
 from domain.events import UNCHANGED, Column, Operation, SourceEvent, TableSchema
-from domain.pgtypes import to_python
+from domain.pgtypes import converter_for, to_python
 from domain.types import LogicalType
 
 
@@ -96,6 +96,10 @@ def value_json(column_oid: int, type_name: str, logical: str, text: Any) -> Any:
         return None
     if column_oid:
         return jsonable(to_python(column_oid, text, type_name))
+    if type_name and converter_for(0, type_name) is not None:
+        # Another engine's column (a Kafka source): its value comes as the PostgreSQL text of
+        # its logical type, and `type_name` is that PostgreSQL type, so it reads the same way.
+        return jsonable(to_python(0, text, type_name))
     return _by_logical(LogicalType.parse(logical), text) if logical else text
 
 
@@ -142,7 +146,9 @@ def _converters(table: TableSchema) -> tuple[tuple[str, Callable[[str], Any]], .
     return found
 
 
-def _row_json(event: SourceEvent, row: Any) -> tuple[dict[str, Any] | None, list[str]]:
+def _row_json(
+    event: SourceEvent, row: Any, lenient: bool
+) -> tuple[dict[str, Any] | None, list[str]]:
     if row is None:
         return None, []
     out: dict[str, Any] = {}
@@ -152,6 +158,11 @@ def _row_json(event: SourceEvent, row: Any) -> tuple[dict[str, Any] | None, list
             out[name] = None
         elif value is UNCHANGED:
             unchanged.append(name)
+        elif lenient:
+            try:
+                out[name] = convert(value)
+            except ValueError:
+                out[name] = value
         else:
             out[name] = convert(value)
     return out, unchanged
@@ -164,10 +175,12 @@ def _commit_time(us: int) -> str | None:
     return moment.isoformat().replace("+00:00", "Z")
 
 
-def event_json(event_id_: str, event: SourceEvent) -> dict[str, Any]:
-    """One EVENT of the body (docs/webhooks.md)."""
-    before, _ = _row_json(event, event.before)
-    after, unchanged = _row_json(event, event.after)
+def event_json(event_id_: str, event: SourceEvent, *, lenient: bool = False) -> dict[str, Any]:
+    """One EVENT of the body (docs/webhooks.md). A value whose text does not parse as its
+    type (malformed JSON, a format `to_python` refuses) raises ValueError; `lenient` gives
+    its text instead (for showing a dead letter, whose value is often why it is one)."""
+    before, _ = _row_json(event, event.before, lenient)
+    after, unchanged = _row_json(event, event.after, lenient)
     row = after if after is not None else before
     key_names = event.table.key_columns
     key = {name: row.get(name) for name in key_names} if row is not None else {}

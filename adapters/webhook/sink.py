@@ -26,7 +26,7 @@ import email.utils
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -238,16 +238,23 @@ class WebhookSinkWriter:
         if not events:
             return WriteResult(durable=not self._pending and not self._in_flight)
         lanes = _lanes_of(batch)
+        docs, unsendable = self._documents(events, lanes)
+        for change, problem in unsendable:
+            # Stored before anything of the batch is queued: a dead letter that cannot be
+            # stored (or dlq disabled) refuses the whole batch, which then comes again.
+            await self._dead_letter(change, problem)
         segments: dict[str, _Segment] = {}
-        for event, lane in zip(events, lanes, strict=True):
+        for event, lane, doc in zip(events, lanes, docs, strict=True):
             seg = segments.get(lane)
             if seg is None:
                 seg = segments[lane] = _Segment(lane, None, 0)
                 self._segments.append(seg)
             seg.last = event.position if seg.last is None else max(seg.last, event.position)
-            seg.remaining += 1
-            self._pending.append(self._change(event, lane, seg))
-        self._outcome = _Outcome()
+            if doc is not None:
+                seg.remaining += 1
+                self._pending.append(self._change(event, lane, seg, doc))
+        self._advance()  # a lane whose changes were all dead-lettered here
+        self._outcome = _Outcome(dead_lettered=len(unsendable))
         await self._drain(include_partial=self.settings.linger_ms == 0)
         self._raise_if_failed()
         if self._pending and self._linger is None:
@@ -266,9 +273,31 @@ class WebhookSinkWriter:
         self._raise_if_failed()
         return dict(self._durable)
 
-    def _change(self, event: SourceEvent, lane: str, segment: _Segment) -> _Change:
-        cid = event_id(self.pipeline_id, lane, event)
-        doc = event_json(cid, event)
+    def _documents(
+        self, events: Sequence[SourceEvent], lanes: Sequence[str]
+    ) -> tuple[list[dict[str, Any] | None], list[tuple[_Change, _Attempt]]]:
+        """Each change's JSON event, or None for one whose values have no JSON form (a
+        text that does not parse as its type): those come back with the reason, to be
+        dead-lettered instead of failing the batch on every delivery."""
+        docs: list[dict[str, Any] | None] = []
+        unsendable: list[tuple[_Change, _Attempt]] = []
+        for event, lane in zip(events, lanes, strict=True):
+            cid = event_id(self.pipeline_id, lane, event)
+            try:
+                docs.append(event_json(cid, event))
+            except ValueError as exc:
+                docs.append(None)
+                table = event.table.qualified_name
+                seg = _Segment(lane, None, 0)
+                change = _Change(cid, {"key": {}}, event, lane, table, (table,), True, seg)
+                problem = f"a value has no JSON form: {type(exc).__name__}: {exc}"
+                unsendable.append((change, _Attempt(False, None, "payload", problem)))
+        return docs, unsendable
+
+    def _change(
+        self, event: SourceEvent, lane: str, segment: _Segment, doc: dict[str, Any]
+    ) -> _Change:
+        cid = doc["id"]
         table = event.table.qualified_name
         order = order_key(event, doc["key"])
         orders: tuple[str, ...] = (order,)

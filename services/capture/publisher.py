@@ -157,6 +157,7 @@ class LanePublisher:
             lane.task = asyncio.create_task(self._worker(lane), name=f"publish-{lane.name}")
 
     async def send(self, batch: OutboundBatch) -> None:
+        batch.require_events(self.name)
         await self._credits.acquire()
         if self._failure is not None:
             self._credits.release()

@@ -59,7 +59,7 @@ def letter_json(letter: StoredDeadLetter) -> dict[str, Any]:
     from adapters.webhook.payload import event_id, event_json
 
     event = letter.event
-    doc = event_json(event_id(letter.pipeline_id, letter.lane, event), event)
+    doc = event_json(event_id(letter.pipeline_id, letter.lane, event), event, lenient=True)
     return {
         "id": letter.id,
         "sink_id": letter.sink_id,

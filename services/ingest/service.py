@@ -4,10 +4,14 @@ One pump serves `cdc ingest` (outlets: the sink services' gRPC streams) and a ca
 that publishes to a broker (outlets: a Pub/Sub or Kinesis publisher): it depends only on
 the `EventSource` and `Outlet` ports.
 
-The source is read ahead by at most about one batch of events. Chunks of different lanes
+The source is read ahead by at most about one batch of changes. Chunks of different lanes
 that are waiting together leave in one batch (one handle per lane), so a source with many
 lanes (Kafka partitions, key-hash lanes) does not cut the stream into slivers of one lane
-each; a chunk of a lane already in the batch, or one that revokes lanes, starts the next."""
+each; a chunk of a lane already in the batch, or one that revokes lanes, starts the next.
+
+A source that decodes straight into columns hands out change blocks (`SourceChunk.blocks`):
+they go through as blocks, never as events (domain/block_ops.py cuts and joins them), in
+batches of their own: a chunk of blocks and a chunk of events never share a batch."""
 
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ from typing import Any
 
 import structlog
 
+from domain.block_ops import in_lane, joined_per_table, newest_commit_time_us, split_changes
+from domain.blocks import ChangeBlock
 from domain.commit_tracker import CommitTracker
 from domain.events import SchemaChange, SourceEvent
 from domain.health import ComponentHealth, Status, overall
@@ -135,11 +141,12 @@ class IngestService:
                 group = [chunk]
                 if not chunk.revoked:
                     lanes = {chunk.lane}
-                    room = self.batch_max_events - len(chunk.events)
-                    while (more := ahead.take_joining(lanes, room)) is not None:
+                    room = self.batch_max_events - len(chunk)
+                    columnar = chunk.blocks is not None
+                    while (more := ahead.take_joining(lanes, room, columnar)) is not None:
                         group.append(more)
                         lanes.add(more.lane)
-                        room -= len(more.events)
+                        room -= len(more)
                 await self._dispatch_group(group)
         finally:
             feeder.cancel()
@@ -159,9 +166,10 @@ class IngestService:
         await self._dispatch_group([chunk])
 
     async def _dispatch_group(self, group: list[SourceChunk]) -> None:
-        """Send the chunks of `group` (of distinct lanes; only the first may revoke lanes,
-        and a group of several holds at most `batch_max_events` events) as one batch, or a
-        single chunk as batches of at most `batch_max_events`, its handle with the last."""
+        """Send the chunks of `group` (of distinct lanes, all of events or all of blocks;
+        only the first may revoke lanes, and a group of several holds at most
+        `batch_max_events` changes) as one batch, or a single chunk as batches of at most
+        `batch_max_events`, its handle with the last."""
         first = group[0]
         if first.revoked:
             dropped = self.tracker.revoke(first.revoked)
@@ -169,8 +177,15 @@ class IngestService:
         for chunk in group:
             for change in chunk.schema_changes:
                 self._schema_changed(change)
-            self.events_read += len(chunk.events)
-            self.metrics.count_read(chunk.events)
+            if chunk.blocks is not None:
+                self.events_read += len(chunk)
+                self.metrics.count_read_blocks(chunk.blocks)
+            else:
+                self.events_read += len(chunk.events)
+                self.metrics.count_read(chunk.events)
+        if first.blocks is not None:
+            await self._dispatch_blocks(group)
+            return
         if len(group) > 1:
             await self._send([_Part(c.lane, c.events, c.ack) for c in group])
             return
@@ -183,6 +198,18 @@ class IngestService:
             part = events[start : start + size]
             last = start + size >= len(events)
             await self._send([_Part(first.lane, part, first.ack if last else None)])
+
+    async def _dispatch_blocks(self, group: list[SourceChunk]) -> None:
+        """`_dispatch_group` for chunks of change blocks."""
+        first = group[0]
+        assert first.blocks is not None
+        if len(group) > 1 or len(first) <= self.batch_max_events:
+            await self._send_blocks([_BlockPart(c.lane, c.blocks or [], c.ack) for c in group])
+            return
+        parts = split_changes(first.blocks, self.batch_max_events)
+        for i, blocks in enumerate(parts):
+            last = i == len(parts) - 1
+            await self._send_blocks([_BlockPart(first.lane, blocks, first.ack if last else None)])
 
     def _schema_changed(self, change: SchemaChange) -> None:
         if not change.is_change:  # a table seen for the first time in this process
@@ -233,6 +260,60 @@ class IngestService:
                 await self.channels[sink_id].send(outbound)
                 self._sent_at[(batch_id, sink_id)] = (time.monotonic(), commit_us)
                 self.metrics.count_sent(sink_id, outbound.events)
+                self.metrics.unacked.labels(self.pipeline_id, sink_id).set(
+                    self.channels[sink_id].unacked
+                )
+
+    async def _send_blocks(self, parts: list[_BlockPart]) -> None:
+        """`_send` for parts of change blocks: each targeted outlet gets the blocks (or the
+        changes of them) meant for it, of the lanes routed to it: each lane's blocks get
+        its index among them (`@lane`) and follow the lanes before it (`@index`), the lanes'
+        blocks of one table shape joined."""
+        batch_id = self._next_batch_id
+        self._next_batch_id += 1
+        # sink -> (lane, @index offset, its blocks for the sink) per lane with changes for it
+        per_sink: dict[str, list[tuple[str, int, list[ChangeBlock]]]] = {}
+        offset = 0
+        for part in parts:
+            for sink_id, picked in self.router.split_blocks(part.blocks).items():
+                if picked:
+                    per_sink.setdefault(sink_id, []).append((part.lane, offset, picked))
+            offset += sum(len(b) for b in part.blocks)
+        targets = list(per_sink)
+        self.tracker.register(batch_id, targets, {p.lane: p.handle for p in parts})
+        if not targets:
+            for part in parts:
+                await self._commit_ready(part.lane)
+            return
+        lanes = tuple(p.lane for p in parts)
+        commit_us = max(newest_commit_time_us(p.blocks) for p in parts)
+        with self._tracer.start_as_current_span(
+            "ingest.batch",
+            attributes={
+                "cdc.pipeline_id": self.pipeline_id,
+                "cdc.lane": ",".join(lanes),
+                "cdc.batch_id": batch_id,
+                "cdc.events": offset,
+                "cdc.sinks": ",".join(targets),
+            },
+        ):
+            context = tracing.inject()
+            for sink_id in targets:
+                routed = per_sink[sink_id]
+                sink_lanes: tuple[str, ...]
+                if len(routed) == 1:
+                    sink_lanes, blocks = (routed[0][0],), routed[0][2]
+                else:
+                    sink_lanes = tuple(lane for lane, _, _ in routed)
+                    blocks = joined_per_table(
+                        [b for i, (_, at, bs) in enumerate(routed) for b in in_lane(bs, i, at)]
+                    )
+                outbound = OutboundBatch(
+                    batch_id, self.pipeline_id, sink_lanes, [], context, blocks=blocks
+                )
+                await self.channels[sink_id].send(outbound)
+                self._sent_at[(batch_id, sink_id)] = (time.monotonic(), commit_us)
+                self.metrics.count_sent_blocks(sink_id, blocks)
                 self.metrics.unacked.labels(self.pipeline_id, sink_id).set(
                     self.channels[sink_id].unacked
                 )
@@ -294,6 +375,15 @@ class _Part:
     handle: Any
 
 
+@dataclass(frozen=True, slots=True)
+class _BlockPart:
+    """`_Part` for a lane whose changes came as change blocks (`@lane` 0, `@index` from 0)."""
+
+    lane: str
+    blocks: list[ChangeBlock]
+    handle: Any
+
+
 def _outbound(
     batch_id: int,
     pipeline_id: str,
@@ -315,7 +405,7 @@ def _outbound(
 
 class _ReadAhead:
     """Chunks read from the source before they are dispatched: at most about one batch of
-    events (`limit`; one chunk is always let in), so backpressure from the outlets still
+    changes (`limit`; one chunk is always let in), so backpressure from the outlets still
     stops reading the source soon."""
 
     def __init__(self, limit: int) -> None:
@@ -331,7 +421,7 @@ class _ReadAhead:
             self._changed.clear()
             await self._changed.wait()
         self._chunks.append(chunk)
-        self._events += len(chunk.events)
+        self._events += len(chunk)
         self._changed.set()
 
     def close(self, error: BaseException | None = None) -> None:
@@ -353,18 +443,24 @@ class _ReadAhead:
             await self._changed.wait()
         return self._pop()
 
-    def take_joining(self, lanes: set[str], room: int) -> SourceChunk | None:
+    def take_joining(self, lanes: set[str], room: int, columnar: bool) -> SourceChunk | None:
         """The next chunk if it is already here and may join a batch of `lanes` with `room`
-        events left: another lane, no revocation, small enough."""
+        changes left: another lane, no revocation, small enough, of blocks when `columnar`
+        (else of events)."""
         if not self._chunks:
             return None
         chunk = self._chunks[0]
-        if chunk.lane in lanes or chunk.revoked or len(chunk.events) > room:
+        if (
+            chunk.lane in lanes
+            or chunk.revoked
+            or (chunk.blocks is not None) != columnar
+            or len(chunk) > room
+        ):
             return None
         return self._pop()
 
     def _pop(self) -> SourceChunk:
         chunk = self._chunks.popleft()
-        self._events -= len(chunk.events)
+        self._events -= len(chunk)
         self._changed.set()
         return chunk

@@ -401,6 +401,12 @@ class SinkChannel:
                 self._sink_status = f"UNREACHABLE ({exc.code().name})"
             except grpc.aio.UsageError:
                 pass  # the channel was closed after an ack timeout; the next one is polled
+            except asyncio.CancelledError:
+                # Closing the channel (after a Describe or ack timeout) cancels the check in
+                # flight with CancelledError; only stopping this poller may end it.
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise
             except Exception as exc:  # a dead poller would leave the health frozen
                 self._sink_status = f"UNKNOWN ({type(exc).__name__})"
                 log.warning("sink.health_poll_failed", sink=self.sink_id, error=repr(exc))

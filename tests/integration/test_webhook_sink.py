@@ -287,6 +287,45 @@ def test_with_dlq_disabled_a_refused_change_holds_the_batch(pg: Any, tmp_path: P
         assert listed.stdout == ""
 
 
+DOCS = TableSchema(
+    "public", "items", (Column("id", 20, "bigint", is_key=True), Column("doc", 3802, "jsonb"))
+)
+
+
+def test_a_change_whose_value_has_no_json_form_is_dead_lettered(pg: Any, tmp_path: Path) -> None:
+    """A text its type does not parse (here malformed JSON) cannot go into a body: the
+    change goes to the dead letters instead of failing every delivery of its batch."""
+    db = pg.new_database("nojson")
+    events = [
+        SourceEvent(Operation.CREATE, DOCS, Position(5, 1), after=("1", '{"a": 1}')),
+        SourceEvent(Operation.CREATE, DOCS, Position(5, 2), after=("2", "{not json")),
+        SourceEvent(Operation.CREATE, DOCS, Position(5, 3), after=("3", "[]")),
+    ]
+    with WebhookReceiver(SECRET) as receiver:
+        files = write_files(tmp_path, pg, db, receiver.url)
+        writer = build_writer(*files)
+        durable = asyncio.run(deliver(writer, events))
+        assert [e["key"]["id"] for e in receiver.unique_events()] == [1, 3]
+        assert writer.dead_lettered == 1
+        assert durable == {LANE: Position(5, 3)}
+        listed = cdc("dlq", "list", str(files[0]), "--platform-config", str(files[1]), "--json")
+        assert listed.returncode == 0, listed.stderr
+        letters = [json.loads(line) for line in listed.stdout.splitlines()]
+        assert [x["event_id"] for x in letters] == [event_id("hooks", LANE, events[1])]
+        assert "no JSON form" in letters[0]["error"]
+        assert letters[0]["after"] == {"id": 2, "doc": "{not json"}  # shown as its text
+
+    with WebhookReceiver(SECRET) as receiver:  # dlq disabled: the batch is held, none sent
+        pipeline_file, platform_file = files
+        platform_file.write_text(
+            yaml.safe_dump({"transport_mode": "direct", "dlq": {"enabled": False}})
+        )
+        writer = build_writer(pipeline_file, platform_file)
+        with pytest.raises(CdcError, match=r"dlq\.enabled is false"):
+            asyncio.run(deliver(writer, events))
+        assert receiver.requests == 0
+
+
 def test_a_dead_letter_that_cannot_be_stored_holds_the_batch(pg: Any, tmp_path: Path) -> None:
     db = pg.new_database("dlqdown")
     with WebhookReceiver(SECRET, Faults(poisoned_keys={json.dumps({"id": 2})})) as receiver:

@@ -494,7 +494,7 @@ class FakeOutlet:
     async def send(self, batch: OutboundBatch) -> None:
         self.sent.append(batch)
         if self.auto_durable:
-            ack = DeliveryAck(batch.batch_id, True, True, len(batch.events))
+            ack = DeliveryAck(batch.batch_id, True, True, len(batch))
             await self.on_ack(self._name, ack)
         else:
             self._pending.append(batch.batch_id)

@@ -19,6 +19,7 @@ from domain.routing import Router, RoutingRule
 from services.capture.payload import ArrowBatchCodec, PayloadError
 from services.capture.publisher import LanePublisher, OutMessage, PublishFailedError, RetrySettings
 from services.ingest.service import IngestService
+from tests.support.arrow_chunks import Change, block_chunk
 from tests.support.fakes import FakeEventSource
 
 T = TableSchema("public", "t", (Column("id", 20, "bigint", True), Column("v", 25, "text")))
@@ -240,3 +241,30 @@ def test_decoded_messages_share_their_table_shape() -> None:
     ]
     assert len({id(ev.table) for ev in events}) == 1
     assert len(build_blocks(events)) == 1
+
+
+def test_a_batch_of_change_blocks_is_refused_not_acked_as_published() -> None:
+    """The publisher is fed by the WAL reader (events); a batch of blocks has no events, and
+    acking it as published would lose its changes."""
+    table = TableSchema("s", "t", (Column("id", 0, "bigint", True, "int64"),))
+    blocks = block_chunk("a", [Change(table, Operation.CREATE, Position(1), (1,))], 1).blocks
+    acks: list[DeliveryAck] = []
+
+    async def on_ack(outlet: str, ack: DeliveryAck) -> None:
+        acks.append(ack)
+
+    async def scenario() -> None:
+        outlet = LanePublisher(
+            MemoryBroker(),
+            ArrowBatchCodec(),
+            "p1",
+            lanes=LANES,
+            max_changes_per_message=3,
+            max_in_flight_batches=4,
+            on_ack=on_ack,
+        )
+        with pytest.raises(ValueError, match="carries change blocks"):
+            await outlet.send(OutboundBatch(1, "p1", ("a",), [], blocks=blocks))
+
+    asyncio.run(scenario())
+    assert acks == []

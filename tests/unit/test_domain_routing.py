@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from domain.blocks import ChangeBlock
 from domain.events import Column, Operation, Position, SourceEvent, TableSchema
 from domain.routing import Router, RoutingRule
+from tests.support.arrow_chunks import Change, blocks_of
 
 ALL_OPS = tuple(Operation)
 
@@ -184,3 +186,60 @@ def test_split_lists_every_sink_even_without_events() -> None:
     assert out == {"warehouse": out["warehouse"], "orders-hook": [], "audit": []}
     assert len(out["warehouse"]) == 1
     assert router.split([]) == {"warehouse": [], "orders-hook": [], "audit": []}
+
+
+# --- change blocks -------------------------------------------------------------------------
+
+
+def _blocks(*changes: tuple[str, Operation, int]) -> list[ChangeBlock]:
+    typed = {
+        name: TableSchema(*name.split(".", 1), (Column("id", 0, "int4", True, "int32"),))
+        for name, _, _ in changes
+    }
+    return blocks_of([Change(typed[t], op, Position(n), (n,)) for t, op, n in changes])
+
+
+def test_blocks_go_whole_to_each_sink_taking_their_table() -> None:
+    router = Router(
+        [
+            RoutingRule("all"),
+            RoutingRule("orders", ("public.orders",)),
+            RoutingRule("none", ("x.*",)),
+        ]
+    )
+    orders, items = _blocks(
+        ("public.orders", Operation.CREATE, 1),
+        ("public.items", Operation.CREATE, 2),
+        ("public.orders", Operation.DELETE, 3),
+    )
+    out = router.split_blocks([orders, items])
+    assert out["all"][0] is orders and out["all"][1] is items
+    assert len(out["orders"]) == 1 and out["orders"][0] is orders
+    assert out["none"] == []
+
+
+def test_a_rule_with_operations_gets_only_those_changes_of_a_block() -> None:
+    router = Router(
+        [
+            RoutingRule("deletes", operations=frozenset({Operation.DELETE})),
+            RoutingRule("writes", operations=frozenset({Operation.CREATE, Operation.UPDATE})),
+            RoutingRule("truncates", operations=frozenset({Operation.TRUNCATE})),
+        ]
+    )
+    (block,) = _blocks(
+        ("public.orders", Operation.CREATE, 1),
+        ("public.orders", Operation.DELETE, 2),
+        ("public.orders", Operation.UPDATE, 3),
+        ("public.orders", Operation.DELETE, 4),
+    )
+    out = router.split_blocks([block])
+    (deletes,) = out["deletes"]
+    assert deletes.records.column("@index").to_pylist() == [1, 3]
+    assert deletes.records.column("@op").to_pylist() == ["d", "d"]
+    assert deletes.encoding == block.encoding and deletes.schema is block.schema
+    assert out["writes"][0].records.column("@position").to_pylist() == [1, 3]
+    assert out["truncates"] == []
+    (only_deletes,) = Router(
+        [RoutingRule("d", operations=frozenset({Operation.DELETE}))]
+    ).split_blocks([deletes])["d"]
+    assert only_deletes is deletes  # nothing to filter out: the block itself

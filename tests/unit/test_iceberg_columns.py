@@ -3,7 +3,10 @@ partition transforms, table names and catalog settings."""
 
 from __future__ import annotations
 
+import math
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pyarrow as pa
 import pytest
@@ -13,6 +16,8 @@ from adapters.config.pipeline import IcebergSinkConfig
 from adapters.iceberg import columns as cols
 from adapters.iceberg.catalog import catalog_properties, shown_uri, table_identifier
 from adapters.iceberg.table_sink import PartitionSpecError, _parse_partition
+from domain.arrow_types import value_type
+from domain.block_text import column_text
 from domain.events import Column
 from domain.types import LogicalType
 
@@ -59,6 +64,58 @@ def test_text_columns_are_cast_whole_and_misfits_are_marked() -> None:
     when = pa.timestamp("us", tz="UTC")
     typed, bad = cols.cast_text(pa.array(["2024-05-01 10:00:00+02", "infinity"]), when)
     assert str(typed[0].as_py()) == "2024-05-01 08:00:00+00:00" and typed[1].as_py() is None
+    assert bad is not None and bad.to_pylist() == [False, True]
+
+
+_AT = datetime(2024, 5, 1, 10, 0, 0, 250000)
+
+
+@pytest.mark.parametrize(
+    ("logical", "values"),
+    [
+        ("bool", [True, False, None]),
+        ("int16", [-32768, 7, None]),
+        ("int64", [2**63 - 1, -1]),
+        ("uint16", [65535, 0]),
+        ("uint32", [2**32 - 1]),
+        ("uint64", [2**64 - 1, 0, None]),
+        ("float32", [0.1, math.inf, -math.inf]),
+        ("float64", [2.5, -math.inf, 1e-300]),
+        ("decimal(12,2)", [Decimal("1.50"), Decimal("-0.01"), None]),
+        ("decimal(50,3)", [Decimal("1" * 47 + ".125")]),  # Iceberg: string
+        ("decimal", ["12.345", "NaN"]),
+        ("string", ["a\tb", "", None]),
+        ("bytes", [b"\x00\xff", b"", None]),
+        ("date", [date(2024, 2, 29), date(1, 1, 1), 3_000_000, -800_000]),
+        ("time", [time(13, 45, 7, 250000), time(0, 0), 86_400_000_000]),
+        ("timestamp", [_AT, 2**63 - 1, -(2**63), None]),
+        ("timestamptz", [_AT.replace(tzinfo=UTC), 2**63 - 1]),
+        ("interval", [timedelta(days=3, seconds=1.5), -timedelta(hours=2)]),
+        ("uuid", ["a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"]),
+        ("json", ['{"a": [1, null]}']),
+        ("list<string>", [["a b", None, 'c"d'], [], None]),
+        ("list<list<int32>>", [[[1, 2], [3, None]]]),
+    ],
+)
+def test_typed_columns_land_as_their_postgres_text_would(logical: str, values: list[Any]) -> None:
+    """An arrow block's column cast for Iceberg gives what the text path gives for its
+    PostgreSQL text: the same values, the same rows that do not fit (+-infinity)."""
+    parsed = LogicalType.parse(logical)
+    typed = pa.array(values, value_type(parsed))
+    target = cols.arrow_type(cols.iceberg_type(parsed))
+    direct, direct_bad = cols.cast_typed(typed, target)
+    via_text, text_bad = cols.cast_text(column_text(typed), target)
+    assert direct.type == target
+    assert direct.to_pylist() == via_text.to_pylist()
+    no_misfits = [False] * len(values)
+    assert (direct_bad.to_pylist() if direct_bad is not None else no_misfits) == (
+        text_bad.to_pylist() if text_bad is not None else no_misfits
+    )
+
+
+def test_a_typed_value_too_wide_for_a_narrower_stored_column_is_marked() -> None:
+    typed, bad = cols.cast_typed(pa.array([1, 2**40], pa.int64()), pa.int32())
+    assert typed.to_pylist() == [1, None]
     assert bad is not None and bad.to_pylist() == [False, True]
 
 

@@ -3,16 +3,24 @@ one it does not, and those settings reach the adapters (services/kinesis.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
+
+import pytest
 
 from adapters.config import PipelineConfig, PlatformConfig
 from adapters.kinesis.monitor import KinesisMonitor
 from adapters.kinesis.provisioner import KinesisProvisioner
 from adapters.kinesis.publisher import KinesisPublisher
+from adapters.kinesis.settings import KinesisSettings
 from adapters.kinesis.source import KinesisEventSource
 from adapters.postgres.source.provisioner import PostgresProvisioner
+from domain.events import Column, Operation, Position, TableSchema
+from domain.ports import OutboundBatch
 from services import registry
+from services.capture.payload import ArrowBatchCodec
 from services.kinesis import CaptureProvisioner, kinesis_settings
+from tests.support.arrow_chunks import Change, block_chunk
 
 PIPELINE = {
     "pipeline_id": "orders",
@@ -110,3 +118,20 @@ def test_millis_behind_latest_per_shard_becomes_a_gauge() -> None:
         "cdc_source_millis_behind_latest", {"pipeline": "orders", "shard": "s/shardId-1"}
     )
     assert unknown is None  # not read yet: no sample rather than a made-up 0
+
+
+def test_the_kinesis_publisher_refuses_a_batch_of_change_blocks() -> None:
+    """It publishes events (fed by the WAL reader): a batch of blocks has none, and acking it
+    as published would lose its changes."""
+    table = TableSchema("s", "t", (Column("id", 0, "bigint", True, "int64"),))
+    blocks = block_chunk("a", [Change(table, Operation.CREATE, Position(1), (1,))], 1).blocks
+
+    async def on_ack(outlet: str, ack: object) -> None:
+        raise AssertionError("a refused batch is not acked")
+
+    publisher = KinesisPublisher(
+        KinesisSettings("p", {"s.t": "stream"}), ArrowBatchCodec(), on_ack, kinesis_client=object()
+    )
+    with pytest.raises(ValueError, match="carries change blocks"):
+        asyncio.run(publisher.send(OutboundBatch(1, "p", ("slot",), [], blocks=blocks)))
+    assert publisher.unacked == 0

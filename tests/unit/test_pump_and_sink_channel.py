@@ -5,17 +5,29 @@ accepted (the credit) apart from durable (the release)."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
+from decimal import Decimal
 
 import grpc
 
 from cdc_proto.v2 import sink_pb2_grpc
+from domain.blocks import arrow_schema
 from domain.events import Column, Operation, Position, SourceEvent, TableSchema
-from domain.ports import DeliveryAck, OutboundBatch, SourceChunk
+from domain.health import ComponentHealth, Status
+from domain.ports import (
+    DeliveryAck,
+    Guarantee,
+    OutboundBatch,
+    SinkBatch,
+    SourceChunk,
+    WriteResult,
+)
 from domain.routing import Router, RoutingRule
 from services.ingest.service import IngestService
 from services.ingest.sink_channel import SinkChannel
 from services.metrics import SinkMetrics
 from services.sink.server import SinkServicer
+from tests.support.arrow_chunks import Change, block_chunk
 from tests.support.fakes import FakeEventSource, FakeOutlet, FakeSinkWriter
 
 T = TableSchema("public", "t", (Column("id", 20, "bigint", True), Column("v", 25, "text")))
@@ -23,8 +35,7 @@ T = TableSchema("public", "t", (Column("id", 20, "bigint", True), Column("v", 25
 
 def _events(major: int, n: int) -> list[SourceEvent]:
     return [
-        SourceEvent(Operation.CREATE, T, Position(major, i), after=(str(i), "v"))
-        for i in range(n)
+        SourceEvent(Operation.CREATE, T, Position(major, i), after=(str(i), "v")) for i in range(n)
     ]
 
 
@@ -128,9 +139,7 @@ def _multi_pump(
 ) -> tuple[IngestService, dict[str, FakeOutlet]]:
     service: IngestService
     names = ["s"] if router is None else sorted(router.sink_ids)
-    outlets = {
-        n: FakeOutlet(n, lambda name, ack: service.on_ack(name, ack), False) for n in names
-    }
+    outlets = {n: FakeOutlet(n, lambda name, ack: service.on_ack(name, ack), False) for n in names}
     router = router or Router([RoutingRule("s")])
     service = IngestService("p", source, router, outlets, limit)
     return service, outlets
@@ -257,5 +266,107 @@ def test_a_batch_of_several_lanes_crosses_the_wire_and_is_durable_per_lane() -> 
         assert writer.applied == {"a": Position(50, 1), "b": Position(3, 2)}
         accepted = {x.batch_id: x for x in acks if not x.durable}
         assert (accepted[1].written, accepted[2].skipped) == (5, 2)
+
+    asyncio.run(scenario())
+
+
+# ------------------------------------------------------------ batches of change blocks
+
+
+class CountingWriter:
+    """A SinkWriter that only counts and keeps each batch as it arrived (the approach of
+    bench/discard_sink.py): what reaches the sink, without a destination's cost."""
+
+    guarantee = Guarantee.EXACTLY_ONCE_EFFECT
+
+    def __init__(self) -> None:
+        self.batches: list[SinkBatch] = []
+
+    async def start(self) -> None:
+        pass
+
+    async def write(self, batch: SinkBatch) -> WriteResult:
+        self.batches.append(batch)
+        return WriteResult(written=len(batch))
+
+    async def flush(self) -> dict[str, Position]:
+        return {}
+
+    async def health(self) -> ComponentHealth:
+        return ComponentHealth("sink:count", Status.OK, {})
+
+    async def stop(self) -> None:
+        pass
+
+
+TYPED = TableSchema(
+    "shop",
+    "orders",
+    (
+        Column("id", 0, "bigint", True, "int64"),
+        Column("amount", 0, "numeric(12,2)", False, "decimal(12,2)"),
+        Column("at", 0, "timestamptz", False, "timestamptz"),
+        Column("tags", 0, "text[]", False, "list<string>"),
+    ),
+)
+
+
+def _typed(major: int, n: int, lane: str, ack: str) -> SourceChunk:
+    at = datetime(2026, 12, 1, tzinfo=UTC)
+    changes = [
+        Change(TYPED, Operation.CREATE, Position(major, i), (i, Decimal("1.25") * i, at, [lane]))
+        for i in range(n)
+    ]
+    return block_chunk(lane, changes, ack)
+
+
+def test_the_pump_streams_typed_blocks_to_a_real_sink_servicer() -> None:
+    """Source chunks of arrow blocks (two lanes joined, then a chunk cut in two) go through
+    the pump and a SinkChannel over gRPC to a sink servicer: the sink gets arrow-encoded
+    blocks of the columns' Arrow types with their lanes, and every handle is released."""
+
+    async def scenario() -> None:
+        writer = CountingWriter()
+        server = grpc.aio.server()
+        sink_pb2_grpc.add_SinkServiceServicer_to_server(
+            SinkServicer(writer, "s", SinkMetrics("p", "s")),
+            server,  # type: ignore[arg-type]
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        service: IngestService
+        channel = SinkChannel(
+            "s", f"127.0.0.1:{port}", 2, lambda name, ack: service.on_ack(name, ack)
+        )
+        source = FakeEventSource(
+            [_typed(1, 2, "a", "a1"), _typed(4, 1, "b", "b1"), _typed(9, 5, "a", "a2")]
+        )
+        service = IngestService("p", source, Router([RoutingRule("s")]), {"s": channel}, 3, 10)
+        try:
+            await asyncio.wait_for(service.run(), 20)
+        finally:
+            await server.stop(None)
+        assert service.unacked_at_stop == 0
+        assert source.acked == {"a": ["a1", "a2"], "b": ["b1"]}
+        assert [(b.lanes, len(b)) for b in writer.batches] == [
+            (("a", "b"), 3),
+            (("a",), 3),
+            (("a",), 2),
+        ]
+        first = writer.batches[0]
+        assert first.has_blocks and {b.encoding for b in first.blocks} == {"arrow"}
+        for block in first.blocks:
+            assert [str(c.logical) for c in block.schema.columns] == [
+                "int64",
+                "decimal(12,2)",
+                "timestamptz",
+                "list<string>",
+            ]
+            assert block.records.schema == arrow_schema(TYPED, "arrow")
+        (block,) = first.blocks  # the two lanes' blocks of the table, joined
+        assert block.column(1).to_pylist() == [Decimal("0.00"), Decimal("1.25"), Decimal("0.00")]
+        assert block.column(3).to_pylist() == [["a"], ["a"], ["b"]]
+        assert [(p.partition, len(p)) for p in first.by_lane()] == [("a", 2), ("b", 1)]
+        assert first.lane_of_events() == [0, 0, 1]
 
     asyncio.run(scenario())

@@ -9,8 +9,10 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cdc_proto.v2 import sink_pb2_grpc
 from domain.events import Column, Operation, Position, SourceEvent, TableSchema
@@ -384,5 +386,65 @@ def test_a_sink_that_comes_up_after_a_describe_timeout_gets_the_batches() -> Non
         finally:
             await channel.stop()
             await server.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+class _FirstCallHangs:
+    """Counts the calls; the first one never answers."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def hang_first(self) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            await asyncio.Event().wait()
+
+
+class _HealthHangingOnce(health_pb2_grpc.HealthServicer):
+    def __init__(self) -> None:
+        self.hang = _FirstCallHangs()
+
+    async def Check(self, request: object, context: object) -> health_pb2.HealthCheckResponse:
+        await self.hang.hang_first()
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+
+class _SinkSilentOnce(SinkServicer):
+    def __init__(self, writer: FakeSinkWriter) -> None:
+        super().__init__(writer, "s", SinkMetrics("p", "s"))
+        self.hang = _FirstCallHangs()
+
+    async def Describe(self, request: Any, context: Any) -> Any:
+        await self.hang.hang_first()
+        return await super().Describe(request, context)
+
+
+def test_the_health_poller_outlives_a_channel_closed_under_its_check() -> None:
+    """The Describe deadline closes the channel while the health poller's check on it is
+    in flight (gRPC then raises CancelledError in the poller): the poller goes on, and the
+    sink's health follows the new connection (it stayed frozen, a dead poller, before)."""
+
+    async def main() -> None:
+        server = grpc.aio.server()
+        sink = _SinkSilentOnce(FakeSinkWriter())
+        health = _HealthHangingOnce()
+        sink_pb2_grpc.add_SinkServiceServicer_to_server(sink, server)
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        port = find_free_port()
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        acks = Acks()
+        channel = SinkChannel("s", f"127.0.0.1:{port}", 10, acks, ack_timeout=1.0)
+        channel.start()
+        try:
+            await channel.send(batch(1))
+            await until(lambda: acks.ids == [1], timeout=20)
+            assert sink.hang.calls >= 2 and health.hang.calls >= 1
+            await until(lambda: channel.health().status is Status.OK, timeout=10)
+        finally:
+            await channel.stop()
+            await server.stop(grace=None)
 
     asyncio.run(asyncio.wait_for(main(), 60))

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import base64
 import json
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import pytest
 
 from adapters.webhook.payload import event_id, event_json, request_id, value_json
 from adapters.webhook.signing import SecretError, parse_secrets, secret_key, sign, verify
 from adapters.webhook.sink import retry_after_seconds
+from domain.blocks import events_of
 from domain.events import UNCHANGED, Column, Operation, Position, SourceEvent, TableSchema
+from tests.support.arrow_blocks import COMMIT_TIME_US, TypedChange, arrow_block, kafka_column
 from tests.support.webhook_receiver import docs_verifier
 
 # (type oid, type name, PostgreSQL text, JSON value)
@@ -70,6 +74,19 @@ def test_values_of_a_source_without_type_oids_go_by_logical_type() -> None:
     assert value_json(0, "TINYINT(1)", "bool", "true") is True
     assert value_json(0, "JSON", "json", "[1]") == [1]
     assert value_json(0, "DECIMAL(5,2)", "decimal(5,2)", "1.20") == "1.20"
+
+
+def test_a_kafka_sources_values_read_as_their_postgresql_type() -> None:
+    # A Kafka source's column: no OID, `type_name` is the PostgreSQL type of its logical type,
+    # and the sinks see the PostgreSQL text of its typed Arrow value (domain/block_text.py).
+    stamp = value_json(0, "timestamp with time zone", "timestamptz", "2024-02-29 13:45:07.5+00")
+    assert stamp == "2024-02-29T13:45:07.500000Z"
+    assert value_json(0, "bytea", "bytes", "\\x00ff") == base64.b64encode(b"\x00\xff").decode()
+    assert value_json(0, "integer[]", "list<int32>", "{1,NULL,3}") == [1, None, 3]
+    assert value_json(0, "numeric(12,2)", "decimal(12,2)", "12.50") == "12.50"
+    assert value_json(0, "date", "date", "2024-02-29") == "2024-02-29"
+    assert value_json(0, "interval", "interval", "1 day 02:00:00") == "P1DT7200S"
+    assert value_json(0, "jsonb", "json", '{"a": 1}') == {"a": 1}
 
 
 ITEMS = TableSchema(
@@ -189,3 +206,68 @@ def test_retry_after_seconds_or_http_date() -> None:
     assert retry_after_seconds(None) is None and retry_after_seconds("soon") is None
     assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
     assert retry_after_seconds("999999") == 3600.0
+
+
+KAFKA_ITEMS = TableSchema(
+    "inventory",
+    "items",
+    (
+        kafka_column("id", "int64", "bigint", key=True),
+        kafka_column("ok", "bool", "boolean"),
+        kafka_column("price", "decimal(8,2)", "numeric(8,2)"),
+        kafka_column("ratio", "float64", "double precision"),
+        kafka_column("at", "timestamptz", "timestamp with time zone"),
+        kafka_column("span", "interval", "interval"),
+        kafka_column("tags", "list<string>", "text[]"),
+        kafka_column("doc", "json", "jsonb"),
+    ),
+)
+
+
+def test_events_of_an_arrow_block_give_the_payload_of_their_text_form() -> None:
+    at = datetime(2024, 2, 29, 13, 45, 7, 500000, tzinfo=UTC)
+    typed = arrow_block(
+        KAFKA_ITEMS,
+        [
+            TypedChange(
+                Operation.CREATE,
+                Position(9, 1),
+                (1, True, Decimal("9.90"), float("nan"), at, timedelta(days=2), ["a b"], "[1]"),
+            ),
+            TypedChange(
+                Operation.UPDATE,
+                Position(9, 2),
+                (1, False, None, 0.5, at, -timedelta(seconds=1), [], None),
+                unchanged=(7,),
+            ),
+        ],
+    )
+    text = [
+        SourceEvent(
+            Operation.CREATE,
+            KAFKA_ITEMS,
+            Position(9, 1),
+            after=(
+                "1",
+                "t",
+                "9.90",
+                "NaN",
+                "2024-02-29 13:45:07.5+00",
+                "2 days",
+                '{"a b"}',
+                "[1]",
+            ),
+            commit_time_us=COMMIT_TIME_US,
+        ),
+        SourceEvent(
+            Operation.UPDATE,
+            KAFKA_ITEMS,
+            Position(9, 2),
+            after=("1", "f", None, "0.5", "2024-02-29 13:45:07.5+00", "-00:00:01", "{}", UNCHANGED),
+            commit_time_us=COMMIT_TIME_US,
+        ),
+    ]
+    from_arrow = [event_json("evt", ev) for _, ev in events_of(typed)]
+    assert from_arrow == [event_json("evt", ev) for ev in text]
+    assert from_arrow[0]["after"]["ratio"] == "NaN" and from_arrow[0]["after"]["doc"] == [1]
+    assert from_arrow[1]["unchanged"] == ["doc"]

@@ -9,18 +9,29 @@ import asyncio
 import copy
 import pickle
 from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 
 import grpc
+import pyarrow as pa
 import pytest
 
 from cdc_proto.v2 import events_pb2, sink_pb2
 from domain.blocks import META_COLUMNS, UNCHANGED_COL
 from domain.events import UNCHANGED, Column, Operation, Position, SourceEvent, TableSchema
 from domain.health import Status
+from domain.ports import OutboundBatch
 from domain.rows import encode_row
 from services.metrics import SinkMetrics
 from services.sink.server import SinkServicer
-from services.wire import WIRE_VERSION, WireFormatError, decode_batch, encode_batch
+from services.wire import (
+    WIRE_VERSION,
+    WireFormatError,
+    decode_batch,
+    encode_batch,
+    encode_outbound,
+)
+from tests.support.arrow_chunks import Change, block_of
 from tests.support.fakes import FakeSinkWriter
 
 ITEMS = TableSchema(
@@ -343,3 +354,86 @@ def test_a_batch_of_several_lanes_round_trips_with_each_change_in_its_lane() -> 
     assert [(p.partition, list(p.events)) for p in batch.by_lane()] == [("a", a), ("b", b)]
     with pytest.raises(ValueError, match="lane counts"):
         OutboundBatch(5, "p", ("a", "b"), a + b, lane_counts=(1, 1))
+
+
+# ------------------------------------------------------------ arrow-encoded (typed) blocks
+
+TYPED = TableSchema(
+    "shop",
+    "typed",
+    (
+        Column("id", 0, "bigint", True, "int64"),
+        Column("amount", 0, "numeric(12,2)", False, "decimal(12,2)"),
+        Column("big", 0, "numeric(50,5)", False, "decimal(50,5)"),
+        Column("at", 0, "timestamptz", False, "timestamptz"),
+        Column("took", 0, "interval", False, "interval"),
+        Column("tags", 0, "text[]", False, "list<string>"),
+        Column("raw", 0, "bytea", False, "bytes"),
+        Column("day", 0, "date", False, "date"),
+    ),
+)
+
+
+def _typed_outbound() -> OutboundBatch:
+    at = datetime(2026, 12, 1, 11, 30, 0, 123456, tzinfo=UTC)
+    first = (
+        1,
+        Decimal("10.25"),
+        Decimal("1.00001"),
+        at,
+        timedelta(days=31, microseconds=5),
+        ["a", None],
+        b"\x00\xff",
+        date(2026, 2, 28),
+    )
+    second = (2, None, None, None, None, [], b"", None)
+    changes = [
+        Change(TYPED, Operation.CREATE, Position(7, 0), first, commit_us=1_000),
+        Change(TYPED, Operation.UPDATE, Position(7, 1), second, before=first, commit_us=2_000),
+    ]
+    return OutboundBatch(
+        3, "p", ("a",), [], {"traceparent": "x"}, blocks=[block_of(changes, [0, 1])]
+    )
+
+
+def test_typed_blocks_cross_the_wire_as_they_are() -> None:
+    outbound = _typed_outbound()
+    (sent,) = outbound.blocks or []
+    message = events_pb2.EventBatch.FromString(encode_outbound(outbound).SerializeToString())
+    batch = decode_batch(message)
+    assert batch.has_blocks and len(batch) == 2 and batch.lanes == ("a",)
+    (block,) = batch.blocks
+    assert block.encoding == "arrow"
+    assert [c.logical for c in block.schema.columns] == [c.logical for c in TYPED.columns]
+    assert block.records.schema == sent.records.schema
+    assert block.records.equals(sent.records)
+    assert block.column(1).type == pa.decimal128(12, 2)
+    assert block.column(2).type == pa.decimal256(50, 5)
+    assert block.column(3).type == pa.timestamp("us", tz="UTC")
+    assert block.column(4).type == pa.duration("us")
+    assert block.column(5).type == pa.list_(pa.string())
+    assert block.column(6).type == pa.binary()
+    before = block.records.column("@before").to_pylist()
+    assert before[0] is None and before[1]["took"] == timedelta(days=31, microseconds=5)
+    assert before[1]["tags"] == ["a", None] and before[1]["raw"] == b"\x00\xff"
+    assert block.column(1).to_pylist() == [Decimal("10.25"), None]
+    assert message.trace_context["traceparent"] == "x"
+    assert outbound.last_positions() == {"a": Position(7, 1)}
+
+
+def test_a_typed_block_whose_column_type_is_not_its_logical_type_is_a_format_error() -> None:
+    message = encode_outbound(_typed_outbound())
+    message.blocks[0].columns[1].logical_type = "decimal(12,3)"
+    with pytest.raises(
+        WireFormatError,
+        match=r"shop.typed.amount .* holds decimal128\(12, 2\), not decimal128\(12, 3\)",
+    ):
+        decode_batch(message)
+
+
+def test_a_batch_of_blocks_carries_no_events_beside_them() -> None:
+    blocks = _typed_outbound().blocks
+    with pytest.raises(ValueError, match="no events or lane counts"):
+        OutboundBatch(1, "p", ("a", "b"), [], lane_counts=(1, 1), blocks=blocks)
+    with pytest.raises(ValueError, match="carries change blocks"):
+        OutboundBatch(1, "p", ("a",), [], blocks=blocks).by_lane()

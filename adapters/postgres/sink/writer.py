@@ -24,6 +24,10 @@ evolution):
   again by this process; the events are still written, and those whose values do not fit
   the old type go to the dead letters.
 
+Blocks in the ``arrow`` encoding (typed columns, from a Kafka source decoding Avro) are
+turned into PostgreSQL text once on entry (`domain.blocks.to_postgres_text`, whole columns)
+and from there take the same paths as text blocks: COPY, isolation, dead letters, replays.
+
 One transaction per batch (per ``batch_size`` events of it) does all of this:
 
 1. Insert-or-lock the row of ``<target_schema>._cdc_offsets`` for (pipeline, sink,
@@ -90,7 +94,13 @@ from adapters.postgres.sink.errors import describe, is_data_error, is_transient
 from adapters.postgres.sink.offsets import OFFSETS_TABLE, Offsets
 from adapters.postgres.sink.plans import Plans
 from adapters.postgres.sink.tables import COLUMNS_TABLE, TargetTables
-from domain.blocks import ChangeBlock, after_positions, last_positions
+from domain.blocks import (
+    ENCODING_POSTGRES_TEXT,
+    ChangeBlock,
+    after_positions,
+    last_positions,
+    to_postgres_text,
+)
 from domain.collapse import collapse_block, simple_block
 from domain.errors import PermanentError, SinkUnavailableError
 from domain.events import Position, SourceEvent, TableSchema
@@ -258,6 +268,7 @@ class PostgresSinkWriter:
         total = WriteResult()
         if not len(batch):
             return total
+        batch = _as_text(batch)
         async with self._lock:
             size = max(1, self._settings.batch_size)
             if len(batch.lanes) > 1 and batch.has_blocks and len(batch) <= size:
@@ -608,6 +619,22 @@ class PostgresSinkWriter:
     # -- preparing targets -----------------------------------------------------------------
 
     # -- statements ------------------------------------------------------------------------
+
+
+def _as_text(batch: SinkBatch) -> SinkBatch:
+    """The batch with its blocks in the postgres_text encoding: typed (arrow) blocks are
+    converted once here, whole columns at a time, and then take the same COPY path, row
+    path, isolation and dead letters as text blocks."""
+    if not batch.has_blocks or all(b.encoding == ENCODING_POSTGRES_TEXT for b in batch.blocks):
+        return batch
+    return SinkBatch(
+        batch.pipeline_id,
+        batch.partition,
+        batch.batch_id,
+        blocks=[to_postgres_text(b) for b in batch.blocks],
+        lanes=batch.lanes,
+        source_database=batch.source_database,
+    )
 
 
 def _distinct_schemas(events: Sequence[SourceEvent]) -> list[TableSchema]:
