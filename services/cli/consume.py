@@ -48,11 +48,11 @@ def add_parser(sub: Any) -> None:
 
 
 def _message_json(msg: Any, decoded: Any) -> dict[str, Any]:
-    """One message as JSON: its change's row images from the typed block it makes (values
-    that JSON has no form for are printed by `str`)."""
+    """One message as JSON: its change's row view (`events_of` of the typed block it makes:
+    values as PostgreSQL text)."""
     from adapters.debezium.block_builder import build_blocks
     from adapters.debezium.envelope import EnvelopeError
-    from domain.blocks import IMAGE_AFTER, IMAGE_BEFORE
+    from domain.blocks import events_of
 
     out: dict[str, Any] = {
         "topic": msg.topic(),
@@ -65,20 +65,18 @@ def _message_json(msg: Any, decoded: Any) -> dict[str, Any]:
     built = build_blocks([decoded])
     if built.rejected:
         raise EnvelopeError(built.rejected[0][1])
-    (block,) = built.blocks
-    (row,) = block.records.to_pylist()
-    table = block.schema
-    image = row["@image"]
-    values = {c: row[c] for c in table.column_names}
-    after = values if image & IMAGE_AFTER else None
-    before = row["@before"] if image & IMAGE_AFTER else values if image & IMAGE_BEFORE else None
-    keyed = after or before or {}
-    out.update(
-        op=row["@op"],
-        key={c: keyed.get(c) for c in table.key_columns},
-        before=before,
-        after=after,
-    )
+    ((_, ev),) = events_of(built.blocks[0])
+    columns = ev.table.column_names
+
+    def row(values: Any) -> Any:
+        if values is None:
+            return None
+        return {
+            c: (v if isinstance(v, (str, type(None))) else repr(v))
+            for c, v in zip(columns, values, strict=True)
+        }
+
+    out.update(op=ev.operation.value, key=ev.key, before=row(ev.before), after=row(ev.after))
     return out
 
 
