@@ -136,8 +136,7 @@ def _try_build(changes: Sequence[Change], first_index: int) -> ChangeBlock | dic
         for k, reason in old_bad.items():
             bad.setdefault(with_before[k], f"before: {reason}")
     if bad:
-        prefix = {i: f"{table.qualified_name}: {reason}" for i, reason in bad.items()}
-        return prefix
+        return {i: f"{table.qualified_name}: {reason}" for i, reason in bad.items()}
     unchanged: list[list[int] | None] = [None] * m
     for i, column in enumerate(built):
         assert column is not None
@@ -180,7 +179,6 @@ def _spread_struct(
     """A struct array of `m` rows whose rows `at` are the rows of `children` (others null)."""
     if len(at) == m:
         return pa.StructArray.from_arrays(children, fields=list(struct_type))
-    # Take with nulls where a row has no old image: positions into the children, null elsewhere.
     positions: list[int | None] = [None] * m
     for k, j in enumerate(at):
         positions[j] = k
