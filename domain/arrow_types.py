@@ -28,8 +28,8 @@ list<T>                list<Arrow type of T>
 PostgreSQL's ``infinity`` / ``-infinity`` dates and timestamps (Debezium sends them as huge
 values) are any value after 9999-12-31 23:59:59.999999 / before 0001-01-01: a source clamps
 them to the Arrow type's limits (int64 / int32 max and min), and `to_postgres_text` writes
-every value outside that range as ``infinity`` / ``-infinity``, as the Kafka source's text
-path does (years past 9999 or BC are not kept: Python's datetime cannot hold them either).
+every value outside that range as ``infinity`` / ``-infinity`` (years past 9999 or BC are not
+kept: Python's datetime cannot hold them either; docs/types.md).
 """
 
 from __future__ import annotations
