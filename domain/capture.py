@@ -37,9 +37,7 @@ def lane_index(event: SourceEvent, lanes: int) -> int:
         text = table
     else:
         # \x1f cannot appear in an identifier; \x1e separates values (None is \x00).
-        text = table + "\x1f" + "\x1e".join(
-            "\x00" if v is None else v for v in key.values()
-        )
+        text = table + "\x1f" + "\x1e".join("\x00" if v is None else v for v in key.values())
     return zlib.crc32(text.encode("utf-8", "surrogatepass")) % lanes
 
 

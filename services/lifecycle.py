@@ -32,7 +32,6 @@ PARENT_PID_ENV = "CDC_PARENT_PID"
 RUNTIME_DIR_ENV = "CDC_RUNTIME_DIR"
 
 
-
 class StartupError(Exception):
     """A stage cannot start (a port in use, a sink type without a writer); the message names
     the port or setting. The CLI prints it as one line and exits 2, without a traceback."""

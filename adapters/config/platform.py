@@ -151,7 +151,6 @@ class KafkaConfig(ConfigModel):
         raise_if(problems)
         return self
 
-
     def _tls_and_registry_problems(self) -> list[tuple[Loc, str]]:
         problems: list[tuple[Loc, str]] = []
         tls = ("ssl_ca_file", "ssl_cert_file", "ssl_key_file", "ssl_key_password")

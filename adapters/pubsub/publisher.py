@@ -49,9 +49,7 @@ class PubSubTransport:
                 max_bytes=settings.max_bytes,
                 max_latency=settings.max_latency_seconds,
             ),
-            publisher_options=types.PublisherOptions(
-                enable_message_ordering=settings.ordered
-            ),
+            publisher_options=types.PublisherOptions(enable_message_ordering=settings.ordered),
         )
 
     async def publish(self, lane: str, messages: Sequence[Any]) -> list[BaseException | None]:

@@ -293,9 +293,7 @@ async def run_sink(
             f"--port {port}: cannot listen on {address} (address already in use?)"
         ) from None
     await server.start()
-    log.info(
-        "sink.listening", sink_id=sink_id, host=host, port=bound, tls=credentials is not None
-    )
+    log.info("sink.listening", sink_id=sink_id, host=host, port=bound, tls=credentials is not None)
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -310,9 +308,7 @@ async def run_sink(
     # /healthz, /readyz (the destination's health) and /metrics (this sink's registry).
     state = HealthState()
     try:
-        http = (
-            None if http_port is None else serve_health(state, http_port, host, metrics.registry)
-        )
+        http = None if http_port is None else serve_health(state, http_port, host, metrics.registry)
     except OSError as exc:
         await server.stop(grace=None)
         await writer.stop()

@@ -216,7 +216,10 @@ def test_demo_pipeline_runs_the_images_like_kubernetes_does() -> None:
     # The topics and the connector are provisioned before the ingest starts.
     provision = services["provision"]
     assert provision["command"] == [
-        "deploy", "/config/pipeline.yaml", "--platform-config", "/config/platform.yaml"
+        "deploy",
+        "/config/pipeline.yaml",
+        "--platform-config",
+        "/config/platform.yaml",
     ]
     assert provision["image"] == ingest["image"]
     assert referenced <= set(provision["environment"])

@@ -748,7 +748,5 @@ def test_capture_stage_is_its_own_deployment_for_pubsub_and_kinesis(
         assert container["args"][:2] == ["capture", "/config/pipeline.yaml"]
         assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
         policy = out.get("NetworkPolicy", f"{RELEASE}-{name}-capture")
-        ports = {
-            p["port"] for rule in policy.obj["spec"]["egress"] for p in rule.get("ports", [])
-        }
+        ports = {p["port"] for rule in policy.obj["spec"]["egress"] for p in rule.get("ports", [])}
         assert 443 in ports and 53 in ports

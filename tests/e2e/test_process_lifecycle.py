@@ -37,8 +37,9 @@ from tests.support.workload import TABLES
 
 def _ready(files: PipelineFiles, *stages: Stage, timeout: float = 90) -> None:
     wait_until(
-        lambda: not all(s.alive() for s in stages)
-        or http_status(files.health_port, "/readyz") == 200,
+        lambda: (
+            not all(s.alive() for s in stages) or http_status(files.health_port, "/readyz") == 200
+        ),
         timeout,
         "pipeline ready",
     )
@@ -178,9 +179,7 @@ def _json_lines(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def test_health_port_in_use_is_one_clear_error_and_no_restart_loop(
-    pg: Any, tmp_path: Path
-) -> None:
+def test_health_port_in_use_is_one_clear_error_and_no_restart_loop(pg: Any, tmp_path: Path) -> None:
     _source, _replica, files = new_pipeline(pg, tmp_path)
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", files.health_port))
@@ -293,10 +292,12 @@ def test_sigterm_with_the_sink_database_down_exits_3_within_the_budget(
         with psycopg.connect(source_dsn, autocommit=True) as conn:
             conn.execute("INSERT INTO public.orders (id, amount) VALUES (91002, 2.00)")
         wait_until(
-            lambda: http_json(files.health_port, "/readyz")["components"]["sink:replica"][
-                "unacked_batches"
-            ]
-            > 0,
+            lambda: (
+                http_json(files.health_port, "/readyz")["components"]["sink:replica"][
+                    "unacked_batches"
+                ]
+                > 0
+            ),
             30,
             "a batch in flight",
         )

@@ -111,12 +111,18 @@ def test_cdc_run_pubsub_replicates_snapshot_and_changes_exactly(
     pubsub_platform(files)
     run = Stage("run", files.argv("run"), tmp_path, emulator_env).start()
     try:
-        wait_until(lambda: http_status(files.health_port, "/readyz") == 200 or not run.alive(),
-                   90, "ingest ready")
+        wait_until(
+            lambda: http_status(files.health_port, "/readyz") == 200 or not run.alive(),
+            90,
+            "ingest ready",
+        )
         assert run.alive(), run.log_tail()
         run_workload(source_dsn, changes=5_000, big_transaction=2_000)
-        wait_until(lambda: tables_equal(source_dsn, replica_dsn, TABLES), 120,
-                   "replica = source\n" + run.log_tail(60))
+        wait_until(
+            lambda: tables_equal(source_dsn, replica_dsn, TABLES),
+            120,
+            "replica = source\n" + run.log_tail(60),
+        )
         assert_tables_equal(source_dsn, replica_dsn, TABLES)
     finally:
         code = run.terminate(60) if run.alive() else run.process.returncode  # type: ignore[union-attr]
@@ -125,7 +131,10 @@ def test_cdc_run_pubsub_replicates_snapshot_and_changes_exactly(
     assert confirmed_lsn(source_dsn, files.slot) > 0
 
     undeploy = subprocess.run(
-        files.argv("undeploy", "--yes"), capture_output=True, text=True, timeout=120,
+        files.argv("undeploy", "--yes"),
+        capture_output=True,
+        text=True,
+        timeout=120,
         env=dict(os.environ, **emulator_env),
     )
     assert undeploy.returncode == 0, undeploy.stderr
@@ -151,8 +160,11 @@ def test_kill_9_capture_and_ingest_mid_stream_exact_without_duplicates(
     capture = capture_stage(files, tmp_path, emulator_env).start()
     stages = (capture, ingest, sink)
     try:
-        wait_until(lambda: http_status(files.health_port, "/readyz") == 200, 90,
-                   "ingest ready\n" + stage_logs(*stages))
+        wait_until(
+            lambda: http_status(files.health_port, "/readyz") == 200,
+            90,
+            "ingest ready\n" + stage_logs(*stages),
+        )
         kills: list[str] = []
 
         def chaos(done: int) -> None:
@@ -169,8 +181,11 @@ def test_kill_9_capture_and_ingest_mid_stream_exact_without_duplicates(
 
         run_workload(source_dsn, changes=9_000, big_transaction=3_000, on_progress=chaos)
         assert kills == ["capture", "ingest"]
-        wait_until(lambda: tables_equal(source_dsn, replica_dsn, TABLES), 180,
-                   "replica = source after kills\n" + stage_logs(*stages))
+        wait_until(
+            lambda: tables_equal(source_dsn, replica_dsn, TABLES),
+            180,
+            "replica = source after kills\n" + stage_logs(*stages),
+        )
         assert_tables_equal(source_dsn, replica_dsn, TABLES)
         # nothing applied twice: every row of the replica is the source's, and the
         # offsets of every lane are positions the capture published (no lane went back)
@@ -209,14 +224,21 @@ def test_poison_message_is_dead_lettered_and_the_lane_goes_on(
     )
     subscriber = pubsub_v1.SubscriberClient()
     try:
-        wait_until(lambda: http_status(files.health_port, "/readyz") == 200, 90,
-                   "ingest ready\n" + stage_logs(*stages))
+        wait_until(
+            lambda: http_status(files.health_port, "/readyz") == 200,
+            90,
+            "ingest ready\n" + stage_logs(*stages),
+        )
         wait_until(lambda: tables_equal(source_dsn, replica_dsn, TABLES), 60, "snapshot")
-        publisher.publish(n.topic_path, b"\x08\xff garbage", ordering_key="k1",
-                          cdc_lane="k1").result(10)
+        publisher.publish(
+            n.topic_path, b"\x08\xff garbage", ordering_key="k1", cdc_lane="k1"
+        ).result(10)
         run_workload(source_dsn, changes=1_000, big_transaction=200)
-        wait_until(lambda: tables_equal(source_dsn, replica_dsn, TABLES), 120,
-                   "replica = source\n" + stage_logs(*stages))
+        wait_until(
+            lambda: tables_equal(source_dsn, replica_dsn, TABLES),
+            120,
+            "replica = source\n" + stage_logs(*stages),
+        )
         pulled = subscriber.pull(
             request={"subscription": n.dlq_subscription_path, "max_messages": 10}, timeout=30
         )
@@ -250,8 +272,7 @@ def test_subscription_dead_letter_policy_moves_a_message_nacked_too_often(
 
     names = PipelineNames.of(PROJECT, "cdc", f"dl{uuid.uuid4().hex[:8]}", "dlq")
     provisioner = PubSubProvisioner(
-        names, SubscriptionSettings(ordered=False, ack_deadline_seconds=10,
-                                    max_delivery_attempts=5)
+        names, SubscriptionSettings(ordered=False, ack_deadline_seconds=10, max_delivery_attempts=5)
     )
     asyncio.run(provisioner.provision())
     publisher = pubsub_v1.PublisherClient()
@@ -259,8 +280,7 @@ def test_subscription_dead_letter_policy_moves_a_message_nacked_too_often(
     try:
         publisher.publish(names.topic_path, b"poison").result(10)
         # dlq_topic_path None: the source leaves dead letters to the subscription's policy
-        source = PubSubEventSource(SourceSettings(names.subscription_path, None),
-                                   ArrowBatchCodec())
+        source = PubSubEventSource(SourceSettings(names.subscription_path, None), ArrowBatchCodec())
 
         async def consume() -> None:
             await source.start()
@@ -298,28 +318,43 @@ def test_failed_publishes_leave_the_slot_before_the_data_then_resume(
     source_dsn, _replica_dsn, files = new_pipeline(
         pg, tmp_path, pipeline_id="ps-fail", snapshot_mode="never"
     )
-    pubsub_platform(files, retry={"max_attempts": 6, "initial_wait_seconds": 1.0,
-                                  "max_wait_seconds": 2.0, "jitter": False})
+    pubsub_platform(
+        files,
+        retry={
+            "max_attempts": 6,
+            "initial_wait_seconds": 1.0,
+            "max_wait_seconds": 2.0,
+            "jitter": False,
+        },
+    )
     n = names_of(files)
     capture = capture_stage(files, tmp_path, emulator_env).start()
     publisher = pubsub_v1.PublisherClient()
     subscriber = pubsub_v1.SubscriberClient()
     check = n.subscription_path + "-check"
     try:
-        wait_until(lambda: _slot_exists(source_dsn, files.slot) or not capture.alive(), 60,
-                   "slot created\n" + capture.log_tail())
+        wait_until(
+            lambda: _slot_exists(source_dsn, files.slot) or not capture.alive(),
+            60,
+            "slot created\n" + capture.log_tail(),
+        )
         time.sleep(1.0)
         publisher.delete_topic(request={"topic": n.topic_path})
         before = current_lsn(source_dsn)
         with psycopg.connect(source_dsn, autocommit=True) as conn:
-            conn.execute("INSERT INTO public.customers (id, name) SELECT g, 'f' || g"
-                         " FROM generate_series(1, 50) g")
+            conn.execute(
+                "INSERT INTO public.customers (id, name) SELECT g, 'f' || g"
+                " FROM generate_series(1, 50) g"
+            )
         time.sleep(2.5)  # a few failed attempts
         assert confirmed_lsn(source_dsn, files.slot) <= before
         publisher.create_topic(request={"name": n.topic_path})
         subscriber.create_subscription(request={"name": check, "topic": n.topic_path})
-        wait_until(lambda: confirmed_lsn(source_dsn, files.slot) > before, 30,
-                   "slot past the data once published\n" + capture.log_tail())
+        wait_until(
+            lambda: confirmed_lsn(source_dsn, files.slot) > before,
+            30,
+            "slot past the data once published\n" + capture.log_tail(),
+        )
         received = _pull_all(subscriber, check, 50)
         assert sorted(received) == list(range(1, 51))
         assert "capture.publish_failed" in capture.log_path.read_text()
@@ -328,8 +363,10 @@ def test_failed_publishes_leave_the_slot_before_the_data_then_resume(
         publisher.delete_topic(request={"topic": n.topic_path})
         before = current_lsn(source_dsn)
         with psycopg.connect(source_dsn, autocommit=True) as conn:
-            conn.execute("INSERT INTO public.customers (id, name) SELECT g, 'g' || g"
-                         " FROM generate_series(51, 60) g")
+            conn.execute(
+                "INSERT INTO public.customers (id, name) SELECT g, 'g' || g"
+                " FROM generate_series(51, 60) g"
+            )
         wait_until(lambda: not capture.alive(), 60, "capture gave up\n" + capture.log_tail())
         assert capture.process is not None and capture.process.returncode == 1
         assert confirmed_lsn(source_dsn, files.slot) <= before
@@ -355,12 +392,16 @@ def _pull_all(subscriber: Any, subscription: str, rows: int) -> list[int]:
     keys: list[int] = []
     deadline = time.monotonic() + 30
     while len(keys) < rows and time.monotonic() < deadline:
-        pulled = subscriber.pull(request={"subscription": subscription, "max_messages": 100},
-                                 timeout=10)
+        pulled = subscriber.pull(
+            request={"subscription": subscription, "max_messages": 100}, timeout=10
+        )
         for item in pulled.received_messages:
             keys += [int(e.key["id"]) for e in codec.decode(item.message.data)]
         if pulled.received_messages:
-            subscriber.acknowledge(request={
-                "subscription": subscription,
-                "ack_ids": [m.ack_id for m in pulled.received_messages]})
+            subscriber.acknowledge(
+                request={
+                    "subscription": subscription,
+                    "ack_ids": [m.ack_id for m in pulled.received_messages],
+                }
+            )
     return keys

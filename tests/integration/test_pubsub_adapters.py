@@ -34,8 +34,7 @@ def test_provision_is_idempotent_and_teardown_removes_everything(emulator: Any) 
     from adapters.pubsub.provisioner import PubSubProvisioner, SubscriptionSettings
 
     names = PipelineNames.of("it", "cdc", f"prov{uuid.uuid4().hex[:6]}", "dlq")
-    settings = SubscriptionSettings(ordered=True, ack_deadline_seconds=42,
-                                    max_delivery_attempts=7)
+    settings = SubscriptionSettings(ordered=True, ack_deadline_seconds=42, max_delivery_attempts=7)
     first = PubSubProvisioner(names, settings)
     asyncio.run(first.provision())
     assert len(first.created) == 4
@@ -145,9 +144,16 @@ def test_dead_letters_on_the_dlq_topic_are_listed_fetched_and_removed(
         asyncio.run(
             store.dead_letter(
                 [
-                    DeadLetter(ev, f"HTTP 400 for {i}", "sink", pipeline_id=pipeline_id,
-                               sink_id="hook" if i < 2 else "other", lane=f"k{i}",
-                               error_class="http_400", attempts=3)
+                    DeadLetter(
+                        ev,
+                        f"HTTP 400 for {i}",
+                        "sink",
+                        pipeline_id=pipeline_id,
+                        sink_id="hook" if i < 2 else "other",
+                        lane=f"k{i}",
+                        error_class="http_400",
+                        attempts=3,
+                    )
                     for i, ev in enumerate(events)
                 ]
             )
@@ -183,15 +189,23 @@ def test_dead_letters_on_the_dlq_topic_are_listed_fetched_and_removed(
             "transport_mode: pubsub\npubsub: {project_id: it}\n"
         )
         capsys.readouterr()
-        code = main(["dlq", "list", str(tmp_path / "pipeline.yaml"), "--platform-config",
-                     str(tmp_path / "platform.yaml")])
+        code = main(
+            [
+                "dlq",
+                "list",
+                str(tmp_path / "pipeline.yaml"),
+                "--platform-config",
+                str(tmp_path / "platform.yaml"),
+            ]
+        )
         out = capsys.readouterr().out
         assert code == 0, out
         assert "2 dead letter(s)" in out and "HTTP 400 for 1" in out
         # the ingest's unreadable message is still there for inspection
         subscriber = pubsub_v1.SubscriberClient()
-        left = subscriber.pull(request={"subscription": names.dlq_subscription_path,
-                                        "max_messages": 10}, timeout=10)
+        left = subscriber.pull(
+            request={"subscription": names.dlq_subscription_path, "max_messages": 10}, timeout=10
+        )
         assert b"not a batch" in [m.message.data for m in left.received_messages]
         subscriber.close()
     finally:

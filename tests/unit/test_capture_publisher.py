@@ -83,7 +83,9 @@ class MemoryBroker:
 
 
 def pipeline(
-    chunks: list[SourceChunk], broker: MemoryBroker, retry: RetrySettings | None = None,
+    chunks: list[SourceChunk],
+    broker: MemoryBroker,
+    retry: RetrySettings | None = None,
     per_message: int = 3,
 ) -> tuple[IngestService, FakeEventSource, LanePublisher]:
     source = FakeEventSource(chunks, follow=True)
@@ -93,12 +95,18 @@ def pipeline(
         await holder[0].on_ack(outlet, ack)
 
     outlet = LanePublisher(
-        broker, ArrowBatchCodec(), "p1", lanes=LANES, max_changes_per_message=per_message,
-        max_in_flight_batches=4, on_ack=on_ack,
+        broker,
+        ArrowBatchCodec(),
+        "p1",
+        lanes=LANES,
+        max_changes_per_message=per_message,
+        max_in_flight_batches=4,
+        on_ack=on_ack,
         retry=retry or RetrySettings(max_attempts=3, initial_wait_seconds=0.01, jitter=False),
     )
-    service = IngestService("p1", source, Router([RoutingRule(outlet.name)]),
-                            {outlet.name: outlet}, batch_max_events=5)
+    service = IngestService(
+        "p1", source, Router([RoutingRule(outlet.name)]), {outlet.name: outlet}, batch_max_events=5
+    )
     holder.append(service)
     return service, source, outlet
 
@@ -114,8 +122,9 @@ def transactions(count: int, per_tx: int = 4) -> list[SourceChunk]:
     out = []
     for tx in range(count):
         lsn = 100 + tx
-        out.append(SourceChunk("slot", [change(lsn, tx * per_tx + i, i) for i in range(per_tx)],
-                               lsn))
+        out.append(
+            SourceChunk("slot", [change(lsn, tx * per_tx + i, i) for i in range(per_tx)], lsn)
+        )
     return out
 
 
@@ -157,7 +166,8 @@ def test_changes_spread_over_lanes_by_key_in_order_with_positions() -> None:
                 assert m.attributes["cdc_lane"] == lane
                 assert all(len(v.encode()) <= 1024 for v in m.attributes.values())
         assert outlet.health().detail["messages_published"] == sum(
-            len(v) for v in broker.published.values())
+            len(v) for v in broker.published.values()
+        )
 
     asyncio.run(scenario())
 

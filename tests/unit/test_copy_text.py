@@ -12,14 +12,7 @@ def test_copy_text_escapes_and_marks_null() -> None:
     values = pa.array(["plain", "tab\there", "back\\slash", "new\nline\r", None, ""])
     keys = pa.array(["1", "2", "3", "4", "5", "6"])
     text = bytes(copy_buffer([keys, copy_escape(values)]))
-    assert text == (
-        b"1\tplain\n"
-        b"2\ttab\\there\n"
-        b"3\tback\\\\slash\n"
-        b"4\tnew\\nline\\r\n"
-        b"5\t\\N\n"
-        b"6\t\n"
-    )
+    assert text == (b"1\tplain\n2\ttab\\there\n3\tback\\\\slash\n4\tnew\\nline\\r\n5\t\\N\n6\t\n")
 
 
 def test_copy_text_of_a_slice_and_of_nothing() -> None:

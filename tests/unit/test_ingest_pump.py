@@ -120,7 +120,12 @@ def pump(
 ) -> IngestService:
     router = Router(rules if rules is not None else [RoutingRule(s) for s in channels])
     service = IngestService(
-        "p1", source, router, channels, batch_max_events, drain_timeout  # type: ignore[arg-type]
+        "p1",
+        source,
+        router,
+        channels,
+        batch_max_events,
+        drain_timeout,  # type: ignore[arg-type]
     )
     for channel in channels.values():
         channel.on_ack = service.on_ack
@@ -296,4 +301,3 @@ def test_after_a_crash_the_uncommitted_changes_are_redelivered_and_applied_once(
     assert redelivered == [3, 4, 5, 6]
     assert sorted(writer.table("shop.orders")) == [(str(k),) for k in range(1, 7)]
     assert source.committed == {"slot": 6}
-

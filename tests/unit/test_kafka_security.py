@@ -97,9 +97,7 @@ def test_connector_java_settings_per_combination(
     assert conf["security.protocol"] == protocol
     assert conf.get("sasl.mechanism") == JAVA_MECHANISM.get(mechanism, sasl)
     if mechanism in ("sasl_plain", "sasl_scram_256", "sasl_scram_512"):
-        module = (
-            "plain.PlainLoginModule" if mechanism == "sasl_plain" else "scram.ScramLoginModule"
-        )
+        module = "plain.PlainLoginModule" if mechanism == "sasl_plain" else "scram.ScramLoginModule"
         # The password's quote and backslash are escaped for the JAAS parser.
         assert conf["sasl.jaas.config"] == (
             f"org.apache.kafka.common.security.{module}"

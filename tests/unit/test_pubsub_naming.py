@@ -14,8 +14,18 @@ PUBSUB_NAME = re.compile(r"[A-Za-z][A-Za-z0-9\-_.~+%]{2,254}")
 
 @pytest.mark.parametrize(
     "text",
-    ["orders", "public.orders", "Ünïcode tábla", "a/b:c d", "%41", "9lives", "goog-x", "x",
-     "z%-tricky", "emoji 🐘"],
+    [
+        "orders",
+        "public.orders",
+        "Ünïcode tábla",
+        "a/b:c d",
+        "%41",
+        "9lives",
+        "goog-x",
+        "x",
+        "z%-tricky",
+        "emoji 🐘",
+    ],
 )
 def test_names_are_valid_and_reversible(text: str) -> None:
     name = resource_name(text)
