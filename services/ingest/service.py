@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -236,33 +236,18 @@ class IngestService:
             for sink_id, evs in by_sink.items():
                 if evs:
                     per_sink.setdefault(sink_id, []).append((part.lane, evs))
-        targets = list(per_sink)
-        self.tracker.register(batch_id, targets, {p.lane: p.handle for p in parts})
-        if not targets:
-            for part in parts:
-                await self._commit_ready(part.lane)
-            return
-        lanes = [p.lane for p in parts]
         commit_us = max((p.events[-1].commit_time_us for p in parts if p.events), default=0)
-        with self._tracer.start_as_current_span(
-            "ingest.batch",
-            attributes={
-                "cdc.pipeline_id": self.pipeline_id,
-                "cdc.lane": ",".join(lanes),
-                "cdc.batch_id": batch_id,
-                "cdc.events": sum(len(p.events) for p in parts),
-                "cdc.sinks": ",".join(targets),
-            },
-        ):
-            context = tracing.inject()
-            for sink_id in targets:
-                outbound = _outbound(batch_id, self.pipeline_id, per_sink[sink_id], context)
-                await self.channels[sink_id].send(outbound)
-                self._sent_at[(batch_id, sink_id)] = (time.monotonic(), commit_us)
-                self.metrics.count_sent(sink_id, outbound.events)
-                self.metrics.unacked.labels(self.pipeline_id, sink_id).set(
-                    self.channels[sink_id].unacked
-                )
+
+        def outbound_for(sink_id: str) -> Callable[[Mapping[str, str]], OutboundBatch]:
+            return lambda context: _outbound(batch_id, self.pipeline_id, per_sink[sink_id], context)
+
+        await self._deliver(
+            batch_id,
+            {p.lane: p.handle for p in parts},
+            {sink_id: outbound_for(sink_id) for sink_id in per_sink},
+            commit_us,
+            sum(len(p.events) for p in parts),
+        )
 
     async def _send_blocks(self, parts: list[_BlockPart]) -> None:
         """`_send` for parts of change blocks: each targeted outlet gets the blocks (or the
@@ -279,41 +264,66 @@ class IngestService:
                 if picked:
                     per_sink.setdefault(sink_id, []).append((part.lane, offset, picked))
             offset += sum(len(b) for b in part.blocks)
-        targets = list(per_sink)
-        self.tracker.register(batch_id, targets, {p.lane: p.handle for p in parts})
-        if not targets:
-            for part in parts:
-                await self._commit_ready(part.lane)
-            return
-        lanes = tuple(p.lane for p in parts)
         commit_us = max(newest_commit_time_us(p.blocks) for p in parts)
+
+        def outbound_for(sink_id: str) -> Callable[[Mapping[str, str]], OutboundBatch]:
+            routed = per_sink[sink_id]
+            sink_lanes: tuple[str, ...]
+            if len(routed) == 1:
+                sink_lanes, blocks = (routed[0][0],), routed[0][2]
+            else:
+                sink_lanes = tuple(lane for lane, _, _ in routed)
+                blocks = joined_per_table(
+                    [b for i, (_, at, bs) in enumerate(routed) for b in in_lane(bs, i, at)]
+                )
+            return lambda context: OutboundBatch(
+                batch_id, self.pipeline_id, sink_lanes, [], context, blocks=blocks
+            )
+
+        await self._deliver(
+            batch_id,
+            {p.lane: p.handle for p in parts},
+            {sink_id: outbound_for(sink_id) for sink_id in per_sink},
+            commit_us,
+            offset,
+        )
+
+    async def _deliver(
+        self,
+        batch_id: int,
+        handles: Mapping[str, Any],
+        outbound_for: Mapping[str, Callable[[Mapping[str, str]], OutboundBatch]],
+        commit_us: int,
+        changes: int,
+    ) -> None:
+        """Register batch `batch_id` (its lanes and their handles) for the sinks in
+        `outbound_for`, then send each of them its part, built from the trace context; a batch
+        no sink wants releases its handles at once."""
+        targets = list(outbound_for)
+        self.tracker.register(batch_id, targets, dict(handles))
+        if not targets:
+            for lane in handles:
+                await self._commit_ready(lane)
+            return
         with self._tracer.start_as_current_span(
             "ingest.batch",
             attributes={
                 "cdc.pipeline_id": self.pipeline_id,
-                "cdc.lane": ",".join(lanes),
+                "cdc.lane": ",".join(handles),
                 "cdc.batch_id": batch_id,
-                "cdc.events": offset,
+                "cdc.events": changes,
                 "cdc.sinks": ",".join(targets),
             },
         ):
             context = tracing.inject()
             for sink_id in targets:
-                routed = per_sink[sink_id]
-                sink_lanes: tuple[str, ...]
-                if len(routed) == 1:
-                    sink_lanes, blocks = (routed[0][0],), routed[0][2]
-                else:
-                    sink_lanes = tuple(lane for lane, _, _ in routed)
-                    blocks = joined_per_table(
-                        [b for i, (_, at, bs) in enumerate(routed) for b in in_lane(bs, i, at)]
-                    )
-                outbound = OutboundBatch(
-                    batch_id, self.pipeline_id, sink_lanes, [], context, blocks=blocks
-                )
+                outbound = outbound_for[sink_id](context)
                 await self.channels[sink_id].send(outbound)
                 self._sent_at[(batch_id, sink_id)] = (time.monotonic(), commit_us)
-                self.metrics.count_sent_blocks(sink_id, blocks)
+                if outbound.blocks is not None:
+                    self.metrics.count_sent_blocks(sink_id, outbound.blocks)
+                else:
+                    self.metrics.count_sent(sink_id, outbound.events)
                 self.metrics.unacked.labels(self.pipeline_id, sink_id).set(
                     self.channels[sink_id].unacked
                 )
