@@ -62,6 +62,10 @@ class SourceChunk:
             return sum(len(b) for b in self.blocks)
         return len(self.events)
 
+    def row_view(self) -> list[SourceEvent]:
+        """The chunk's changes as events: `events`, or the row view of its blocks."""
+        return self.events if self.blocks is None else events_of_blocks(self.blocks)
+
 
 class Guarantee(enum.Enum):
     """What a sink promises about a change delivered more than once (docs/architecture.md)."""

@@ -4,42 +4,45 @@
 # source: cdc_proto/v1/events.proto
 # Protobuf Python Version: 7.35.1
 """Generated protocol buffer code."""
-
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pool as _descriptor_pool
 from google.protobuf import runtime_version as _runtime_version
 from google.protobuf import symbol_database as _symbol_database
 from google.protobuf.internal import builder as _builder
-
 _runtime_version.ValidateProtobufRuntimeVersion(
-    _runtime_version.Domain.PUBLIC, 7, 35, 1, "", "cdc_proto/v1/events.proto"
+    _runtime_version.Domain.PUBLIC,
+    7,
+    35,
+    1,
+    '',
+    'cdc_proto/v1/events.proto'
 )
 # @@protoc_insertion_point(imports)
 
 _sym_db = _symbol_database.Default()
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n\x19\x63\x64\x63_proto/v1/events.proto\x12\x06\x63\x64\x63.v1"K\n\x06\x43olumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08type_oid\x18\x02 \x01(\r\x12\x11\n\ttype_name\x18\x03 \x01(\t\x12\x0e\n\x06is_key\x18\x04 \x01(\x08"Z\n\x0bTableSchema\x12\x0b\n\x03ref\x18\x01 \x01(\r\x12\x0e\n\x06schema\x18\x02 \x01(\t\x12\r\n\x05table\x18\x03 \x01(\t\x12\x1f\n\x07\x63olumns\x18\x04 \x03(\x0b\x32\x0e.cdc.v1.Column"\xb3\x01\n\x05\x45vent\x12$\n\toperation\x18\x01 \x01(\x0e\x32\x11.cdc.v1.Operation\x12\x11\n\ttable_ref\x18\x02 \x01(\r\x12\x10\n\x08position\x18\x03 \x01(\x04\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x16\n\x0e\x63ommit_time_us\x18\x05 \x01(\x03\x12\x16\n\x0etransaction_id\x18\x06 \x01(\x04\x12\x0e\n\x06\x62\x65\x66ore\x18\x07 \x01(\x0c\x12\r\n\x05\x61\x66ter\x18\x08 \x01(\x0c"\x95\x02\n\nEventBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x13\n\x0bpipeline_id\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\t\x12#\n\x06tables\x18\x04 \x03(\x0b\x32\x13.cdc.v1.TableSchema\x12\x1d\n\x06\x65vents\x18\x05 \x03(\x0b\x32\r.cdc.v1.Event\x12;\n\rtrace_context\x18\x06 \x03(\x0b\x32$.cdc.v1.EventBatch.TraceContextEntry\x12\x17\n\x0fsource_database\x18\x07 \x01(\t\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x94\x01\n\tOperation\x12\x19\n\x15OPERATION_UNSPECIFIED\x10\x00\x12\x14\n\x10OPERATION_CREATE\x10\x01\x12\x14\n\x10OPERATION_UPDATE\x10\x02\x12\x14\n\x10OPERATION_DELETE\x10\x03\x12\x12\n\x0eOPERATION_READ\x10\x04\x12\x16\n\x12OPERATION_TRUNCATE\x10\x05\x62\x06proto3'
-)
+
+
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63\x64\x63_proto/v1/events.proto\x12\x06\x63\x64\x63.v1\"K\n\x06\x43olumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08type_oid\x18\x02 \x01(\r\x12\x11\n\ttype_name\x18\x03 \x01(\t\x12\x0e\n\x06is_key\x18\x04 \x01(\x08\"Z\n\x0bTableSchema\x12\x0b\n\x03ref\x18\x01 \x01(\r\x12\x0e\n\x06schema\x18\x02 \x01(\t\x12\r\n\x05table\x18\x03 \x01(\t\x12\x1f\n\x07\x63olumns\x18\x04 \x03(\x0b\x32\x0e.cdc.v1.Column\"\xb3\x01\n\x05\x45vent\x12$\n\toperation\x18\x01 \x01(\x0e\x32\x11.cdc.v1.Operation\x12\x11\n\ttable_ref\x18\x02 \x01(\r\x12\x10\n\x08position\x18\x03 \x01(\x04\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x16\n\x0e\x63ommit_time_us\x18\x05 \x01(\x03\x12\x16\n\x0etransaction_id\x18\x06 \x01(\x04\x12\x0e\n\x06\x62\x65\x66ore\x18\x07 \x01(\x0c\x12\r\n\x05\x61\x66ter\x18\x08 \x01(\x0c\"\x95\x02\n\nEventBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x13\n\x0bpipeline_id\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\t\x12#\n\x06tables\x18\x04 \x03(\x0b\x32\x13.cdc.v1.TableSchema\x12\x1d\n\x06\x65vents\x18\x05 \x03(\x0b\x32\r.cdc.v1.Event\x12;\n\rtrace_context\x18\x06 \x03(\x0b\x32$.cdc.v1.EventBatch.TraceContextEntry\x12\x17\n\x0fsource_database\x18\x07 \x01(\t\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x94\x01\n\tOperation\x12\x19\n\x15OPERATION_UNSPECIFIED\x10\x00\x12\x14\n\x10OPERATION_CREATE\x10\x01\x12\x14\n\x10OPERATION_UPDATE\x10\x02\x12\x14\n\x10OPERATION_DELETE\x10\x03\x12\x12\n\x0eOPERATION_READ\x10\x04\x12\x16\n\x12OPERATION_TRUNCATE\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, "cdc_proto.v1.events_pb2", _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cdc_proto.v1.events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-    DESCRIPTOR._loaded_options = None
-    _globals["_EVENTBATCH_TRACECONTEXTENTRY"]._loaded_options = None
-    _globals["_EVENTBATCH_TRACECONTEXTENTRY"]._serialized_options = b"8\001"
-    _globals["_OPERATION"]._serialized_start = 669
-    _globals["_OPERATION"]._serialized_end = 817
-    _globals["_COLUMN"]._serialized_start = 37
-    _globals["_COLUMN"]._serialized_end = 112
-    _globals["_TABLESCHEMA"]._serialized_start = 114
-    _globals["_TABLESCHEMA"]._serialized_end = 204
-    _globals["_EVENT"]._serialized_start = 207
-    _globals["_EVENT"]._serialized_end = 386
-    _globals["_EVENTBATCH"]._serialized_start = 389
-    _globals["_EVENTBATCH"]._serialized_end = 666
-    _globals["_EVENTBATCH_TRACECONTEXTENTRY"]._serialized_start = 615
-    _globals["_EVENTBATCH_TRACECONTEXTENTRY"]._serialized_end = 666
+  DESCRIPTOR._loaded_options = None
+  _globals['_EVENTBATCH_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_EVENTBATCH_TRACECONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_OPERATION']._serialized_start=669
+  _globals['_OPERATION']._serialized_end=817
+  _globals['_COLUMN']._serialized_start=37
+  _globals['_COLUMN']._serialized_end=112
+  _globals['_TABLESCHEMA']._serialized_start=114
+  _globals['_TABLESCHEMA']._serialized_end=204
+  _globals['_EVENT']._serialized_start=207
+  _globals['_EVENT']._serialized_end=386
+  _globals['_EVENTBATCH']._serialized_start=389
+  _globals['_EVENTBATCH']._serialized_end=666
+  _globals['_EVENTBATCH_TRACECONTEXTENTRY']._serialized_start=615
+  _globals['_EVENTBATCH_TRACECONTEXTENTRY']._serialized_end=666
 # @@protoc_insertion_point(module_scope)

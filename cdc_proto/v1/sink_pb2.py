@@ -4,15 +4,18 @@
 # source: cdc_proto/v1/sink.proto
 # Protobuf Python Version: 7.35.1
 """Generated protocol buffer code."""
-
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pool as _descriptor_pool
 from google.protobuf import runtime_version as _runtime_version
 from google.protobuf import symbol_database as _symbol_database
 from google.protobuf.internal import builder as _builder
-
 _runtime_version.ValidateProtobufRuntimeVersion(
-    _runtime_version.Domain.PUBLIC, 7, 35, 1, "", "cdc_proto/v1/sink.proto"
+    _runtime_version.Domain.PUBLIC,
+    7,
+    35,
+    1,
+    '',
+    'cdc_proto/v1/sink.proto'
 )
 # @@protoc_insertion_point(imports)
 
@@ -22,19 +25,17 @@ _sym_db = _symbol_database.Default()
 from cdc_proto.v1 import events_pb2 as cdc__proto_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n\x17\x63\x64\x63_proto/v1/sink.proto\x12\x06\x63\x64\x63.v1\x1a\x19\x63\x64\x63_proto/v1/events.proto"\x87\x01\n\x08\x42\x61tchAck\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12!\n\x06status\x18\x02 \x01(\x0e\x32\x11.cdc.v1.AckStatus\x12\x0f\n\x07written\x18\x03 \x01(\r\x12\x0f\n\x07skipped\x18\x04 \x01(\r\x12\x15\n\rdead_lettered\x18\x05 \x01(\r\x12\r\n\x05\x65rror\x18\x06 \x01(\t*X\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41\x43K_STATUS_WRITTEN\x10\x01\x12\x17\n\x13\x41\x43K_STATUS_REJECTED\x10\x02\x32\x42\n\x0bSinkService\x12\x33\n\x07\x44\x65liver\x12\x12.cdc.v1.EventBatch\x1a\x10.cdc.v1.BatchAck(\x01\x30\x01\x62\x06proto3'
-)
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x64\x63_proto/v1/sink.proto\x12\x06\x63\x64\x63.v1\x1a\x19\x63\x64\x63_proto/v1/events.proto\"\x87\x01\n\x08\x42\x61tchAck\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12!\n\x06status\x18\x02 \x01(\x0e\x32\x11.cdc.v1.AckStatus\x12\x0f\n\x07written\x18\x03 \x01(\r\x12\x0f\n\x07skipped\x18\x04 \x01(\r\x12\x15\n\rdead_lettered\x18\x05 \x01(\r\x12\r\n\x05\x65rror\x18\x06 \x01(\t*X\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41\x43K_STATUS_WRITTEN\x10\x01\x12\x17\n\x13\x41\x43K_STATUS_REJECTED\x10\x02\x32\x42\n\x0bSinkService\x12\x33\n\x07\x44\x65liver\x12\x12.cdc.v1.EventBatch\x1a\x10.cdc.v1.BatchAck(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, "cdc_proto.v1.sink_pb2", _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cdc_proto.v1.sink_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-    DESCRIPTOR._loaded_options = None
-    _globals["_ACKSTATUS"]._serialized_start = 200
-    _globals["_ACKSTATUS"]._serialized_end = 288
-    _globals["_BATCHACK"]._serialized_start = 63
-    _globals["_BATCHACK"]._serialized_end = 198
-    _globals["_SINKSERVICE"]._serialized_start = 290
-    _globals["_SINKSERVICE"]._serialized_end = 356
+  DESCRIPTOR._loaded_options = None
+  _globals['_ACKSTATUS']._serialized_start=200
+  _globals['_ACKSTATUS']._serialized_end=288
+  _globals['_BATCHACK']._serialized_start=63
+  _globals['_BATCHACK']._serialized_end=198
+  _globals['_SINKSERVICE']._serialized_start=290
+  _globals['_SINKSERVICE']._serialized_end=356
 # @@protoc_insertion_point(module_scope)

@@ -4,40 +4,43 @@
 # source: cdc_proto/v2/events.proto
 # Protobuf Python Version: 7.35.1
 """Generated protocol buffer code."""
-
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pool as _descriptor_pool
 from google.protobuf import runtime_version as _runtime_version
 from google.protobuf import symbol_database as _symbol_database
 from google.protobuf.internal import builder as _builder
-
 _runtime_version.ValidateProtobufRuntimeVersion(
-    _runtime_version.Domain.PUBLIC, 7, 35, 1, "", "cdc_proto/v2/events.proto"
+    _runtime_version.Domain.PUBLIC,
+    7,
+    35,
+    1,
+    '',
+    'cdc_proto/v2/events.proto'
 )
 # @@protoc_insertion_point(imports)
 
 _sym_db = _symbol_database.Default()
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n\x19\x63\x64\x63_proto/v2/events.proto\x12\x06\x63\x64\x63.v2"l\n\x06\x43olumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0clogical_type\x18\x02 \x01(\t\x12\x13\n\x0bsource_type\x18\x03 \x01(\t\x12\x0e\n\x06is_key\x18\x04 \x01(\x08\x12\x19\n\x11postgres_type_oid\x18\x05 \x01(\r"\x95\x01\n\nTableBlock\x12\x0e\n\x06schema\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\x1f\n\x07\x63olumns\x18\x03 \x03(\x0b\x32\x0e.cdc.v2.Column\x12(\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x16.cdc.v2.ColumnEncoding\x12\x0f\n\x07records\x18\x05 \x01(\x0c\x12\x0c\n\x04rows\x18\x06 \x01(\r"\x81\x02\n\nEventBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x13\n\x0bpipeline_id\x18\x02 \x01(\t\x12\r\n\x05lanes\x18\x03 \x03(\t\x12"\n\x06\x62locks\x18\x04 \x03(\x0b\x32\x12.cdc.v2.TableBlock\x12;\n\rtrace_context\x18\x05 \x03(\x0b\x32$.cdc.v2.EventBatch.TraceContextEntry\x12\x17\n\x0fsource_database\x18\x06 \x01(\t\x12\x0e\n\x06\x65vents\x18\x07 \x01(\r\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*o\n\x0e\x43olumnEncoding\x12\x1f\n\x1b\x43OLUMN_ENCODING_UNSPECIFIED\x10\x00\x12!\n\x1d\x43OLUMN_ENCODING_POSTGRES_TEXT\x10\x01\x12\x19\n\x15\x43OLUMN_ENCODING_ARROW\x10\x02\x62\x06proto3'
-)
+
+
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63\x64\x63_proto/v2/events.proto\x12\x06\x63\x64\x63.v2\"l\n\x06\x43olumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0clogical_type\x18\x02 \x01(\t\x12\x13\n\x0bsource_type\x18\x03 \x01(\t\x12\x0e\n\x06is_key\x18\x04 \x01(\x08\x12\x19\n\x11postgres_type_oid\x18\x05 \x01(\r\"\x95\x01\n\nTableBlock\x12\x0e\n\x06schema\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\x1f\n\x07\x63olumns\x18\x03 \x03(\x0b\x32\x0e.cdc.v2.Column\x12(\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x16.cdc.v2.ColumnEncoding\x12\x0f\n\x07records\x18\x05 \x01(\x0c\x12\x0c\n\x04rows\x18\x06 \x01(\r\"\x81\x02\n\nEventBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x13\n\x0bpipeline_id\x18\x02 \x01(\t\x12\r\n\x05lanes\x18\x03 \x03(\t\x12\"\n\x06\x62locks\x18\x04 \x03(\x0b\x32\x12.cdc.v2.TableBlock\x12;\n\rtrace_context\x18\x05 \x03(\x0b\x32$.cdc.v2.EventBatch.TraceContextEntry\x12\x17\n\x0fsource_database\x18\x06 \x01(\t\x12\x0e\n\x06\x65vents\x18\x07 \x01(\r\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*o\n\x0e\x43olumnEncoding\x12\x1f\n\x1b\x43OLUMN_ENCODING_UNSPECIFIED\x10\x00\x12!\n\x1d\x43OLUMN_ENCODING_POSTGRES_TEXT\x10\x01\x12\x19\n\x15\x43OLUMN_ENCODING_ARROW\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, "cdc_proto.v2.events_pb2", _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cdc_proto.v2.events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-    DESCRIPTOR._loaded_options = None
-    _globals["_EVENTBATCH_TRACECONTEXTENTRY"]._loaded_options = None
-    _globals["_EVENTBATCH_TRACECONTEXTENTRY"]._serialized_options = b"8\001"
-    _globals["_COLUMNENCODING"]._serialized_start = 559
-    _globals["_COLUMNENCODING"]._serialized_end = 670
-    _globals["_COLUMN"]._serialized_start = 37
-    _globals["_COLUMN"]._serialized_end = 145
-    _globals["_TABLEBLOCK"]._serialized_start = 148
-    _globals["_TABLEBLOCK"]._serialized_end = 297
-    _globals["_EVENTBATCH"]._serialized_start = 300
-    _globals["_EVENTBATCH"]._serialized_end = 557
-    _globals["_EVENTBATCH_TRACECONTEXTENTRY"]._serialized_start = 506
-    _globals["_EVENTBATCH_TRACECONTEXTENTRY"]._serialized_end = 557
+  DESCRIPTOR._loaded_options = None
+  _globals['_EVENTBATCH_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_EVENTBATCH_TRACECONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_COLUMNENCODING']._serialized_start=559
+  _globals['_COLUMNENCODING']._serialized_end=670
+  _globals['_COLUMN']._serialized_start=37
+  _globals['_COLUMN']._serialized_end=145
+  _globals['_TABLEBLOCK']._serialized_start=148
+  _globals['_TABLEBLOCK']._serialized_end=297
+  _globals['_EVENTBATCH']._serialized_start=300
+  _globals['_EVENTBATCH']._serialized_end=557
+  _globals['_EVENTBATCH_TRACECONTEXTENTRY']._serialized_start=506
+  _globals['_EVENTBATCH_TRACECONTEXTENTRY']._serialized_end=557
 # @@protoc_insertion_point(module_scope)

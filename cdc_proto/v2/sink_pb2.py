@@ -4,15 +4,18 @@
 # source: cdc_proto/v2/sink.proto
 # Protobuf Python Version: 7.35.1
 """Generated protocol buffer code."""
-
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pool as _descriptor_pool
 from google.protobuf import runtime_version as _runtime_version
 from google.protobuf import symbol_database as _symbol_database
 from google.protobuf.internal import builder as _builder
-
 _runtime_version.ValidateProtobufRuntimeVersion(
-    _runtime_version.Domain.PUBLIC, 7, 35, 1, "", "cdc_proto/v2/sink.proto"
+    _runtime_version.Domain.PUBLIC,
+    7,
+    35,
+    1,
+    '',
+    'cdc_proto/v2/sink.proto'
 )
 # @@protoc_insertion_point(imports)
 
@@ -22,27 +25,25 @@ _sym_db = _symbol_database.Default()
 from cdc_proto.v2 import events_pb2 as cdc__proto_dot_v2_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n\x17\x63\x64\x63_proto/v2/sink.proto\x12\x06\x63\x64\x63.v2\x1a\x19\x63\x64\x63_proto/v2/events.proto"@\n\x0cLanePosition\x12\x0c\n\x04lane\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x04\x12\x10\n\x08sequence\x18\x03 \x01(\x04"\xc9\x01\n\x08\x42\x61tchAck\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12!\n\x06status\x18\x02 \x01(\x0e\x32\x11.cdc.v2.AckStatus\x12\x0f\n\x07written\x18\x03 \x01(\r\x12\x0f\n\x07skipped\x18\x04 \x01(\r\x12\x15\n\rdead_lettered\x18\x05 \x01(\r\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x0f\n\x07\x64urable\x18\x07 \x01(\x08\x12/\n\x11\x64urable_positions\x18\x08 \x03(\x0b\x32\x14.cdc.v2.LanePosition"<\n\x0f\x44\x65scribeRequest\x12\x14\n\x0cwire_version\x18\x01 \x01(\t\x12\x13\n\x0bpipeline_id\x18\x02 \x01(\t"o\n\rDescribeReply\x12\x14\n\x0cwire_version\x18\x01 \x01(\t\x12\x0f\n\x07sink_id\x18\x02 \x01(\t\x12\x11\n\tsink_type\x18\x03 \x01(\t\x12$\n\tguarantee\x18\x04 \x01(\x0e\x32\x11.cdc.v2.Guarantee*X\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41\x43K_STATUS_WRITTEN\x10\x01\x12\x17\n\x13\x41\x43K_STATUS_REJECTED\x10\x02*v\n\tGuarantee\x12\x19\n\x15GUARANTEE_UNSPECIFIED\x10\x00\x12!\n\x1dGUARANTEE_EXACTLY_ONCE_EFFECT\x10\x01\x12+\n\'GUARANTEE_AT_LEAST_ONCE_IDEMPOTENCY_KEY\x10\x02\x32~\n\x0bSinkService\x12:\n\x08\x44\x65scribe\x12\x17.cdc.v2.DescribeRequest\x1a\x15.cdc.v2.DescribeReply\x12\x33\n\x07\x44\x65liver\x12\x12.cdc.v2.EventBatch\x1a\x10.cdc.v2.BatchAck(\x01\x30\x01\x62\x06proto3'
-)
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x64\x63_proto/v2/sink.proto\x12\x06\x63\x64\x63.v2\x1a\x19\x63\x64\x63_proto/v2/events.proto\"@\n\x0cLanePosition\x12\x0c\n\x04lane\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x04\x12\x10\n\x08sequence\x18\x03 \x01(\x04\"\xc9\x01\n\x08\x42\x61tchAck\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12!\n\x06status\x18\x02 \x01(\x0e\x32\x11.cdc.v2.AckStatus\x12\x0f\n\x07written\x18\x03 \x01(\r\x12\x0f\n\x07skipped\x18\x04 \x01(\r\x12\x15\n\rdead_lettered\x18\x05 \x01(\r\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x0f\n\x07\x64urable\x18\x07 \x01(\x08\x12/\n\x11\x64urable_positions\x18\x08 \x03(\x0b\x32\x14.cdc.v2.LanePosition\"<\n\x0f\x44\x65scribeRequest\x12\x14\n\x0cwire_version\x18\x01 \x01(\t\x12\x13\n\x0bpipeline_id\x18\x02 \x01(\t\"o\n\rDescribeReply\x12\x14\n\x0cwire_version\x18\x01 \x01(\t\x12\x0f\n\x07sink_id\x18\x02 \x01(\t\x12\x11\n\tsink_type\x18\x03 \x01(\t\x12$\n\tguarantee\x18\x04 \x01(\x0e\x32\x11.cdc.v2.Guarantee*X\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41\x43K_STATUS_WRITTEN\x10\x01\x12\x17\n\x13\x41\x43K_STATUS_REJECTED\x10\x02*v\n\tGuarantee\x12\x19\n\x15GUARANTEE_UNSPECIFIED\x10\x00\x12!\n\x1dGUARANTEE_EXACTLY_ONCE_EFFECT\x10\x01\x12+\n\'GUARANTEE_AT_LEAST_ONCE_IDEMPOTENCY_KEY\x10\x02\x32~\n\x0bSinkService\x12:\n\x08\x44\x65scribe\x12\x17.cdc.v2.DescribeRequest\x1a\x15.cdc.v2.DescribeReply\x12\x33\n\x07\x44\x65liver\x12\x12.cdc.v2.EventBatch\x1a\x10.cdc.v2.BatchAck(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, "cdc_proto.v2.sink_pb2", _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cdc_proto.v2.sink_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-    DESCRIPTOR._loaded_options = None
-    _globals["_ACKSTATUS"]._serialized_start = 507
-    _globals["_ACKSTATUS"]._serialized_end = 595
-    _globals["_GUARANTEE"]._serialized_start = 597
-    _globals["_GUARANTEE"]._serialized_end = 715
-    _globals["_LANEPOSITION"]._serialized_start = 62
-    _globals["_LANEPOSITION"]._serialized_end = 126
-    _globals["_BATCHACK"]._serialized_start = 129
-    _globals["_BATCHACK"]._serialized_end = 330
-    _globals["_DESCRIBEREQUEST"]._serialized_start = 332
-    _globals["_DESCRIBEREQUEST"]._serialized_end = 392
-    _globals["_DESCRIBEREPLY"]._serialized_start = 394
-    _globals["_DESCRIBEREPLY"]._serialized_end = 505
-    _globals["_SINKSERVICE"]._serialized_start = 717
-    _globals["_SINKSERVICE"]._serialized_end = 843
+  DESCRIPTOR._loaded_options = None
+  _globals['_ACKSTATUS']._serialized_start=507
+  _globals['_ACKSTATUS']._serialized_end=595
+  _globals['_GUARANTEE']._serialized_start=597
+  _globals['_GUARANTEE']._serialized_end=715
+  _globals['_LANEPOSITION']._serialized_start=62
+  _globals['_LANEPOSITION']._serialized_end=126
+  _globals['_BATCHACK']._serialized_start=129
+  _globals['_BATCHACK']._serialized_end=330
+  _globals['_DESCRIBEREQUEST']._serialized_start=332
+  _globals['_DESCRIBEREQUEST']._serialized_end=392
+  _globals['_DESCRIBEREPLY']._serialized_start=394
+  _globals['_DESCRIBEREPLY']._serialized_end=505
+  _globals['_SINKSERVICE']._serialized_start=717
+  _globals['_SINKSERVICE']._serialized_end=843
 # @@protoc_insertion_point(module_scope)

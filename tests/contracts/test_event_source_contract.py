@@ -25,7 +25,6 @@ from typing import Any
 import pytest
 
 from adapters.postgres.source.reader import PostgresWalSource, WalReaderSettings
-from domain.blocks import events_of_blocks
 from domain.events import Column, Operation, Position, SourceEvent, TableSchema
 from domain.ports import EventSource, SourceChunk
 from tests.support.fakes import FakeLog, LogSource
@@ -71,7 +70,7 @@ async def read(source: EventSource, count: int) -> Read:
             except StopAsyncIteration:
                 break
             out.revoked |= chunk.revoked
-            events = chunk.events if chunk.blocks is None else events_of_blocks(chunk.blocks)
+            events = chunk.row_view()
             out.events += [(chunk.lane, ev) for ev in events]
             if chunk.ack is not None:
                 out.handles.setdefault(chunk.lane, []).append(chunk.ack)
@@ -397,7 +396,7 @@ def test_a_revoked_lane_is_announced_and_nothing_of_it_follows(transport: Harnes
                 if chunk.revoked and announced_at is None:
                     announced_at = len(seen)
                 revoked |= chunk.revoked
-                events = chunk.events if chunk.blocks is None else events_of_blocks(chunk.blocks)
+                events = chunk.row_view()
                 seen += [(chunk.lane, _key(ev)) for ev in events]
                 if len(seen) >= 3 and not requested:
                     revoke(source, [second])

@@ -182,7 +182,7 @@ def read_items_through_source(kafka: KafkaConfig, registry_url: str) -> list[str
         try:
             while len(names) < len(ids):
                 chunk = await asyncio.wait_for(anext(chunks), TIMEOUT)
-                names += [str(ev.after[1]) for ev in chunk.events if ev.after]
+                names += [str(ev.after[1]) for ev in chunk.row_view() if ev.after]
                 if chunk.ack is not None:
                     await source.ack(lane_of(topic, 0), [chunk.ack])
             assert (await source.health()).status is Status.OK
