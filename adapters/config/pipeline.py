@@ -70,6 +70,7 @@ _SOURCE_SPECIFIC: dict[str, SourceType] = {
     "mysql_server_id": "mysql",
     "replica_set_name": "mongodb",
     "auth_source": "mongodb",
+    "trust_server_certificate": "sqlserver",
 }
 
 
@@ -89,6 +90,9 @@ class SourceConfig(ConfigModel):
     mysql_server_id: int | None = Field(default=None, ge=1, le=4294967295)
     replica_set_name: str | None = None
     auth_source: str | None = None
+    # SQL Server's JDBC driver encrypts and checks the server's certificate; true accepts a
+    # self-signed one (what SQL Server makes for itself when given none), still encrypted.
+    trust_server_certificate: bool | None = None
     heartbeat_interval_seconds: PositiveFloat = 10.0
     heartbeat_mode: HeartbeatMode = "message"
     snapshot_chunk_size: int = Field(default=10000, ge=100, le=1_000_000)

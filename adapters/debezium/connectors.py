@@ -168,7 +168,7 @@ def sqlserver_config(pipeline: PipelineConfig, platform: PlatformConfig) -> dict
     s = pipeline.source
     prefix = re.escape(pipeline.topic_prefix)
     database = re.escape(s.database)
-    return {
+    conf = {
         **_common(pipeline, platform),
         **_database_login(pipeline),
         "database.names": s.database,
@@ -182,6 +182,10 @@ def sqlserver_config(pipeline: PipelineConfig, platform: PlatformConfig) -> dict
         "transforms.route.regex": rf"{prefix}\.{database}\.([^.]+)\.([^.]+)",
         "transforms.route.replacement": f"{pipeline.topic_prefix}.$1.$2",
     }
+    if s.trust_server_certificate:
+        # Passed through to the JDBC driver: encrypted, the certificate not checked.
+        conf["database.trustServerCertificate"] = "true"
+    return conf
 
 
 _BUILDERS = {

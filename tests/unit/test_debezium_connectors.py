@@ -243,6 +243,21 @@ def test_sqlserver_connector_routes_topics_to_the_common_shape() -> None:
     # The heartbeat and other databases' topics are left alone.
     assert not regex.fullmatch("__debezium-heartbeat.app.cdc")
     assert not regex.fullmatch("app.cdc.other_db.dbo.orders")
+    # The driver's default stays: encrypted, the certificate checked.
+    assert "database.trustServerCertificate" not in conf
+
+
+def test_sqlserver_trust_server_certificate_reaches_the_jdbc_driver() -> None:
+    """A server with its self-signed certificate (SQL Server's own when given none, e.g. the
+    mcr.microsoft.com/mssql/server image) is refused by the JDBC driver unless told to trust it."""
+    source = {"source_type": "sqlserver", "database": "d", "tables": ["dbo.t"], "password": "p"}
+    pipeline, platform = load({**source, "trust_server_certificate": True})
+    conf = connectors.connector_config(pipeline, platform)
+    assert conf["database.trustServerCertificate"] == "true"
+    pipeline, platform = load({**source, "trust_server_certificate": False})
+    assert "database.trustServerCertificate" not in connectors.connector_config(pipeline, platform)
+    with pytest.raises(ConfigError, match="trust_server_certificate applies only to source_type"):
+        load({**postgres_source(), "trust_server_certificate": True})
 
 
 def test_topics_of_a_pipeline() -> None:
