@@ -134,10 +134,12 @@ def mysql_config(pipeline: PipelineConfig, platform: PlatformConfig) -> dict[str
 
 def mongodb_connection_string(pipeline: PipelineConfig) -> str:
     """``mongodb://user:password@host:port/?replicaSet=..&authSource=..`` with the
-    credentials percent-encoded (a ``@``, ``:`` or ``/`` in a password would break the URI)."""
+    credentials percent-encoded (a ``@``, ``:`` or ``/`` in a password would break the URI).
+    No user unless ``username`` is given: its default, ``postgres``, is PostgreSQL's, and a
+    MongoDB server (with or without access control) refuses a login as a user it lacks."""
     s = pipeline.source
     userinfo = ""
-    if s.username:
+    if s.username and s.explicitly_set("username"):
         userinfo = quote(s.username, safe="")
         if s.password:
             userinfo += ":" + quote(s.password, safe="")

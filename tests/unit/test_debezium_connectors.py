@@ -214,6 +214,15 @@ def test_mongodb_without_replica_set_or_password() -> None:
     assert connectors.mongodb_connection_string(pipeline) == "mongodb://reader@m:27017/"
 
 
+def test_mongodb_without_username_logs_in_as_nobody() -> None:
+    """The username default (postgres) is not sent: the MongoDB server would refuse it."""
+    source = {"source_type": "mongodb", "host": "m", "database": "d", "tables": ["d.c"]}
+    pipeline, _ = load({**source, "replica_set_name": "rs0"})
+    assert connectors.mongodb_connection_string(pipeline) == "mongodb://m:27017/?replicaSet=rs0"
+    pipeline, _ = load({**source, "username": "postgres"})  # given: a real user of that name
+    assert connectors.mongodb_connection_string(pipeline) == "mongodb://postgres@m:27017/"
+
+
 def test_sqlserver_connector_routes_topics_to_the_common_shape() -> None:
     pipeline, platform = load(
         {
