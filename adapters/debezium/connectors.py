@@ -10,7 +10,7 @@ partitions and replication factor. See docs/kafka.md#connectors for every key an
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from urllib.parse import quote
 
 from adapters.config import PipelineConfig, PlatformConfig
@@ -104,6 +104,9 @@ def postgres_config(pipeline: PipelineConfig, platform: PlatformConfig) -> dict[
         "publication.autocreate.mode": "filtered",
         "table.include.list": include_list(s.tables),
         "slot.drop.on.stop": "false",
+        # Truncates reach the sinks as on the direct transport (Debezium skips them by
+        # default): a change log gets its `t` row, an upsert target is truncated.
+        "skipped.operations": "none",
     }
     if s.heartbeat_mode == "table":
         # The same heartbeat table as the direct transport (adapters/postgres/catalog.py):
@@ -196,6 +199,19 @@ _BUILDERS = {
     "mongodb": mongodb_config,
     "sqlserver": sqlserver_config,
 }
+
+
+def message_key_settings(keys: Mapping[str, Sequence[str]]) -> dict[str, str]:
+    """``message.key.columns`` keying each table of `keys` on the given columns (PostgreSQL's
+    `REPLICA IDENTITY USING INDEX` columns, the key the direct transport uses; Debezium
+    would key on the primary key, which pgoutput does not send in an old row)."""
+    if not keys:
+        return {}
+    return {
+        "message.key.columns": ";".join(
+            f"{table}:{','.join(columns)}" for table, columns in sorted(keys.items())
+        )
+    }
 
 
 def connector_config(pipeline: PipelineConfig, platform: PlatformConfig) -> dict[str, str]:

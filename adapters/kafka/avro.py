@@ -169,9 +169,15 @@ class TopicDecoder:
     shape of every (key schema id, value schema id) pair it met."""
 
     def __init__(
-        self, registry: SchemaRegistry, schema_name: str, table_name: str, source_database: str
+        self,
+        registry: SchemaRegistry,
+        schema_name: str,
+        table_name: str,
+        source_database: str,
+        topic: str | None = None,
     ) -> None:
         self.registry = registry
+        self.topic = topic
         self.schema_name = schema_name
         self.table_name = table_name
         self.source_database = source_database
@@ -205,6 +211,16 @@ class TopicDecoder:
                 f"the body does not decode with schema id {schema_id}: {type(exc).__name__}: {exc}"
             ) from exc
 
+    def _registered_key_id(self) -> int | None:
+        """The id of the newest key schema of the topic (Debezium's subject `<topic>-key`);
+        None without a topic, or when the table never had a key."""
+        if self.topic is None:
+            return None
+        try:
+            return int(self.registry.version(f"{self.topic}-key", "latest")["id"])
+        except LookupError:
+            return None
+
     def decode(self, key: bytes | None, value: bytes | None, offset: int) -> Decoded:
         if value is None:
             return Decoded(None)  # a tombstone: log compaction's delete marker
@@ -219,6 +235,12 @@ class TopicDecoder:
         if shape is None and key_id is None:
             # No key: a truncate of a keyed table (or a table without a key).
             shape = self._keyed.get(value_id)
+            if shape is None and record.get("op") == "t":
+                # A truncate read before any keyed message (the first after a restart):
+                # the table's key is the one the registry holds for the topic's keys.
+                key_id = self._registered_key_id()
+                if key_id is not None:
+                    shape = self._shapes.get((key_id, value_id))
         change = None
         if shape is None:
             key_schema = self.registry.schema(key_id) if key_id is not None else None

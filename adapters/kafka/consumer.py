@@ -127,7 +127,7 @@ class KafkaEventSource:
         for topic, table in settings.topics.items():
             schema, name = table_of(table)
             self._decoders[topic] = TopicDecoder(
-                self.registry, schema, name, settings.source_database
+                self.registry, schema, name, settings.source_database, topic
             )
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kafka-source")
         self._consumer: Consumer | None = None

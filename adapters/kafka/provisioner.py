@@ -8,7 +8,10 @@
    Server (one partition, kept forever) with ``kafka.topic_num_partitions`` /
    ``topic_replication_factor``; a topic that exists is left exactly as it is;
 3. registers or updates the connector with one idempotent ``PUT /connectors/<name>/config``
-   (a connector left FAILED by an earlier run is restarted once);
+   (a connector left FAILED by an earlier run is restarted once); for a PostgreSQL source
+   it first reads the captured tables' replica identities: it logs the tables whose
+   updates and deletes PostgreSQL refuses (as the direct reader does) and keys the
+   messages of `REPLICA IDENTITY USING INDEX` tables on the index's columns;
 4. waits until the connector and its tasks are RUNNING; a FAILED one raises
    :class:`ProvisionError` with Connect's trace.
 
@@ -110,6 +113,8 @@ class KafkaProvisioner:
         ):
             await self._ensure_heartbeat_table()
         config = connectors.connector_config(self.pipeline, self.platform)
+        if self.pipeline.source.source_type == "postgres":
+            config.update(connectors.message_key_settings(await self._inspect_postgres_tables()))
         try:
             created = await self.connect.put_config(self.name, config)
         except ConnectError as exc:
@@ -157,6 +162,38 @@ class KafkaProvisioner:
             raise ProvisionError(
                 f"heartbeat_mode table: cannot create cdc_platform.heartbeat: {exc}"
             ) from exc
+
+    async def _inspect_postgres_tables(self) -> dict[str, list[str]]:
+        """Warn, as the direct transport's reader does at start, about captured tables whose
+        updates and deletes PostgreSQL refuses; return the tables keyed on a replica
+        identity index (Debezium's message key must be those columns, see
+        docs/capture.md#the-key-of-a-table). An unreachable source is left to the connector
+        to report."""
+        import psycopg
+
+        from adapters.postgres.source.catalog import identity_index_keys, identity_problems
+
+        tables = self.pipeline.source.tables
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                self._source_conninfo(), connect_timeout=10, autocommit=True
+            ) as conn:
+                problems = await identity_problems(conn, tables)
+                keys = await identity_index_keys(conn, tables)
+        except psycopg.Error as exc:
+            log.warning("provision.source_checks_skipped", error=" ".join(str(exc).split()))
+            return {}
+        for problem in problems:
+            log.warning(
+                "source.keyless_table_no_identity"
+                if not problem.has_key
+                else "source.table_no_identity",
+                table=problem.table,
+                replica_identity=problem.replica_identity,
+                fix=problem.fix,
+                detail=problem.describe(),
+            )
+        return keys
 
     async def wait_running(self) -> ConnectorStatus:
         deadline = time.monotonic() + self.running_timeout

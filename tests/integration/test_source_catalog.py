@@ -17,6 +17,7 @@ import pytest
 from adapters.postgres.source.catalog import (
     describe_relation,
     ensure_publication,
+    identity_index_keys,
     identity_problems,
     missing_generated_columns,
     snapshot_schema,
@@ -161,6 +162,31 @@ def test_identity_problems_name_tables_whose_updates_cannot_be_captured(
     # The statement the warning proposes is accepted and removes the problem.
     pg.connect(db).execute(problems[0].fix)
     assert [p.table for p in run(check())] == ["public.nothing_pk", "Odd.T"]
+
+
+def test_identity_index_keys_are_the_tables_keyed_on_an_index_not_their_primary_key(
+    pg: PgTestContext,
+) -> None:
+    """What the Kafka provisioner keys Debezium's messages on (message.key.columns)."""
+    db = pg.new_database("identity_index")
+    pg.connect(db).execute(
+        KEYS_DDL + "CREATE TABLE public.two (x int NOT NULL, y int NOT NULL, id int PRIMARY KEY);"
+        " CREATE UNIQUE INDEX two_yx ON public.two (y, x);"
+        " ALTER TABLE public.two REPLICA IDENTITY USING INDEX two_yx;"
+    )
+
+    async def check() -> dict[str, list[str]]:
+        async with await _aconnect(pg.dsn(db)) as conn:
+            return await identity_index_keys(conn, [*KEY_TABLES, "public.two", "public.missing"])
+
+    assert run(check()) == {
+        "public.index_only": ["code"],
+        "public.pk_and_index": ["email"],
+        "public.two": ["y", "x"],  # index order
+    }
+    assert {t: tuple(sorted(c)) for t, c in run(check()).items()} == {
+        t: KEY_TABLES.get(t, ("x", "y")) for t in run(check())
+    }  # the same columns as the direct transport's key
 
 
 GENERATED_DDL = """

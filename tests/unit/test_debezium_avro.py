@@ -29,6 +29,7 @@ from adapters.kafka.avro import (
     frame,
 )
 from domain.blocks import ENCODING_ARROW, IMAGE_AFTER, IMAGE_BEFORE, arrow_schema
+from domain.events import Operation
 from domain.types import LogicalType
 from tests.support.debezium_avro import envelope, source_block, source_schema, write
 from tests.support.debezium_avro import field as _field
@@ -413,6 +414,52 @@ def test_updates_deletes_truncates_reads_and_tombstones() -> None:
     assert before.is_valid().to_pylist() == [True, False, False, False, False]
     old = before.to_pylist()[0]
     assert old["name"] == "old" and old["price"] == Decimal("1.10") and old["id"] == 1
+
+
+def _truncate_message() -> bytes:
+    return write(
+        PG_VALUE,
+        2,
+        {
+            "before": None,
+            "after": None,
+            "source": source_block(),
+            "transaction": None,
+            "op": "t",
+            "ts_ms": None,
+        },
+    )
+
+
+class SubjectRegistry(DictRegistry):
+    """A registry that also answers the newest version of its subjects."""
+
+    def __init__(self, schemas: dict[int, dict[str, Any]], latest: dict[str, int]) -> None:
+        super().__init__(schemas)
+        self.latest = latest
+
+    def version(self, subject: str, version: int | str) -> dict[str, Any]:
+        assert version == "latest"
+        if subject not in self.latest:
+            raise LookupError(subject)
+        return {"subject": subject, "id": self.latest[subject], "version": 1}
+
+
+def test_a_truncate_read_first_keeps_the_key_the_registry_holds_for_the_topic() -> None:
+    """A restarted ingest whose first message is a truncate (no message key) must not
+    take the keyed table for a keyless one: its next keyed message would then change the
+    table's key, an incompatible schema change."""
+    registry = SubjectRegistry({1: PG_KEY, 2: PG_VALUE}, {"cdc.public.orders-key": 1})
+    decoder = TopicDecoder(registry, "public", "orders", "shop", "cdc.public.orders")
+    truncated = decoder.decode(None, _truncate_message(), 7)
+    assert truncated.change is not None and truncated.change.operation is Operation.TRUNCATE
+    assert decoder.table is not None and decoder.table.key_columns == ("id",)
+    key, value = _message("c", None, _row(8))
+    assert decoder.decode(key, value, 8).schema_change is None  # the same table
+    # A table without a key has no key subject: its truncate stays keyless.
+    keyless = TopicDecoder(SubjectRegistry({2: PG_VALUE}, {}), "public", "orders", "shop", "t")
+    keyless.decode(None, _truncate_message(), 1)
+    assert keyless.table is not None and keyless.table.key_columns == ()
 
 
 def test_commit_time_prefers_ts_us() -> None:

@@ -83,7 +83,17 @@ def test_postgres_connector() -> None:
     assert conf["heartbeat.interval.ms"] == "10000"
     assert "heartbeat.action.query" not in conf
     assert "schema.history.internal.kafka.topic" not in conf  # postgres keeps no history
+    assert conf["skipped.operations"] == "none"  # truncates reach the sinks, as on direct
+    assert "message.key.columns" not in conf  # set by the provisioner from the catalog
     assert connectors.connector_name(pipeline) == "cdc-orders-cdc"
+
+
+def test_message_keys_of_replica_identity_index_tables() -> None:
+    assert connectors.message_key_settings({}) == {}
+    keys = {"sales.lines": ["order_id", "line"], "public.coded": ["code"]}
+    assert connectors.message_key_settings(keys) == {
+        "message.key.columns": "public.coded:code;sales.lines:order_id,line"
+    }
 
 
 def test_poll_interval_is_a_connector_setting() -> None:

@@ -159,6 +159,29 @@ async def key_columns(conn: psycopg.AsyncConnection[Any], oid: int) -> set[str]:
     return {str(r[0]) for r in await (await conn.execute(_KEY_COLUMNS, (oid,))).fetchall()}
 
 
+_IDENTITY_INDEX_COLUMNS = """
+SELECT a.attname FROM pg_class c
+JOIN pg_index i ON i.indrelid = c.oid AND i.indisreplident
+CROSS JOIN LATERAL unnest(i.indkey::smallint[]) WITH ORDINALITY AS k(attnum, n)
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
+WHERE c.oid = to_regclass(quote_ident(%s) || '.' || quote_ident(%s)) AND c.relreplident = 'i'
+ORDER BY k.n
+"""
+
+
+async def identity_index_keys(
+    conn: psycopg.AsyncConnection[Any], tables: Sequence[str]
+) -> dict[str, list[str]]:
+    """The tables among `tables` keyed on a `REPLICA IDENTITY USING INDEX` index rather than
+    on their primary key (`key_columns`), with the index's columns in index order."""
+    out: dict[str, list[str]] = {}
+    for table in tables:
+        rows = await (await conn.execute(_IDENTITY_INDEX_COLUMNS, split_table(table))).fetchall()
+        if rows:
+            out[table] = [str(r[0]) for r in rows]
+    return out
+
+
 def publishes_generated_columns(server_version: int) -> bool:
     """PostgreSQL 18 publishes stored generated columns (publication option
     `publish_generated_columns = stored`); earlier servers never send them."""
