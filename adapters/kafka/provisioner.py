@@ -184,15 +184,7 @@ class KafkaProvisioner:
             log.warning("provision.source_checks_skipped", error=" ".join(str(exc).split()))
             return {}
         for problem in problems:
-            log.warning(
-                "source.keyless_table_no_identity"
-                if not problem.has_key
-                else "source.table_no_identity",
-                table=problem.table,
-                replica_identity=problem.replica_identity,
-                fix=problem.fix,
-                detail=problem.describe(),
-            )
+            problem.log_warning(log)
         return keys
 
     async def wait_running(self) -> ConnectorStatus:

@@ -263,6 +263,17 @@ class IdentityProblem:
             + (" (or add a primary key)" if not self.has_key else "")
         )
 
+    def log_warning(self, log: Any) -> None:
+        """The start-up warning every PostgreSQL source (our reader, Debezium's provisioner)
+        logs for it: `source.keyless_table_no_identity` or `source.table_no_identity`."""
+        log.warning(
+            "source.keyless_table_no_identity" if not self.has_key else "source.table_no_identity",
+            table=self.table,
+            replica_identity=self.replica_identity,
+            fix=self.fix,
+            detail=self.describe(),
+        )
+
 
 _IDENTITY = """
 SELECT c.relreplident::text,

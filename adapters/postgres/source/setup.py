@@ -135,15 +135,7 @@ class SlotSetup(ReaderBase):
         """Log, once per start, what the captured tables will not deliver: updates and
         deletes of tables without a replica identity, generated columns pgoutput omits."""
         for problem in await identity_problems(admin, self.settings.tables):
-            log.warning(
-                "source.keyless_table_no_identity"
-                if not problem.has_key
-                else "source.table_no_identity",
-                table=problem.table,
-                replica_identity=problem.replica_identity,
-                fix=problem.fix,
-                detail=problem.describe(),
-            )
+            problem.log_warning(log)
         for table, columns in (
             await missing_generated_columns(admin, self.settings.tables)
         ).items():
