@@ -105,6 +105,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_CONFIG
+    data_topic = topic  # its `<topic>-key` subject gives a keyless message (a truncate) its key
     if args.dead_letters:
         topic = clients.dead_letter_topic(topic, platform.dlq.topic_suffix)
     group = f"{pipeline.effective_group_id(platform)}.consume.{uuid.uuid4().hex[:8]}"
@@ -116,6 +117,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
         schema,
         name,
         pipeline.source.database,
+        topic=data_topic,
     )
     try:
         metadata = consumer.list_topics(topic, timeout=10)
