@@ -59,7 +59,7 @@ class SourceChunk:
     def __len__(self) -> int:
         """The number of changes in the chunk."""
         if self.blocks is not None:
-            return sum(len(b) for b in self.blocks)
+            return change_count(self.blocks)
         return len(self.events)
 
     def row_view(self) -> list[SourceEvent]:

@@ -31,6 +31,9 @@ class RoutingRule:
     def matches(self, table: str, operation: Operation) -> bool:
         if self.operations and operation not in self.operations:
             return False
+        return self.takes_table(table)
+
+    def takes_table(self, table: str) -> bool:
         return not self.tables or any(fnmatchcase(table, p) for p in self.tables)
 
 
@@ -99,11 +102,7 @@ class Router:
     def _rules_of_table(self, table: str) -> tuple[RoutingRule, ...]:
         found = self._table_rules.get(table)
         if found is None:
-            found = tuple(
-                r
-                for r in self._rules
-                if not r.tables or any(fnmatchcase(table, p) for p in r.tables)
-            )
+            found = tuple(r for r in self._rules if r.takes_table(table))
             self._table_rules[table] = found
         return found
 

@@ -25,7 +25,13 @@ from typing import Any
 
 import structlog
 
-from domain.block_ops import in_lane, joined_per_table, newest_commit_time_us, split_changes
+from domain.block_ops import (
+    change_count,
+    in_lane,
+    joined_per_table,
+    newest_commit_time_us,
+    split_changes,
+)
 from domain.blocks import ChangeBlock
 from domain.commit_tracker import CommitTracker
 from domain.events import SchemaChange, SourceEvent
@@ -177,11 +183,10 @@ class IngestService:
         for chunk in group:
             for change in chunk.schema_changes:
                 self._schema_changed(change)
+            self.events_read += len(chunk)
             if chunk.blocks is not None:
-                self.events_read += len(chunk)
                 self.metrics.count_read_blocks(chunk.blocks)
             else:
-                self.events_read += len(chunk.events)
                 self.metrics.count_read(chunk.events)
         if first.blocks is not None:
             await self._dispatch_blocks(group)
@@ -263,7 +268,7 @@ class IngestService:
             for sink_id, picked in self.router.split_blocks(part.blocks).items():
                 if picked:
                     per_sink.setdefault(sink_id, []).append((part.lane, offset, picked))
-            offset += sum(len(b) for b in part.blocks)
+            offset += change_count(part.blocks)
         commit_us = max(newest_commit_time_us(p.blocks) for p in parts)
 
         def outbound_for(sink_id: str) -> Callable[[Mapping[str, str]], OutboundBatch]:
