@@ -7,20 +7,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from adapters.config import loads_pipeline, loads_platform
 from adapters.debezium.connect_client import ConnectClient
 from adapters.kafka import topics
 from adapters.kafka.provisioner import KafkaProvisioner
 from services.ops import undeploy
 from tests.support.avro_topic import read_avro_values
-from tests.support.mariadb import MariaDb, mariadb_server  # noqa: F401 (fixture)
+from tests.support.mariadb import (  # noqa: F401 (fixture)
+    MariaDb,
+    kafka_pipeline_configs,
+    mariadb_server,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -37,37 +38,8 @@ def test_mysql_connector_on_mariadb_snapshots_and_streams(
         "CREATE DATABASE shop; CREATE TABLE shop.orders (id int PRIMARY KEY, item varchar(40),"
         " qty int); INSERT INTO shop.orders VALUES (1, 'one', 10), (2, 'two', 20);"
     )
-    tag = uuid.uuid4().hex[:8]
-    platform = loads_platform(
-        yaml.safe_dump(
-            {
-                "transport_mode": "kafka",
-                "kafka": {
-                    "bootstrap_servers": tansu_broker.bootstrap_servers,
-                    "schema_registry_url": schema_registry.url,
-                },
-                "connector": {"connect_url": kafka_connect.url},
-            }
-        )
-    )
-    pipeline = loads_pipeline(
-        yaml.safe_dump(
-            {
-                "pipeline_id": f"maria-{tag}",
-                "topic_prefix": f"m{tag}",
-                "source": {
-                    "source_type": "mysql",
-                    "host": db.host,
-                    "port": db.port,
-                    "database": "shop",
-                    "username": db.user,
-                    "password": db.password,
-                    "tables": ["shop.orders"],
-                    "mysql_server_id": 184054,
-                },
-            }
-        ),
-        platform=platform,
+    pipeline, platform = kafka_pipeline_configs(
+        db, tansu_broker, schema_registry, kafka_connect, name="maria", prefix="m", server_id=184054
     )
     provisioner = KafkaProvisioner(pipeline, platform, running_timeout_seconds=90)
     asyncio.run(provisioner.provision())

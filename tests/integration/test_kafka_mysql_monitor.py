@@ -13,14 +13,11 @@ import json
 import time
 import urllib.error
 import urllib.request
-import uuid
 from typing import Any
 
 import pytest
-import yaml
 from prometheus_client import CollectorRegistry
 
-from adapters.config import PipelineConfig, PlatformConfig, loads_pipeline, loads_platform
 from adapters.debezium.monitor import ConnectorMonitor
 from adapters.kafka.provisioner import KafkaProvisioner
 from domain.health import ComponentHealth, Status
@@ -30,49 +27,15 @@ from services.ingest.service import IngestService
 from services.net import find_free_port
 from services.ops import undeploy
 from tests.support.fakes import FakeEventSource
-from tests.support.mariadb import MariaDb, mariadb_server  # noqa: F401 (fixture)
+from tests.support.mariadb import (  # noqa: F401 (fixture)
+    MariaDb,
+    kafka_pipeline_configs,
+    mariadb_server,
+)
 
 pytestmark = pytest.mark.integration
 
 STALL_SECONDS = 5.0
-
-
-def configs(
-    db: MariaDb, tansu: Any, registry: Any, connect: Any
-) -> tuple[PipelineConfig, PlatformConfig]:
-    tag = uuid.uuid4().hex[:8]
-    platform = loads_platform(
-        yaml.safe_dump(
-            {
-                "transport_mode": "kafka",
-                "kafka": {
-                    "bootstrap_servers": tansu.bootstrap_servers,
-                    "schema_registry_url": registry.url,
-                },
-                "connector": {"connect_url": connect.url},
-            }
-        )
-    )
-    pipeline = loads_pipeline(
-        yaml.safe_dump(
-            {
-                "pipeline_id": f"mmon-{tag}",
-                "topic_prefix": f"mm{tag}",
-                "source": {
-                    "source_type": "mysql",
-                    "host": db.host,
-                    "port": db.port,
-                    "database": "shop",
-                    "username": db.user,
-                    "password": db.password,
-                    "tables": ["shop.orders"],
-                    "mysql_server_id": 184055,
-                },
-            }
-        ),
-        platform=platform,
-    )
-    return pipeline, platform
 
 
 def readyz(monitor: ConnectorMonitor) -> tuple[int, dict[str, Any]]:
@@ -123,7 +86,9 @@ def test_mysql_connector_health_follows_the_binlog_session_and_the_login(
 ) -> None:
     db = mariadb_server
     db.sql("CREATE DATABASE shop; CREATE TABLE shop.orders (id int PRIMARY KEY, qty int);")
-    pipeline, platform = configs(db, tansu_broker, schema_registry, kafka_connect)
+    pipeline, platform = kafka_pipeline_configs(
+        db, tansu_broker, schema_registry, kafka_connect, name="mmon", prefix="mm", server_id=184055
+    )
     provisioner = KafkaProvisioner(pipeline, platform, running_timeout_seconds=90)
     asyncio.run(provisioner.provision())
     monitor = ConnectorMonitor(pipeline, platform, stall_seconds=STALL_SECONDS, refresh_seconds=0)

@@ -15,11 +15,16 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+
+from adapters.config import PipelineConfig, PlatformConfig, loads_pipeline, loads_platform
 
 MARIADBD = "/usr/sbin/mariadbd"
 VERSION_STRING = "5.7.19-log"
@@ -168,3 +173,51 @@ def mariadb_server() -> Iterator[MariaDb]:
         yield server
     finally:
         server.stop()
+
+
+def kafka_pipeline_configs(
+    db: MariaDb,
+    tansu: Any,
+    registry: Any,
+    connect: Any,
+    *,
+    name: str,
+    prefix: str,
+    server_id: int,
+) -> tuple[PipelineConfig, PlatformConfig]:
+    """A `transport_mode: kafka` platform for the given broker, registry and Connect, and a
+    pipeline (id `<name>-<tag>`, topic prefix `<prefix><tag>`) capturing `shop.orders` of
+    `db` through Debezium's MySQL connector with `server_id`."""
+    tag = uuid.uuid4().hex[:8]
+    platform = loads_platform(
+        yaml.safe_dump(
+            {
+                "transport_mode": "kafka",
+                "kafka": {
+                    "bootstrap_servers": tansu.bootstrap_servers,
+                    "schema_registry_url": registry.url,
+                },
+                "connector": {"connect_url": connect.url},
+            }
+        )
+    )
+    pipeline = loads_pipeline(
+        yaml.safe_dump(
+            {
+                "pipeline_id": f"{name}-{tag}",
+                "topic_prefix": f"{prefix}{tag}",
+                "source": {
+                    "source_type": "mysql",
+                    "host": db.host,
+                    "port": db.port,
+                    "database": "shop",
+                    "username": db.user,
+                    "password": db.password,
+                    "tables": ["shop.orders"],
+                    "mysql_server_id": server_id,
+                },
+            }
+        ),
+        platform=platform,
+    )
+    return pipeline, platform
