@@ -149,9 +149,10 @@ def running_here(pipeline_id: str) -> int | None:
 # ------------------------------------------------------------------ dying with the parent
 
 
-# Sets the death signal in the child, then execs the real command (same pid). A
-# ``preexec_fn`` would run Python between fork and exec, where the parent's fork handlers
-# run too: a parent holding gRPC channels then aborts the child (seen as SIGABRT in tests).
+# argv: PARENT_PID PROGRAM ARGS...: sets the death signal in the child, then execs PROGRAM
+# (same pid; exit 127, like a shell, when it cannot be run). A ``preexec_fn`` would run
+# Python between fork and exec, where the parent's fork handlers run too: a parent holding
+# gRPC channels then aborts the child (seen as SIGABRT in tests).
 _TRAMPOLINE = """\
 import ctypes, os, signal, sys
 parent = int(sys.argv[1])

@@ -172,7 +172,6 @@ class ManagedProcess:
         return "\n".join(text.splitlines()[-lines:])
 
 
-# argv: PARENT_PID PROGRAM ARGS...; exit 127 (like a shell) when PROGRAM cannot be run.
 def launch(
     name: str,
     argv: Sequence[str],
